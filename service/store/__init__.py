@@ -1,0 +1,33 @@
+"""Storage backends, chosen by URL and imported lazily.
+
+- ``sqlite:///./data/events.db`` (the default): one file, WAL mode, no server.
+- ``cassandra://host1,host2:9042/keyspace?consistency=LOCAL_QUORUM&protocol_version=3&local_dc=dc1``
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from service.store.base import ApiKeyRecord, Store, StoreUnavailable
+
+__all__ = ["ApiKeyRecord", "Store", "StoreUnavailable", "open_store", "DEFAULT_STORE_URL"]
+
+DEFAULT_STORE_URL = "sqlite:///./data/events.db"
+
+
+def open_store(url: str) -> Store:
+    """A Store for the URL (not yet opened: await ``store.open()``)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from service.store.sqlite import SqliteStore
+
+        return SqliteStore.from_url(url)
+    if scheme == "cassandra":
+        try:
+            from service.store.cassandra import CassandraStore
+        except ImportError as exc:  # the driver is an optional dependency
+            raise SystemExit(
+                f"the cassandra store needs cassandra-driver: pip install 'flameup-events[cassandra]' ({exc})"
+            ) from exc
+        return CassandraStore.from_url(url)
+    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}: use sqlite:// or cassandra://")

@@ -1,0 +1,223 @@
+"""The domain core: validation, identity, ids and limits from the API contract.
+
+Nothing here knows about gRPC, HTTP or a particular store. The servicer turns
+protobuf messages into the plain values these functions take, and turns
+:class:`ValidationError` into INVALID_ARGUMENT with a BadRequest detail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+MAX_NAME_CHARS = 255
+MAX_PARAMETERS_BYTES = 32 * 1024
+MAX_PARAMETERS_DEPTH = 32
+MAX_FUTURE_US = 24 * 3600 * 1_000_000
+MIN_BATCH, MAX_BATCH = 1, 100
+DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+MAX_OFFSET = 2**31 - 1
+ID_TYPES = ("person_id", "external_id")
+
+# A fixed namespace makes person ids reproducible in any process, any language:
+# person_id = uuid5(PERSON_NAMESPACE, workspace_id + "\n" + external_id).
+# "\n" cannot occur in either part (control characters are rejected).
+PERSON_NAMESPACE = uuid.UUID("6f1c2a4e-3b7d-5e8f-9a0b-1c2d3e4f5a6b")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# RFC 3339 date-time: a "T" or space separator, optional fraction, and a zone
+# that is either Z or a numeric offset (no naive times).
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class ValidationError(ValueError):
+    """One or more fields of a request break the contract."""
+
+    def __init__(self, *violations: FieldViolation) -> None:
+        super().__init__("; ".join(map(str, violations)))
+        self.violations = violations
+
+    @classmethod
+    def of(cls, field: str, message: str) -> ValidationError:
+        return cls(FieldViolation(field, message))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as every store keeps it. Times are microseconds since the epoch."""
+
+    event_id: str
+    workspace_id: str
+    person_id: str
+    external_id: str
+    event: str
+    parameters: str  # a JSON object, canonical: see canonical_parameters()
+    timestamp_us: int
+    created_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventQuery:
+    """One page of one person's timeline; since is inclusive, until exclusive."""
+
+    workspace_id: str
+    person_id: str
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+    event: str | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[StoredEvent]
+    total: int
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def check_name(field: str, value: str) -> str:
+    """event and external_id: 1 to 255 characters, no control characters."""
+    if not value:
+        raise ValidationError.of(field, "must not be empty")
+    if len(value) > MAX_NAME_CHARS:
+        raise ValidationError.of(field, f"must be at most {MAX_NAME_CHARS} characters, got {len(value)}")
+    if _CONTROL.search(value):
+        raise ValidationError.of(field, "must not contain control characters")
+    return value
+
+
+def person_id_for(workspace_id: str, external_id: str) -> str:
+    return str(uuid.uuid5(PERSON_NAMESPACE, f"{workspace_id}\n{external_id}"))
+
+
+def parse_person_id(field: str, value: str) -> str:
+    """The canonical (lowercase, hyphenated) form of a person UUID."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValidationError.of(
+            field, "must be a UUID (pass id_type=external_id to look a person up by your own id)"
+        ) from None
+
+
+_last_id_ms = 0
+_id_seq = 0
+
+
+def new_event_id(at_us: int) -> str:
+    """"evt_" + 32 hex digits: 48 bits of milliseconds, then 80 random bits.
+
+    Like UUIDv7, ids sort by the time the service received the event. Within one
+    process and one millisecond a counter in the top random bits keeps them
+    increasing, so ties on timestamp still list in arrival order.
+    """
+    global _last_id_ms, _id_seq
+    ms = at_us // 1000
+    if ms <= _last_id_ms:
+        ms = _last_id_ms
+        _id_seq += 1
+    else:
+        _last_id_ms, _id_seq = ms, int.from_bytes(os.urandom(2), "big") >> 4
+    tail = ((_id_seq & 0xFFFF) << 64) | int.from_bytes(os.urandom(8), "big")
+    return f"evt_{ms & 0xFFFFFFFFFFFF:012x}{tail:020x}"
+
+
+def parse_timestamp(field: str, value: str) -> int:
+    """An RFC 3339 date-time to microseconds since the epoch (UTC)."""
+    m = _RFC3339.fullmatch(value)
+    if not m:
+        raise ValidationError.of(field, f"must be an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got {value[:64]!r}")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    frac, zulu, sign, off_h, off_m = m.group(7), m.group(8), m.group(9), m.group(10), m.group(11)
+    # RFC 3339 allows a leap second (:60); it maps onto the next second.
+    leap = second == 60
+    try:
+        local = datetime(year, month, day, hour, minute, 59 if leap else second, tzinfo=timezone.utc)
+    except ValueError:
+        raise ValidationError.of(field, f"is not a valid date-time: {value[:64]!r}") from None
+    offset = 0
+    if not zulu:
+        if int(off_h) > 23 or int(off_m) > 59:
+            raise ValidationError.of(field, f"has an invalid UTC offset: {value[:64]!r}")
+        offset = (int(off_h) * 60 + int(off_m)) * 60 * (1 if sign == "+" else -1)
+    seconds = int(local.timestamp()) + leap - offset
+    micros = int((frac or "0")[:6].ljust(6, "0"))
+    return seconds * 1_000_000 + micros
+
+
+def check_event_time(field: str, ts_us: int, received_us: int) -> int:
+    if ts_us > received_us + MAX_FUTURE_US:
+        raise ValidationError.of(field, "must not be more than 24 hours in the future")
+    if ts_us < 0:
+        raise ValidationError.of(field, "must not be before 1970-01-01T00:00:00Z")
+    return ts_us
+
+
+def format_timestamp(ts_us: int) -> str:
+    """Microseconds to RFC 3339 in UTC with a Z (fraction only when non-zero)."""
+    seconds, micros = divmod(ts_us, 1_000_000)
+    base = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{micros:06d}Z" if micros else f"{base}Z"
+
+
+def canonical_parameters(field: str, value: Any) -> str:
+    """A parameters object as canonical JSON text, or a ValidationError.
+
+    Integral numbers are written as integers (protobuf's Struct carries every
+    number as a double, so 2 arrives as 2.0 and must go back out as 2); other
+    numbers keep their shortest round-trip form (99.99 stays 99.99).
+    """
+    if value is None:
+        return "{}"
+    if not isinstance(value, dict):
+        raise ValidationError.of(field, "must be a JSON object")
+    normalized = _normalize(field, value, 1)
+    text = orjson.dumps(normalized)
+    if len(text) > MAX_PARAMETERS_BYTES:
+        raise ValidationError.of(
+            field, f"must be at most {MAX_PARAMETERS_BYTES} bytes serialized, got {len(text)}"
+        )
+    return text.decode()
+
+
+def _normalize(field: str, value: Any, depth: int) -> Any:
+    if depth > MAX_PARAMETERS_DEPTH:
+        raise ValidationError.of(field, f"must not be nested more than {MAX_PARAMETERS_DEPTH} levels deep")
+    if isinstance(value, dict):
+        return {k: _normalize(field, v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalize(field, v, depth + 1) for v in value]
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError.of(field, "numbers must be finite")
+        if value.is_integer() and abs(value) <= 2**53:
+            return int(value)
+    return value
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    return orjson.loads(text)

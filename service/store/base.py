@@ -1,0 +1,114 @@
+"""What the service needs from storage, and nothing more.
+
+Every backend implements :class:`Store` and passes ``tests/test_store_contract.py``.
+Backends are chosen by URL (see :func:`service.store.open_store`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.domain import EventPage, EventQuery, StoredEvent
+
+# Buckets group a person's timeline by UTC day. Cassandra partitions by them so
+# that no partition grows without bound; every store keeps exact per-bucket
+# counts so that `total` never needs a scan of a long history.
+BUCKET_US = 86_400 * 1_000_000
+
+
+def bucket_of(ts_us: int) -> int:
+    return ts_us // BUCKET_US
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now; the caller may retry (gRPC UNAVAILABLE)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """An API key as stored: never the key itself, only its SHA-256."""
+
+    key_id: str  # short public handle, shown by `keys list`, used by `keys revoke`
+    key_hash: str  # hex SHA-256 of the full key
+    workspace_id: str
+    scopes: frozenset[str]
+    created_at_us: int
+    revoked_at_us: int | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at_us is not None
+
+
+class Store(abc.ABC):
+    """A per-person timeline store plus the workspace and key registry."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create or migrate the schema (idempotent, versioned)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release connections."""
+
+    # Events -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append(self, events: Sequence[StoredEvent]) -> None:
+        """Store events durably. When this returns, every event is stored.
+
+        Raises StoreUnavailable when the store cannot take them; then the caller
+        reports failure for all of them.
+        """
+
+    @abc.abstractmethod
+    async def list_events(self, query: EventQuery) -> EventPage:
+        """A page of one person's events, newest first (timestamp, then id,
+        descending), and the exact count of events matching the filters."""
+
+    # Workspaces and keys ------------------------------------------------
+
+    @abc.abstractmethod
+    async def ensure_workspace(self, workspace_id: str, created_at_us: int) -> bool:
+        """Create the workspace unless it exists; True when it was created."""
+
+    @abc.abstractmethod
+    async def list_workspaces(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def put_key(self, key: ApiKeyRecord) -> None:
+        """Store a new key (its workspace must exist)."""
+
+    @abc.abstractmethod
+    async def key_by_hash(self, key_hash: str) -> ApiKeyRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_keys(self, workspace_id: str | None = None) -> list[ApiKeyRecord]: ...
+
+    @abc.abstractmethod
+    async def revoke_key(self, key_id: str, revoked_at_us: int) -> bool:
+        """Mark a key revoked; False when no such key exists."""
+
+
+def split_window(since_us: int | None, until_us: int | None) -> tuple[int | None, int | None, list[tuple[int, int]]]:
+    """Split [since, until) into whole buckets and partial edge ranges.
+
+    Returns ``(first, last, edges)``: every bucket from ``first`` to ``last``
+    (inclusive; None means unbounded) lies wholly inside the window, and
+    ``edges`` are the ``(start_us, end_us)`` pieces of the at most two buckets
+    the window only partly covers. Totals sum stored counts for the whole
+    buckets and count rows only in the edges.
+    """
+    first = None if since_us is None else -(-since_us // BUCKET_US)
+    last = None if until_us is None else until_us // BUCKET_US - 1
+    edges: list[tuple[int, int]] = []
+    if since_us is not None and since_us % BUCKET_US:
+        end = (since_us // BUCKET_US + 1) * BUCKET_US
+        edges.append((since_us, end if until_us is None else min(end, until_us)))
+    if until_us is not None and until_us % BUCKET_US:
+        start = until_us // BUCKET_US * BUCKET_US
+        if since_us is None or since_us < start:
+            edges.append((start if since_us is None else max(start, since_us), until_us))
+    return first, last, edges

@@ -1,0 +1,343 @@
+"""The embedded store: one SQLite file in WAL mode, shaped like the wide rows.
+
+``sqlite:///./data/events.db`` (relative path) or ``sqlite:////var/lib/flameup/events.db``
+(absolute). Query parameters: ``synchronous=NORMAL|FULL`` (NORMAL, the default,
+survives a crash or kill of the process; FULL also survives power loss, at the
+cost of an fsync per commit) and ``busy_timeout_ms`` (default 10000).
+
+The events table is keyed like Cassandra's timeline (workspace, person, time,
+id), so a person's page is one index range. Per-day counts are kept in the
+same transaction as the rows, so ``total`` sums at most a few hundred small
+rows instead of counting a long history.
+
+SQLite is synchronous: appends go to one writer thread that commits whatever
+has queued up in one transaction (group commit), reads run on a small thread
+pool with a connection per thread. The asyncio loop never blocks on the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+from service.domain import EventPage, EventQuery, StoredEvent
+from service.store.base import ApiKeyRecord, Store, StoreUnavailable, bucket_of, split_window
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# Each version is a list of statements, applied in order in one transaction.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE events (
+            workspace_id TEXT NOT NULL,
+            person_id    TEXT NOT NULL,
+            ts           INTEGER NOT NULL,  -- when it happened, microseconds since the epoch
+            event_id     TEXT NOT NULL,
+            external_id  TEXT NOT NULL,
+            event        TEXT NOT NULL,
+            parameters   TEXT NOT NULL,     -- canonical JSON object
+            created_at   INTEGER NOT NULL,
+            PRIMARY KEY (workspace_id, person_id, ts, event_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX events_by_name ON events (workspace_id, person_id, event, ts, event_id)",
+        # Exact per-day counts: event_key '' counts every event of the day.
+        """CREATE TABLE bucket_counts (
+            workspace_id TEXT NOT NULL,
+            person_id    TEXT NOT NULL,
+            event_key    TEXT NOT NULL,
+            bucket       INTEGER NOT NULL,
+            n            INTEGER NOT NULL,
+            PRIMARY KEY (workspace_id, person_id, event_key, bucket)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE workspaces (
+            workspace_id TEXT PRIMARY KEY,
+            created_at   INTEGER NOT NULL
+        )""",
+        """CREATE TABLE api_keys (
+            key_id       TEXT PRIMARY KEY,
+            key_hash     TEXT NOT NULL UNIQUE,
+            workspace_id TEXT NOT NULL REFERENCES workspaces (workspace_id),
+            scopes       TEXT NOT NULL,     -- space separated
+            created_at   INTEGER NOT NULL,
+            revoked_at   INTEGER
+        )""",
+    ),
+}
+
+INSERT_EVENT = (
+    "INSERT INTO events (workspace_id, person_id, ts, event_id, external_id, event, parameters, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+ADD_COUNT = (
+    "INSERT INTO bucket_counts (workspace_id, person_id, event_key, bucket, n) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (workspace_id, person_id, event_key, bucket) DO UPDATE SET n = n + excluded.n"
+)
+SELECT_EVENTS = (
+    "SELECT event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at"
+    " FROM events WHERE workspace_id = ? AND person_id = ?{filters}"
+    " ORDER BY ts DESC, event_id DESC LIMIT ? OFFSET ?"
+)
+COUNT_EVENTS = "SELECT count(*) FROM events WHERE workspace_id = ? AND person_id = ?{filters}"
+SUM_BUCKETS = (
+    "SELECT coalesce(sum(n), 0) FROM bucket_counts"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
+)
+INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
+SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
+INSERT_KEY = (
+    "INSERT INTO api_keys (key_id, key_hash, workspace_id, scopes, created_at, revoked_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+KEY_COLUMNS = "key_id, key_hash, workspace_id, scopes, created_at, revoked_at"
+SELECT_KEY_BY_HASH = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
+SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY workspace_id, created_at"
+SELECT_KEYS_OF = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE workspace_id = ? ORDER BY created_at"
+REVOKE_KEY = "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key_id = ?"
+
+# The most rows one group commit takes; keeps a transaction's lock time short.
+MAX_GROUP_ROWS = 5000
+_MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000) -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        self.path = path
+        self._synchronous = synchronous.upper()
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._writes: queue.SimpleQueue | None = None
+        self._writer: threading.Thread | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        parts = urlsplit(url)
+        # sqlite:///./data/x.db -> ./data/x.db ; sqlite:////abs/x.db -> /abs/x.db
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path:
+            raise ValueError(f"sqlite URL needs a file path, e.g. sqlite:///./data/events.db, got {url!r}")
+        params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        return cls(
+            path,
+            synchronous=params.get("synchronous", "NORMAL"),
+            busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)),
+        )
+
+    # Connections ----------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._pool is None:
+            raise StoreUnavailable("the store is closed")
+
+        def call() -> T:
+            try:
+                return fn(self._conn())
+            except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O error
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sqlite-read")
+        await self._run(self._migrate)
+        self._writes = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
+        self._writer.start()
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see the version
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {v}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writes.put(None)  # the writer commits what is queued before it, then stops
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # Events ---------------------------------------------------------------
+
+    async def append(self, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._writes.put((events, loop, done))
+        await asyncio.shield(done)  # a cancelled caller must not abandon a commit in flight
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        stop = False
+        while not stop:
+            item = self._writes.get()
+            if item is None:
+                break
+            group, rows = [item], len(item[0])
+            while rows < MAX_GROUP_ROWS:
+                try:
+                    nxt = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                group.append(nxt)
+                rows += len(nxt[0])
+            error: BaseException | None = None
+            try:
+                self._commit(conn, [e for events, _, _ in group for e in events])
+            except Exception as exc:  # settle every waiter whatever went wrong
+                error = StoreUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
+            for _, loop, done in group:
+                loop.call_soon_threadsafe(_settle, done, error)
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, events: list[StoredEvent]) -> None:
+        counts: Counter[tuple[str, str, str, int]] = Counter()
+        for e in events:
+            bucket = bucket_of(e.timestamp_us)
+            counts[(e.workspace_id, e.person_id, "", bucket)] += 1
+            counts[(e.workspace_id, e.person_id, e.event, bucket)] += 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                INSERT_EVENT,
+                [(e.workspace_id, e.person_id, e.timestamp_us, e.event_id, e.external_id, e.event,
+                  e.parameters, e.created_at_us) for e in events],
+            )
+            conn.executemany(ADD_COUNT, [(*key, n) for key, n in counts.items()])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def list_events(self, query: EventQuery) -> EventPage:
+        return await self._run(lambda conn: self._list(conn, query))
+
+    @staticmethod
+    def _list(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
+        filters, args = "", [q.workspace_id, q.person_id]
+        if q.event is not None:
+            filters += " AND event = ?"
+            args.append(q.event)
+        range_filters, range_args = "", []
+        if q.since_us is not None:
+            range_filters += " AND ts >= ?"
+            range_args.append(q.since_us)
+        if q.until_us is not None:
+            range_filters += " AND ts < ?"
+            range_args.append(q.until_us)
+        conn.execute("BEGIN")  # page and total from one snapshot
+        try:
+            rows = conn.execute(
+                SELECT_EVENTS.format(filters=filters + range_filters), (*args, *range_args, q.limit, q.offset)
+            ).fetchall()
+            first, last, edges = split_window(q.since_us, q.until_us)
+            total = 0
+            if (first is None or last is None) or first <= last:
+                total += conn.execute(
+                    SUM_BUCKETS,
+                    (q.workspace_id, q.person_id, q.event or "",
+                     _MIN_BUCKET if first is None else first, _MAX_BUCKET if last is None else last),
+                ).fetchone()[0]
+            edge_sql = COUNT_EVENTS.format(filters=filters + " AND ts >= ? AND ts < ?")
+            for start, end in edges:
+                total += conn.execute(edge_sql, (*args, start, end)).fetchone()[0]
+        finally:
+            conn.execute("COMMIT")
+        return EventPage([StoredEvent(*row) for row in rows], total)
+
+    # Workspaces and keys ----------------------------------------------------
+
+    async def ensure_workspace(self, workspace_id: str, created_at_us: int) -> bool:
+        return await self._run(
+            lambda conn: conn.execute(INSERT_WORKSPACE, (workspace_id, created_at_us)).rowcount == 1
+        )
+
+    async def list_workspaces(self) -> list[str]:
+        return await self._run(lambda conn: [r[0] for r in conn.execute(SELECT_WORKSPACES)])
+
+    async def put_key(self, key: ApiKeyRecord) -> None:
+        await self._run(lambda conn: conn.execute(INSERT_KEY, (
+            key.key_id, key.key_hash, key.workspace_id, " ".join(sorted(key.scopes)),
+            key.created_at_us, key.revoked_at_us,
+        )))
+
+    async def key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        row = await self._run(lambda conn: conn.execute(SELECT_KEY_BY_HASH, (key_hash,)).fetchone())
+        return _key(row) if row else None
+
+    async def list_keys(self, workspace_id: str | None = None) -> list[ApiKeyRecord]:
+        if workspace_id is None:
+            rows = await self._run(lambda conn: conn.execute(SELECT_KEYS).fetchall())
+        else:
+            rows = await self._run(lambda conn: conn.execute(SELECT_KEYS_OF, (workspace_id,)).fetchall())
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str, revoked_at_us: int) -> bool:
+        return await self._run(lambda conn: conn.execute(REVOKE_KEY, (revoked_at_us, key_id)).rowcount == 1)
+
+
+def _key(row: tuple) -> ApiKeyRecord:
+    key_id, key_hash, workspace_id, scopes, created_at, revoked_at = row
+    return ApiKeyRecord(key_id, key_hash, workspace_id, frozenset(scopes.split()), created_at, revoked_at)
+
+
+def _settle(done: asyncio.Future, error: BaseException | None) -> None:
+    if done.cancelled():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
