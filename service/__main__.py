@@ -1,0 +1,155 @@
+"""Command line: `python -m service serve | grpc-worker | keys ... | workspaces list`.
+
+Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
+FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
+FLAMEUP_GATEWAY_WORKERS, FLAMEUP_KEY_CACHE_SECONDS); a flag wins over the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+
+from service.store import DEFAULT_STORE_URL, open_store
+
+
+def _env(name: str, default):
+    value = os.environ.get(name)
+    return type(default)(value) if value not in (None, "") else default
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=_env("FLAMEUP_STORE", DEFAULT_STORE_URL),
+                   help="store URL (env FLAMEUP_STORE; default %(default)s)")
+
+
+def _log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default=_env("FLAMEUP_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Flameup Events service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cpus = os.cpu_count() or 1
+    serve = sub.add_parser("serve", help="run gRPC workers and REST gateway workers")
+    _store_arg(serve)
+    serve.add_argument("--host", default=_env("FLAMEUP_HOST", "127.0.0.1"),
+                       help="address to listen on (env FLAMEUP_HOST; 0.0.0.0 for all interfaces)")
+    serve.add_argument("--grpc-port", type=int, default=_env("FLAMEUP_GRPC_PORT", 50051))
+    serve.add_argument("--http-port", type=int, default=_env("FLAMEUP_HTTP_PORT", 8080))
+    serve.add_argument("--workers", type=int, default=_env("FLAMEUP_WORKERS", cpus),
+                       help="gRPC worker processes (default: one per CPU)")
+    serve.add_argument("--gateway-workers", type=int, default=_env("FLAMEUP_GATEWAY_WORKERS", cpus),
+                       help="REST gateway processes (default: one per CPU)")
+    serve.add_argument("--key-cache-seconds", type=float, default=_env("FLAMEUP_KEY_CACHE_SECONDS", 10.0),
+                       help="how long a worker trusts a looked-up API key (revocations take this long)")
+    _log_arg(serve)
+
+    worker = sub.add_parser("grpc-worker", help="one gRPC worker process (serve starts these)")
+    _store_arg(worker)
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=50051)
+    worker.add_argument("--key-cache-seconds", type=float, default=10.0)
+    _log_arg(worker)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key (and its workspace); prints the key once")
+    _store_arg(create)
+    create.add_argument("--workspace", required=True, help="workspace id, e.g. ws_acme")
+    create.add_argument("--scopes", default="events:read,events:write")
+    listing = keys_sub.add_parser("list", help="list keys (ids, scopes, state; never the keys)")
+    _store_arg(listing)
+    listing.add_argument("--workspace")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    _store_arg(revoke)
+    revoke.add_argument("key_id")
+
+    workspaces = sub.add_parser("workspaces", help="list workspaces")
+    ws_sub = workspaces.add_subparsers(dest="workspaces_command", required=True)
+    _store_arg(ws_sub.add_parser("list"))
+    return parser
+
+
+async def _with_store(url: str, fn):
+    store = open_store(url)
+    await store.open()
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _time(us: int | None) -> str:
+    return "-" if us is None else datetime.fromtimestamp(us / 1e6, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _keys(args) -> int:
+    from service import auth
+
+    if args.keys_command == "create":
+        try:
+            scopes = auth.parse_scopes(args.scopes)
+            auth.check_workspace_id(args.workspace)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        record, key = await _with_store(args.store, lambda s: auth.create_key(s, args.workspace, scopes))
+        print(f"created key {record.key_id} for {record.workspace_id} with {','.join(sorted(scopes))}", file=sys.stderr)
+        print("it is shown only this once; store it now:", file=sys.stderr)
+        print(key)
+        return 0
+    if args.keys_command == "list":
+        records = await _with_store(args.store, lambda s: s.list_keys(args.workspace))
+        print(f"{'KEY ID':14} {'WORKSPACE':24} {'SCOPES':26} {'CREATED':21} REVOKED")
+        for r in records:
+            print(f"{r.key_id:14} {r.workspace_id:24} {','.join(sorted(r.scopes)):26} "
+                  f"{_time(r.created_at_us):21} {_time(r.revoked_at_us)}")
+        return 0
+    from service.domain import now_us
+
+    if await _with_store(args.store, lambda s: s.revoke_key(args.key_id, now_us())):
+        print(f"key {args.key_id} revoked", file=sys.stderr)
+        return 0
+    print(f"error: no key with id {args.key_id}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        from service.supervisor import ServeConfig, serve
+
+        return serve(ServeConfig(
+            store_url=args.store, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+            workers=max(1, args.workers), gateway_workers=max(1, args.gateway_workers),
+            bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
+            key_cache_seconds=args.key_cache_seconds, log_level=args.log_level,
+        ))
+    if args.command == "grpc-worker":
+        from service.server import GrpcConfig, serve
+        from service.supervisor import exit_with_parent
+
+        exit_with_parent()
+        asyncio.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds)))
+        return 0
+    if args.command == "keys":
+        return asyncio.run(_keys(args))
+    for workspace_id in asyncio.run(_with_store(args.store, lambda s: s.list_workspaces())):
+        print(workspace_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""`python -m service serve`: the whole service as one command.
+
+The supervisor prepares the store (schema, bootstrap key), then starts
+``--workers`` gRPC worker processes sharing one port through SO_REUSEPORT and
+``--gateway-workers`` REST gateway processes sharing another, waits until both
+answer health checks, and prints where they listen. On SIGTERM or Ctrl-C it
+stops the gateways first (they finish in-flight requests), then the gRPC
+workers (health NOT_SERVING, in-flight calls finish, the store commits and
+closes). When a worker dies unexpectedly the supervisor stops the rest and
+exits non-zero, so a process manager can restart the whole unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.auth import ensure_bootstrap_key
+from service.store import open_store
+
+log = logging.getLogger("flameup.supervisor")
+
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    store_url: str
+    host: str
+    grpc_port: int
+    http_port: int
+    workers: int
+    gateway_workers: int
+    bootstrap_key: str | None
+    key_cache_seconds: float
+    log_level: str
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Hold the port for the workers: fail now if something else has it, and
+    turn port 0 into a concrete port every worker can bind with SO_REUSEPORT."""
+    if port:
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+            try:
+                probe.bind((host, port))  # without SO_REUSEPORT: any current user of the port makes this fail
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise SystemExit(f"port {host}:{port} is already in use") from exc
+                raise
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind((host, port))  # bound, never listening: takes no connections
+    return held
+
+
+async def prepare_store(config: ServeConfig) -> None:
+    store = open_store(config.store_url)
+    await store.open()  # creates or migrates the schema once, before any worker starts
+    try:
+        if config.bootstrap_key:
+            await ensure_bootstrap_key(store, config.bootstrap_key)
+    finally:
+        await store.close()
+
+
+def _wait_grpc(target: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            _check_alive(procs)
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"gRPC workers did not become healthy on {target}")
+            time.sleep(0.1)
+
+
+def _wait_http(host: str, port: int, deadline: float, procs: list[subprocess.Popen]) -> None:
+    while True:
+        _check_alive(procs)
+        try:
+            with socket.create_connection((host, port), timeout=1) as conn:
+                conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                if conn.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"gateway workers did not become healthy on {host}:{port}")
+        time.sleep(0.1)
+
+
+def _check_alive(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is not None:
+            raise SystemExit(f"worker {' '.join(p.args[2:4])} (pid {p.pid}) exited with {p.returncode} during start")
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # Own session: Ctrl-C reaches only the supervisor, which stops the workers in order.
+    return subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("worker pid %d did not stop in %.0fs; killing it", p.pid, timeout)
+            p.kill()
+            p.wait()
+
+
+def serve(config: ServeConfig) -> int:
+    asyncio.run(prepare_store(config))
+    grpc_sock = reserve_port(config.host, config.grpc_port)
+    http_sock = reserve_port(config.host, config.http_port)
+    grpc_port, http_port = grpc_sock.getsockname()[1], http_sock.getsockname()[1]
+    grpc_target = f"{config.host}:{grpc_port}"
+    env = {**os.environ, "FLAMEUP_PARENT_PID": str(os.getpid())}
+    env.pop("FLAMEUP_BOOTSTRAP_KEY", None)  # workers need no key; keep it out of their environment
+
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    grpc_procs = [
+        _spawn(["-m", "service", "grpc-worker", "--store", config.store_url, "--host", config.host,
+                "--port", str(grpc_port), "--key-cache-seconds", str(config.key_cache_seconds),
+                "--log-level", config.log_level], env)
+        for _ in range(config.workers)
+    ]
+    http_procs: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        _wait_grpc(grpc_target, deadline, grpc_procs)
+        http_procs = [
+            _spawn(["-m", "gateway", "--grpc-target", grpc_target, "--host", config.host,
+                    "--port", str(http_port), "--log-level", config.log_level], env)
+            for _ in range(config.gateway_workers)
+        ]
+        _wait_http(config.host, http_port, deadline, http_procs)
+        print(
+            f"Flameup Events is up (store {config.store_url})\n"
+            f"  gRPC listening on {grpc_target} ({config.workers} workers)\n"
+            f"  REST listening on http://{config.host}:{http_port} ({config.gateway_workers} workers)\n"
+            f"  API key: {'FLAMEUP_BOOTSTRAP_KEY (workspace ws_default)' if config.bootstrap_key else 'none yet'};"
+            f" create one with:\n"
+            f"    .venv/bin/python -m service keys create --store '{config.store_url}'"
+            f" --workspace ws_default --scopes events:read,events:write",
+            flush=True,
+        )
+        while not stopping:
+            for p in grpc_procs + http_procs:
+                if p.poll() is not None:
+                    log.error("worker pid %d exited with %s; stopping the service", p.pid, p.returncode)
+                    return 1
+            time.sleep(0.2)
+        log.info("stopping: gateways first, then gRPC workers")
+        return 0
+    except SystemExit as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        _stop(http_procs, STOP_TIMEOUT)
+        _stop(grpc_procs, STOP_TIMEOUT)
+        grpc_sock.close()
+        http_sock.close()
+
+
+def exit_with_parent() -> None:
+    """Workers die with the supervisor even when it is killed with SIGKILL."""
+    if sys.platform != "linux" or "FLAMEUP_PARENT_PID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(os.environ["FLAMEUP_PARENT_PID"]):  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
