@@ -66,3 +66,11 @@ test: $(VENV)/.installed ## run the whole test suite (starts Cassandra when need
 .PHONY: clean
 clean: ## remove the virtualenv, build output and local data
 	rm -rf $(VENV) build node_modules data
+
+.PHONY: cassandra-up
+cassandra-up: ## start a local single-node Cassandra on 127.0.0.1:9042 (data in .cassandra-local/)
+	scripts/cassandra.sh up
+
+.PHONY: cassandra-down
+cassandra-down: ## stop the local Cassandra (data is kept; scripts/cassandra.sh down --wipe drops it)
+	scripts/cassandra.sh down

@@ -1,0 +1,66 @@
+"""End to end: the documentation's own curl, Python and JavaScript examples
+run against the running service and get the documented answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent / "docs_examples"
+
+
+def run_example(service, *command: str) -> str:
+    env = {**os.environ, "BASE_URL": service.http_url, "API_KEY": service.key,
+           "EXTERNAL_ID": f"user_{uuid.uuid4().hex[:10]}"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=EXAMPLES)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def check_purchase_listing(listing: dict, amount=99.99) -> None:
+    assert listing["total"] == 1
+    (event,) = listing["events"]
+    assert set(event) == {"id", "workspace_id", "person_id", "external_id", "event", "parameters",
+                          "timestamp", "created_at"}
+    assert event["event"] == "purchase_completed" and event["workspace_id"] == "ws_default"
+    assert event["parameters"]["amount"] == amount and event["parameters"]["order_id"] == "order_789"
+    assert event["timestamp"].endswith("Z") and event["created_at"].endswith("Z")
+
+
+def check_client_results(results: dict) -> None:
+    for name in ("page_viewed", "purchase_completed"):
+        assert results[name]["success"] is True and results[name]["event_id"].startswith("evt_")
+    batch = results["batch"]
+    assert batch["success"] is True and batch["errors"] == [] and len(batch["event_ids"]) == 3
+    check_purchase_listing(results["person_events"])
+    params = results["person_events"]["events"][0]["parameters"]
+    # numbers come back exactly as sent: 2 stays 2 (not 2.0), 99.99 stays 99.99
+    assert params["items"] == [{"sku": "PROD-001", "name": "Widget", "quantity": 2},
+                               {"sku": "PROD-002", "name": "Gadget", "quantity": 1}]
+    assert all(type(item["quantity"]) is int for item in params["items"])  # JSON text 2, not 2.0
+
+
+def test_curl_examples(service):
+    track, batch, listing = (json.loads(line) for line in run_example(service, "bash", "examples.sh").splitlines())
+    assert track["success"] is True and track["event_id"].startswith("evt_") and track["person_id"]
+    assert batch == {"success": True, "event_ids": batch["event_ids"], "errors": []}
+    assert len(batch["event_ids"]) == 2 and all(batch["event_ids"])
+    check_purchase_listing(listing)
+
+
+def test_python_examples(service):
+    check_client_results(json.loads(run_example(service, sys.executable, "examples.py")))
+
+
+@pytest.mark.skipif(shutil.which("node") is None and not os.environ.get("CI"), reason="node is not installed")
+def test_javascript_examples(service):
+    results = json.loads(run_example(service, "node", "examples.mjs"))
+    check_client_results(results)
+    assert results["plan_upgraded"]["success"] and results["nps_submitted"]["success"]

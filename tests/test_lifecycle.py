@@ -1,0 +1,113 @@
+"""The service as an operator sees it: start, keys CLI, graceful stop under load."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+
+from flameup.events.v1 import events_pb2 as pb
+from service.domain import EventQuery, person_id_for
+from service.store.sqlite import SqliteStore
+from service_support import start_service, stop_service
+
+
+def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path):
+    url = f"sqlite:///{tmp_path}/events.db"
+    svc = start_service(url, workers=2)
+    acked: list[str] = []
+    errors: list[grpc.StatusCode] = []
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        stub = svc.stub()
+        i = 0
+        while not stop.is_set():
+            try:
+                resp = stub.TrackBatch(pb.TrackBatchRequest(events=[
+                    pb.TrackRequest(external_id=f"load_{n}", event=f"e{i}_{j}") for j in range(20)]),
+                    metadata=svc.metadata(), timeout=10)
+                acked.extend(resp.event_ids)
+            except grpc.RpcError as exc:  # after the stop began: refused, never half-done
+                errors.append(exc.code())
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(0.05)
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    assert acked, "no batch was acknowledged before the stop"
+    assert stop_service(svc) == 0
+    stop.set()
+    for t in threads:
+        t.join(20)
+    assert set(errors) <= {grpc.StatusCode.UNAVAILABLE}
+
+    async def stored_ids() -> set[str]:
+        store = SqliteStore.from_url(url)
+        await store.open()
+        try:
+            ids: set[str] = set()
+            for n in range(4):
+                offset = 0
+                while True:
+                    page = await store.list_events(EventQuery("ws_default", person_id_for("ws_default", f"load_{n}"),
+                                                              limit=500, offset=offset))
+                    ids.update(e.event_id for e in page.events)
+                    offset += 500
+                    if offset >= page.total:
+                        break
+            return ids
+        finally:
+            await store.close()
+
+    missing = set(acked) - asyncio.run(stored_ids())
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged events are gone"
+
+
+def test_serve_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--store", f"sqlite:///{tmp_path}/e.db",
+             "--grpc-port", str(port), "--http-port", "0"],
+            capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "already in use" in done.stderr + done.stdout
+
+
+def test_keys_cli_lists_without_revealing_keys(tmp_path):
+    url = f"sqlite:///{tmp_path}/e.db"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "service", *a, "--store", url],  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    created = run("keys", "create", "--workspace", "ws_cli", "--scopes", "events:read")
+    assert created.returncode == 0
+    key = created.stdout.strip()
+    key_id = key.split("_")[1]
+    listing = run("keys", "list")
+    assert key_id in listing.stdout and key not in listing.stdout and "events:read" in listing.stdout
+    assert run("keys", "revoke", key_id).returncode == 0
+    assert run("keys", "revoke", "nope").returncode == 1
+    assert "ws_cli" in run("workspaces", "list").stdout
+    bad = run("keys", "create", "--workspace", "acme", "--scopes", "events:read")
+    assert bad.returncode == 2 and "ws_" in bad.stderr
+    bad = run("keys", "create", "--workspace", "ws_x", "--scopes", "events:admin")
+    assert bad.returncode == 2 and "scopes" in bad.stderr
+
+
+def test_supervisor_stops_when_a_worker_dies(tmp_path):
+    svc = start_service(f"sqlite:///{tmp_path}/e.db")
+    workers = subprocess.run(["pgrep", "-f", f"grpc-worker --store sqlite:///{tmp_path}"],
+                             capture_output=True, text=True).stdout.split()
+    assert workers
+    subprocess.run(["kill", "-KILL", workers[0]], check=True)
+    assert svc.proc.wait(30) == 1

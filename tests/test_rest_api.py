@@ -1,0 +1,251 @@
+"""The REST gateway over real HTTP against the real gRPC service (both stores)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+from service.domain import person_id_for
+
+EVENT_FIELDS = {"id", "workspace_id", "person_id", "external_id", "event", "parameters", "timestamp", "created_at"}
+
+
+def uid() -> str:
+    return f"user_{uuid.uuid4().hex[:12]}"
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture
+def http(service):
+    with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {service.key}"},
+                      timeout=30) as client:
+        yield client
+
+
+def assert_status(resp: httpx.Response, http_status: int, code: int, field: str | None = None) -> dict:
+    assert resp.status_code == http_status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"code", "message", "details"} and body["code"] == code
+    if field is not None:
+        assert field in body["message"], body
+        (detail,) = body["details"]
+        assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+        assert field in [v["field"] for v in detail["field_violations"]]
+    return body
+
+
+def test_track_batch_and_list(http):
+    user = uid()
+    resp = http.post("/api/v1/track", json={"external_id": user, "event": "purchase_completed",
+                                            "parameters": {"amount": 99.99, "qty": 2,
+                                                           "nested": {"a": [1, 2.5, {"b": None}]}},
+                                            "timestamp": "2024-01-15T10:30:00Z", "unknown_field": "ignored"})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert set(body) == {"success", "event_id", "person_id"} and body["success"] is True
+    assert body["person_id"] == person_id_for("ws_default", user)
+
+    resp = http.post("/api/v1/track/batch", json={"events": [
+        {"external_id": user, "event": "page_viewed", "parameters": {"page": "/home"},
+         "timestamp": "2024-01-16T00:00:00+01:00"},
+        {"external_id": user, "event": "button_clicked"},
+    ]})
+    assert resp.status_code == 200 and resp.json()["success"] is True and resp.json()["errors"] == []
+
+    resp = http.get(f"/api/v1/people/{body['person_id']}/events", params={"limit": 2})
+    assert resp.status_code == 200
+    page = resp.json()
+    assert set(page) == {"events", "total"} and page["total"] == 3 and len(page["events"]) == 2
+    assert all(set(e) == EVENT_FIELDS for e in page["events"])
+    assert page["events"][1]["timestamp"] == "2024-01-15T23:00:00Z"
+
+    resp = http.get(f"/api/v1/people/{body['person_id']}/events", params={"event": "purchase_completed"})
+    (event,) = resp.json()["events"]
+    assert event["id"] == body["event_id"] and event["timestamp"] == "2024-01-15T10:30:00Z"
+    # numbers as sent: integers stay integers, decimals keep their digits
+    compact = resp.text.replace(" ", "")
+    assert re.search(r'"amount":99\.99[,}]', compact) and re.search(r'"qty":2[,}]', compact)
+    assert event["parameters"]["nested"] == {"a": [1, 2.5, {"b": None}]}
+    assert type(event["parameters"]["qty"]) is int
+
+
+def test_list_by_external_id_and_time_window(http):
+    user = uid()
+    base = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    http.post("/api/v1/track/batch", json={"events": [
+        {"external_id": user, "event": "tick", "timestamp": iso(base + timedelta(hours=h))} for h in range(48)]})
+    resp = http.get(f"/api/v1/people/{user}/events", params={
+        "id_type": "external_id", "since": iso(base + timedelta(hours=10)), "until": iso(base + timedelta(hours=20)),
+        "limit": 3, "offset": 1})
+    page = resp.json()
+    assert page["total"] == 10 and isinstance(page["total"], int)
+    assert [e["timestamp"] for e in page["events"]] == [iso(base + timedelta(hours=h)) for h in (18, 17, 16)]
+
+
+def test_unknown_person_is_empty(http):
+    resp = http.get(f"/api/v1/people/{uuid.uuid4()}/events")
+    assert resp.status_code == 200 and resp.json() == {"events": [], "total": 0}
+
+
+def test_batch_keeps_valid_events_and_reports_each_rejected_one(http):
+    user = uid()
+    far_future = iso(datetime.now(timezone.utc) + timedelta(days=3))
+    events = [{"external_id": user, "event": f"ok_{i}"} for i in range(100)]
+    events[3]["event"] = ""
+    events[10]["timestamp"] = "not a time"
+    events[20]["timestamp"] = far_future
+    events[30]["event"] = "tab\there"
+    events[40]["external_id"] = "x" * 300
+    events[50]["parameters"] = {"blob": "y" * 40_000}
+    deep: dict = {"leaf": True}
+    for _ in range(40):
+        deep = {"d": deep}
+    events[60]["parameters"] = deep
+    resp = http.post("/api/v1/track/batch", json={"events": events})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["success"] is False and len(body["event_ids"]) == 100
+    rejected = {3: "events[3].event", 10: "events[10].timestamp", 20: "events[20].timestamp",
+                30: "events[30].event", 40: "events[40].external_id", 50: "events[50].parameters",
+                60: "events[60].parameters"}
+    assert [(e["index"], e["field"]) for e in body["errors"]] == list(rejected.items())
+    assert all(e["message"] for e in body["errors"])
+    assert [i for i, e in enumerate(body["event_ids"]) if e == ""] == list(rejected)
+    page = http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id", "limit": 500}).json()
+    assert page["total"] == 93
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({"external_id": "u"}, "event"),
+    ({"event": "x"}, "external_id"),
+    ({"external_id": "u", "event": "e" * 256}, "event"),
+    ({"external_id": "u\u0000", "event": "x"}, "external_id"),
+    ({"external_id": "u", "event": "x", "timestamp": "2024-01-15"}, "timestamp"),
+    ({"external_id": "u", "event": "x", "parameters": {"s": "z" * 40_000}}, "parameters"),
+])
+def test_track_validation(http, payload, field):
+    assert_status(http.post("/api/v1/track", json=payload), 400, 3, field)
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({"external_id": "u", "event": 5}, "event"),
+    ({"external_id": ["u"], "event": "x"}, "external_id"),
+    ({"external_id": "u", "event": "x", "parameters": [1, 2]}, "parameters"),
+    ({"external_id": "u", "event": "x", "parameters": "text"}, "parameters"),
+    ({"external_id": "u", "event": "x", "timestamp": 1705314600}, "timestamp"),
+])
+def test_wrong_json_types_name_the_field(http, payload, field):
+    assert_status(http.post("/api/v1/track", json=payload), 400, 3, field)
+
+
+@pytest.mark.parametrize("body,content_type", [
+    (b"{not json", "application/json"),
+    (b"[1, 2]", "application/json"),
+    (b"", "application/json"),
+    ('{"events": "nope"}'.encode(), "application/json"),
+])
+def test_malformed_bodies_are_400(http, body, content_type):
+    for path in ("/api/v1/track", "/api/v1/track/batch"):
+        resp = http.post(path, content=body, headers={"Content-Type": content_type})
+        assert_status(resp, 400, 3)
+
+
+@pytest.mark.parametrize("count", [0, 101])
+def test_batch_size_rejected_as_a_whole(http, count):
+    user = uid()
+    resp = http.post("/api/v1/track/batch", json={"events": [{"external_id": user, "event": "x"}] * count})
+    assert_status(resp, 400, 3, "events")
+    assert http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id"}).json()["total"] == 0
+
+
+def test_missing_events_array_is_400(http):
+    assert_status(http.post("/api/v1/track/batch", json={}), 400, 3, "events")
+
+
+def test_body_over_1_mib_is_413(http):
+    user = uid()
+    big = {"events": [{"external_id": user, "event": "x", "parameters": {"s": "a" * 30_000}}] * 40}
+    body = json.dumps(big).encode()
+    assert len(body) > 1024 * 1024
+    resp = http.post("/api/v1/track/batch", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["code"] == 8
+    assert http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id"}).json()["total"] == 0
+
+
+def test_body_over_1_mib_without_content_length_is_413(http):
+    def chunks():
+        yield b'{"events": [{"external_id": "u", "event": "x", "parameters": {"s": "'
+        for _ in range(1100):
+            yield b"a" * 1024
+        yield b'"}}]}'
+
+    resp = http.post("/api/v1/track/batch", content=chunks(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"limit": "abc"}, "limit"),
+    ({"limit": 0}, "limit"),
+    ({"limit": 501}, "limit"),
+    ({"offset": -5}, "offset"),
+    ({"since": "last week"}, "since"),
+    ({"since": "2024-02-01T00:00:00Z", "until": "2024-01-01T00:00:00Z"}, "since"),
+    ({"id_type": "email"}, "id_type"),
+])
+def test_list_validation(http, params, field):
+    assert_status(http.get(f"/api/v1/people/{uuid.uuid4()}/events", params=params), 400, 3, field)
+
+
+def test_person_id_must_be_a_uuid_unless_id_type_says_otherwise(http):
+    assert_status(http.get("/api/v1/people/user_123/events"), 400, 3, "person_id")
+
+
+# Auth ------------------------------------------------------------------------
+
+def test_401_carries_www_authenticate(service):
+    with httpx.Client(base_url=service.http_url) as client:
+        for headers in ({}, {"Authorization": "Bearer fe_deadbeef_nope"}, {"Authorization": "Basic abc"}):
+            resp = client.post("/api/v1/track", json={"external_id": "u", "event": "x"}, headers=headers)
+            assert_status(resp, 401, 16)
+            assert resp.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_403_without_scope_and_401_after_revocation(service):
+    reader = service.create_key("ws_rest_scopes", "events:read")
+    with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {reader}"}) as client:
+        assert_status(client.post("/api/v1/track", json={"external_id": "u", "event": "x"}), 403, 7)
+        assert client.get(f"/api/v1/people/{uuid.uuid4()}/events").status_code == 200
+        service.revoke_key(reader)
+        assert_status(client.get(f"/api/v1/people/{uuid.uuid4()}/events"), 401, 16)
+
+
+def test_another_workspace_person_is_invisible(service, http):
+    person = http.post("/api/v1/track", json={"external_id": uid(), "event": "private"}).json()["person_id"]
+    other = service.create_key("ws_rest_other")
+    resp = httpx.get(f"{service.http_url}/api/v1/people/{person}/events",
+                     headers={"Authorization": f"Bearer {other}"})
+    assert resp.json() == {"events": [], "total": 0}
+
+
+# Gateway plumbing ----------------------------------------------------------------
+
+def test_healthz_and_openapi(service):
+    assert httpx.get(f"{service.http_url}/healthz").json()["status"] == "SERVING"
+    doc = httpx.get(f"{service.http_url}/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events"}
+    assert set(doc["paths"]["/api/v1/people/{person_id}/events"]) == {"get"}
+
+
+def test_unknown_path_is_404_status_json(http):
+    resp = http.get("/api/v1/nothing")
+    assert resp.status_code == 404 and resp.json()["code"] == 5
