@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -45,9 +46,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         scope = REQUIRED_SCOPE.get(method)
         authorization = _metadata(handler_call_details.invocation_metadata, "authorization")
-        inner = handler.unary_unary
+        inner, deserialize = handler.unary_unary, handler.request_deserializer
+
+        def tolerant_deserialize(data: bytes):
+            # A message protobuf cannot decode (e.g. parameters nested past its
+            # 100-level limit) would otherwise surface as UNKNOWN.
+            try:
+                return deserialize(data)
+            except DecodeError as exc:
+                return _Undecodable(str(exc))
 
         async def authenticated(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request cannot be decoded ({request.reason}); parameters may be nested at most "
+                    f"{domain.MAX_PARAMETERS_DEPTH} levels deep",
+                )
             if scope is None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"no scope grants {method}")
             try:
@@ -62,9 +77,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             authenticated,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant_deserialize,
             response_serializer=handler.response_serializer,
         )
+
+
+class _Undecodable:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 def _metadata(metadata, name: str) -> str | None:

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import grpc
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.internal.encoder import _VarintBytes
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -192,6 +193,24 @@ def test_track_validation_names_the_field(service, kw, field, fragment):
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations = bad_request(exc.value)
     assert violations[0][0] == field and fragment in violations[0][1]
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _VarintBytes(number << 3 | 2) + _VarintBytes(len(payload)) + payload
+
+
+def test_undecodable_nesting_is_invalid_argument_not_unknown(service):
+    # 40 levels of Struct exceed protobuf's 100-level decoding limit, so even the
+    # client library refuses to build it: encode the wire bytes by hand
+    struct_bytes = b""
+    for _ in range(40):  # Struct{fields: {"d": Value{struct_value: <inner>}}}
+        struct_bytes = _field(1, _field(1, b"d") + _field(2, _field(5, struct_bytes)))
+    track = _field(1, b"u") + _field(2, b"x") + _field(3, struct_bytes)
+    call = service.channel().unary_unary("/flameup.events.v1.EventsService/TrackBatch",
+                                         response_deserializer=pb.TrackBatchResponse.FromString)
+    with pytest.raises(grpc.RpcError) as exc:
+        call(_field(1, track), metadata=service.metadata())
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nested" in exc.value.details()
 
 
 def test_limits_are_inclusive(api):

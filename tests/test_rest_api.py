@@ -106,10 +106,7 @@ def test_batch_keeps_valid_events_and_reports_each_rejected_one(http):
     events[30]["event"] = "tab\there"
     events[40]["external_id"] = "x" * 300
     events[50]["parameters"] = {"blob": "y" * 40_000}
-    deep: dict = {"leaf": True}
-    for _ in range(40):
-        deep = {"d": deep}
-    events[60]["parameters"] = deep
+    events[60]["parameters"] = nested(33)
     resp = http.post("/api/v1/track/batch", json={"events": events})
     assert resp.status_code == 200
     body = resp.json()
@@ -122,6 +119,22 @@ def test_batch_keeps_valid_events_and_reports_each_rejected_one(http):
     assert [i for i, e in enumerate(body["event_ids"]) if e == ""] == list(rejected)
     page = http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id", "limit": 500}).json()
     assert page["total"] == 93
+
+
+def nested(depth: int) -> dict:
+    value: dict = {"leaf": True}
+    for _ in range(depth - 1):
+        value = {"d": value}
+    return value
+
+
+def test_parameters_deeper_than_protobuf_carries_reject_the_batch(http):
+    # protobuf decodes at most 100 levels and a JSON object costs 3 of them in a
+    # Struct: such a body is malformed as a whole, and nothing of it is stored
+    user = uid()
+    events = [{"external_id": user, "event": "ok"}, {"external_id": user, "event": "x", "parameters": nested(40)}]
+    assert_status(http.post("/api/v1/track/batch", json={"events": events}), 400, 3, "events[1].parameters")
+    assert http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id"}).json()["total"] == 0
 
 
 @pytest.mark.parametrize("payload,field", [
