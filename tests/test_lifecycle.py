@@ -33,10 +33,10 @@ def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path):
                     pb.TrackRequest(external_id=f"load_{n}", event=f"e{i}_{j}") for j in range(20)]),
                     metadata=svc.metadata(), timeout=10)
                 acked.extend(resp.event_ids)
-            except grpc.RpcError as exc:  # after the stop began: refused, never half-done
+            except grpc.RpcError as exc:
+                # after the stop began: refused (UNAVAILABLE), or dropped by the
+                # server before a handler took it (CANCELLED); never acknowledged
                 errors.append(exc.code())
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
                 time.sleep(0.05)
             i += 1
 
@@ -49,7 +49,7 @@ def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path):
     stop.set()
     for t in threads:
         t.join(20)
-    assert set(errors) <= {grpc.StatusCode.UNAVAILABLE}
+    assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
     async def stored_ids() -> set[str]:
         store = SqliteStore.from_url(url)

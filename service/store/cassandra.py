@@ -1,0 +1,972 @@
+"""The Cassandra backend: per-person timelines partitioned by UTC day.
+
+``cassandra://host1,host2:9042/keyspace?consistency=LOCAL_QUORUM&protocol_version=3&local_dc=dc1``
+
+URL parts (all optional except a host):
+
+- hosts: comma separated contact points; one port for all (default 9042);
+  ``user:password@`` before them turns on PlainTextAuthProvider.
+- path: the keyspace (default ``flameup_events``), created when missing.
+- ``consistency``: for every read and write (default LOCAL_QUORUM; LWTs use
+  LOCAL_SERIAL, or SERIAL when the consistency is not a LOCAL_ one).
+- ``protocol_version``: left to the driver unless given. Cassandra 2.1 needs
+  ``protocol_version=3`` (it answers newer versions with an error the driver
+  does not step down from).
+- ``local_dc``: the datacenter whose nodes coordinate requests.
+- ``replication_factor=N`` (SimpleStrategy, default 1) or
+  ``replication=dc1:3,dc2:3`` (NetworkTopologyStrategy): only used when this
+  store creates the keyspace; an existing keyspace is never altered.
+- ``connect_timeout`` / ``request_timeout``: seconds (default 3 / 5). While the
+  cluster is down requests fail at once (no live host) or within
+  request_timeout (a node that hangs), as StoreUnavailable.
+
+Data model (docs/cassandra.md has the why):
+
+- ``events_by_person``: PRIMARY KEY ((workspace_id, person_id, bucket), ts, event_id),
+  newest first. A bucket is a UTC day (service.store.base.bucket_of).
+- ``events_by_name``: the same rows keyed ((workspace_id, person_id, event, bucket), ts, event_id)
+  for the event filter.
+- ``person_buckets``: PRIMARY KEY ((workspace_id, person_id), event_key, bucket) with
+  bucket DESC; event_key '' is every event, otherwise the event name. One row per
+  day that has events, holding an exact count ``n`` valid as of ``counted_at`` and
+  the time ``written_at`` of the last write into that day. The row with
+  bucket = SUMMARY_BUCKET sorts first and carries the same three values for the
+  person's whole history.
+
+How ``total`` stays exact without counters (which are not idempotent under
+retries): a write marks every day it touches (and the summary) dirty *before*
+its rows, with ``written_at = W0 + SETTLE`` at cell timestamp W0, then writes the
+rows, then marks them again with ``written_at = W1`` at cell timestamp W1 (later,
+so it wins). A count started at S is stored as ``n, counted_at = S`` at cell
+timestamp S, so the latest-started count wins. A reader trusts ``n`` only when
+``counted_at >= written_at``; otherwise it counts that one day partition itself
+(COUNT(*)) and, when the count started after ``written_at``, writes it back in
+the background, coalesced per bucket. A write that failed half way leaves its
+days dirty for at least SETTLE, longer than any of its rows can still land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from cassandra import (
+    ConsistencyLevel,
+    CoordinationFailure,
+    DriverException,
+    OperationTimedOut,
+    Timeout,
+    Unavailable,
+)
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
+from cassandra.connection import ConnectionException
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    RetryPolicy,
+    TokenAwarePolicy,
+)
+from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
+
+from service.domain import EventPage, EventQuery, StoredEvent, now_us
+from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_Write = tuple[PreparedStatement, tuple, int]  # a statement, its values, its estimated bytes
+
+DEFAULT_KEYSPACE = "flameup_events"
+DEFAULT_PORT = 9042
+DEFAULT_CONSISTENCY = "LOCAL_QUORUM"
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_REQUEST_TIMEOUT = 5.0
+DDL_TIMEOUT = 60.0
+# The reconnection delay grows from 0.5 s to this, so the store finds a node
+# that came back within a couple of seconds, with no restart.
+MAX_RECONNECT_DELAY = 2.0
+
+ALL_EVENTS = ""  # event_key of the counts over every event name
+SUMMARY_BUCKET = 2**62  # the whole-history row; sorts before every day (bucket DESC)
+MIN_BUCKET = -(2**62)
+# How long a day stays dirty after a write that may have failed half way: longer
+# than any server write timeout plus the client timeout, after which no row of
+# that write can still land.
+SETTLE_US = 60 * 1_000_000
+INDEX_PAGE = 2000  # person_buckets rows per page: tiny rows
+FIRST_INDEX_PAGE = 64  # when the summary is clean only the newest days are needed
+ROW_PAGE = 200  # event rows per page: parameters may be up to 32 KiB each
+MAX_BATCH_BYTES = 256 * 1024  # rows of one partition go in unlogged batches up to this size
+CONCURRENCY = 32  # requests in flight per store call
+
+_KEYSPACE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+_DC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOST = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<host>[A-Za-z0-9_.-]+)(?::(?P<port>\d+))?")
+
+# CQL ----------------------------------------------------------------------
+# Common to Cassandra 2.1 and 4.x/5.x: no sum/min/max, JSON, date/smallint,
+# materialized views, PER PARTITION LIMIT or GROUP BY; bigint microseconds for
+# times; never a bound None (it writes a tombstone in protocol v3).
+
+CREATE_KEYSPACE = "CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}"
+
+CREATE_SCHEMA_VERSION = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    scope text,
+    version int,
+    description text,
+    applied_at bigint,
+    PRIMARY KEY (scope, version)
+)"""
+SCHEMA_SCOPE = "flameup_events"
+SELECT_SCHEMA_VERSIONS = "SELECT version FROM schema_version WHERE scope = ?"
+INSERT_SCHEMA_VERSION = "INSERT INTO schema_version (scope, version, description, applied_at) VALUES (?, ?, ?, ?)"
+
+CREATE_EVENTS_BY_PERSON = """
+CREATE TABLE IF NOT EXISTS events_by_person (
+    workspace_id text,
+    person_id text,
+    bucket bigint,
+    ts bigint,
+    event_id text,
+    event text,
+    external_id text,
+    parameters text,
+    created_at bigint,
+    PRIMARY KEY ((workspace_id, person_id, bucket), ts, event_id)
+) WITH CLUSTERING ORDER BY (ts DESC, event_id DESC)"""
+
+CREATE_EVENTS_BY_NAME = """
+CREATE TABLE IF NOT EXISTS events_by_name (
+    workspace_id text,
+    person_id text,
+    event text,
+    bucket bigint,
+    ts bigint,
+    event_id text,
+    external_id text,
+    parameters text,
+    created_at bigint,
+    PRIMARY KEY ((workspace_id, person_id, event, bucket), ts, event_id)
+) WITH CLUSTERING ORDER BY (ts DESC, event_id DESC)"""
+
+# Overwritten cells, read often: leveled compaction keeps a read to few sstables.
+CREATE_PERSON_BUCKETS = """
+CREATE TABLE IF NOT EXISTS person_buckets (
+    workspace_id text,
+    person_id text,
+    event_key text,
+    bucket bigint,
+    n bigint,
+    counted_at bigint,
+    written_at bigint,
+    PRIMARY KEY ((workspace_id, person_id), event_key, bucket)
+) WITH CLUSTERING ORDER BY (event_key ASC, bucket DESC)
+  AND compaction = {'class': 'LeveledCompactionStrategy'}"""
+
+# Workspaces and keys are few: one partition each lists them in one read.
+CREATE_WORKSPACES = """
+CREATE TABLE IF NOT EXISTS workspaces (
+    shard int,
+    workspace_id text,
+    created_at bigint,
+    PRIMARY KEY (shard, workspace_id)
+)"""
+
+CREATE_API_KEYS = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    shard int,
+    key_id text,
+    key_hash text,
+    workspace_id text,
+    scopes text,
+    created_at bigint,
+    revoked_at bigint,
+    PRIMARY KEY (shard, key_id)
+)"""
+
+# The authentication hot path: one partition read by hash.
+CREATE_API_KEYS_BY_HASH = """
+CREATE TABLE IF NOT EXISTS api_keys_by_hash (
+    key_hash text PRIMARY KEY,
+    key_id text,
+    workspace_id text,
+    scopes text,
+    created_at bigint,
+    revoked_at bigint
+)"""
+
+# (version, description, statements): applied in order, each statement idempotent.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "timelines, bucket counts, workspaces, api keys", (
+        CREATE_EVENTS_BY_PERSON,
+        CREATE_EVENTS_BY_NAME,
+        CREATE_PERSON_BUCKETS,
+        CREATE_WORKSPACES,
+        CREATE_API_KEYS,
+        CREATE_API_KEYS_BY_HASH,
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+# Tables holding data (what tests truncate between cases).
+DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "workspaces", "api_keys", "api_keys_by_hash")
+
+INSERT_EVENT = (
+    "INSERT INTO events_by_person"
+    " (workspace_id, person_id, bucket, ts, event_id, event, external_id, parameters, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_EVENT_BY_NAME = (
+    "INSERT INTO events_by_name"
+    " (workspace_id, person_id, event, bucket, ts, event_id, external_id, parameters, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_EVENTS = (
+    "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_person"
+    " WHERE workspace_id = ? AND person_id = ? AND bucket = ? AND ts >= ? AND ts < ? LIMIT ?"
+)
+SELECT_EVENTS_BY_NAME = (
+    "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_name"
+    " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ? AND ts >= ? AND ts < ? LIMIT ?"
+)
+COUNT_EVENTS = (
+    "SELECT COUNT(*) FROM events_by_person"
+    " WHERE workspace_id = ? AND person_id = ? AND bucket = ? AND ts >= ? AND ts < ?"
+)
+COUNT_EVENTS_BY_NAME = (
+    "SELECT COUNT(*) FROM events_by_name"
+    " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ? AND ts >= ? AND ts < ?"
+)
+MARK_WRITTEN = (
+    "UPDATE person_buckets USING TIMESTAMP ? SET written_at = ?"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
+)
+SAVE_COUNT = (
+    "UPDATE person_buckets USING TIMESTAMP ? SET n = ?, counted_at = ?"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
+)
+SELECT_BUCKETS = (
+    "SELECT bucket, n, counted_at, written_at FROM person_buckets"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ?"
+)
+SELECT_BUCKET_RANGE = (
+    "SELECT bucket, n, counted_at, written_at FROM person_buckets"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
+)
+
+INSERT_WORKSPACE = "INSERT INTO workspaces (shard, workspace_id, created_at) VALUES (0, ?, ?) IF NOT EXISTS"
+SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces WHERE shard = 0"
+SELECT_WORKSPACE = "SELECT workspace_id FROM workspaces WHERE shard = 0 AND workspace_id = ?"
+
+KEY_COLUMNS = "key_id, key_hash, workspace_id, scopes, created_at, revoked_at"
+INSERT_KEY = (
+    "INSERT INTO api_keys (shard, key_id, key_hash, workspace_id, scopes, created_at)"
+    " VALUES (0, ?, ?, ?, ?, ?) IF NOT EXISTS"
+)
+INSERT_KEY_BY_HASH = (
+    "INSERT INTO api_keys_by_hash (key_hash, key_id, workspace_id, scopes, created_at) VALUES (?, ?, ?, ?, ?)"
+)
+SELECT_KEY_BY_HASH = f"SELECT {KEY_COLUMNS} FROM api_keys_by_hash WHERE key_hash = ?"
+SELECT_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE shard = 0 AND key_id = ?"
+SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE shard = 0"
+REVOKE_KEY = "UPDATE api_keys SET revoked_at = ? WHERE shard = 0 AND key_id = ?"
+REVOKE_KEY_BY_HASH = "UPDATE api_keys_by_hash SET revoked_at = ? WHERE key_hash = ?"
+
+# Driver errors that mean "not reachable now, retry later".
+_UNAVAILABLE = (
+    NoHostAvailable, OperationTimedOut, Unavailable, Timeout, CoordinationFailure, ConnectionException,
+    OverloadedErrorMessage, IsBootstrappingErrorMessage, OSError,
+)
+
+
+@dataclass
+class CassandraStats:
+    """What the store asked of Cassandra (tests and the benchmark read these)."""
+
+    statements: int = 0  # requests sent, every page and every batch counted once
+    event_rows: int = 0  # event rows fetched (including rows skipped inside a bucket for an offset)
+    index_rows: int = 0  # person_buckets rows fetched
+    counts: int = 0  # COUNT(*) of one bucket: a dirty day, or a window's partial edge
+    count_writebacks: int = 0  # recounts stored for the next reader
+    rows_written: int = 0  # event rows written (two per event: both tables)
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """One day of the index as read, and how much of it the window covers."""
+
+    bucket: int
+    n: int | None  # trusted count, None when it must be counted
+    written_at: int
+    start_us: int  # the part of the day inside the window: [start_us, end_us)
+    end_us: int
+    whole: bool = True
+
+
+@dataclass
+class _Settings:
+    hosts: list[str]
+    port: int = DEFAULT_PORT
+    keyspace: str = DEFAULT_KEYSPACE
+    consistency: str = DEFAULT_CONSISTENCY
+    protocol_version: int | None = None
+    local_dc: str | None = None
+    replication: dict[str, str] = field(default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": "1"})
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_url(url: str) -> _Settings:
+    """The settings a cassandra:// URL names (ValueError when it is malformed)."""
+    parts = urlsplit(url)
+    if parts.scheme != "cassandra":
+        raise ValueError(f"not a cassandra:// URL: {url!r}")
+    netloc = parts.netloc
+    username = password = None
+    if "@" in netloc:
+        creds, netloc = netloc.rsplit("@", 1)
+        username, _, password = creds.partition(":")
+        username, password = unquote(username), unquote(password)
+    hosts, ports = [], set()
+    for item in filter(None, netloc.split(",")):
+        m = _HOST.fullmatch(item)
+        if not m:
+            raise ValueError(f"bad host {item!r} in {url!r}")
+        hosts.append(m.group("v6") or m.group("host"))
+        if port := m.group("p6") or m.group("port"):
+            ports.add(int(port))
+    if not hosts:
+        raise ValueError(f"cassandra URL needs at least one host, e.g. cassandra://127.0.0.1:9042/ks: {url!r}")
+    if len(ports) > 1:
+        raise ValueError(f"every host must use the same port: {url!r}")
+    settings = _Settings(hosts=hosts, port=ports.pop() if ports else DEFAULT_PORT)
+    if keyspace := parts.path.strip("/"):
+        settings.keyspace = keyspace
+    if not _KEYSPACE_NAME.fullmatch(settings.keyspace):
+        raise ValueError(f"keyspace must be a letter then up to 47 letters, digits or _: {settings.keyspace!r}")
+    settings.username, settings.password = username, password
+
+    params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    known = {"consistency", "protocol_version", "local_dc", "replication_factor", "replication",
+             "connect_timeout", "request_timeout"}
+    if unknown := set(params) - known:
+        raise ValueError(f"unknown cassandra URL parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+    if "consistency" in params:
+        settings.consistency = params["consistency"].upper()
+    if settings.consistency not in ConsistencyLevel.name_to_value:
+        raise ValueError(f"unknown consistency {settings.consistency!r}")
+    if "protocol_version" in params:
+        settings.protocol_version = int(params["protocol_version"])
+    if dc := params.get("local_dc"):
+        if not _DC_NAME.fullmatch(dc):
+            raise ValueError(f"bad local_dc {dc!r}")
+        settings.local_dc = dc
+    if "replication_factor" in params and "replication" in params:
+        raise ValueError("give replication_factor (SimpleStrategy) or replication=dc:n,..."
+                         " (NetworkTopologyStrategy), not both")
+    if "replication_factor" in params:
+        rf = _positive_int("replication_factor", params["replication_factor"])
+        settings.replication["replication_factor"] = str(rf)
+    if "replication" in params:
+        settings.replication = {"class": "NetworkTopologyStrategy"}
+        for item in params["replication"].split(","):
+            dc, _, rf = item.partition(":")
+            if not _DC_NAME.fullmatch(dc):
+                raise ValueError(f"bad datacenter {dc!r} in replication={params['replication']!r}")
+            settings.replication[dc] = str(_positive_int(f"replication factor of {dc}", rf))
+    for name in ("connect_timeout", "request_timeout"):
+        if name in params:
+            value = float(params[name])
+            if not 0 < value <= 600:
+                raise ValueError(f"{name} must be in (0, 600] seconds, got {value}")
+            setattr(settings, name, value)
+    return settings
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return value
+
+
+def _replication_cql(replication: dict[str, str]) -> str:
+    # Only validated identifiers and integers reach this map (parse_url).
+    return "{" + ", ".join(f"'{k}': '{v}'" for k, v in replication.items()) + "}"
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    if isinstance(exc, NoHostAvailable):
+        detail = "; ".join(f"{host}: {type(err).__name__}: {err}" for host, err in exc.errors.items())
+        message = f"cassandra unavailable: no host could take the request ({detail or 'no live host'})"
+    elif isinstance(exc, OperationTimedOut):
+        message = f"cassandra unavailable: no answer within the request timeout ({exc})"
+    else:
+        message = f"cassandra unavailable: {type(exc).__name__}: {exc}"
+    return StoreUnavailable(message)
+
+
+class CassandraStore(Store):
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        self.keyspace = settings.keyspace
+        self.stats = CassandraStats()
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._ps: dict[str, PreparedStatement] = {}
+        self._cl = ConsistencyLevel.name_to_value[settings.consistency]
+        self._serial_cl = (ConsistencyLevel.LOCAL_SERIAL if settings.consistency.startswith("LOCAL_")
+                           else ConsistencyLevel.SERIAL)
+        # Background count write-backs, one per bucket at a time (driver futures,
+        # not asyncio tasks: they must outlive the event loop of the call that
+        # started them, e.g. under asyncio.run in tests and CLIs).
+        self._writebacks: dict[tuple, ResponseFuture] = {}
+        self._writebacks_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> CassandraStore:
+        return cls(parse_url(url))
+
+    # Lifecycle --------------------------------------------------------------
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+
+    def _open_sync(self) -> None:
+        s = self.settings
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=s.local_dc)),
+            retry_policy=RetryPolicy(),
+            consistency_level=self._cl,
+            serial_consistency_level=self._serial_cl,
+            request_timeout=s.request_timeout,
+        )
+        kwargs: dict[str, Any] = {}
+        if s.protocol_version is not None:
+            kwargs["protocol_version"] = s.protocol_version
+        if s.username is not None:
+            kwargs["auth_provider"] = PlainTextAuthProvider(s.username, s.password or "")
+        cluster = Cluster(
+            contact_points=s.hosts,
+            port=s.port,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            schema_metadata_enabled=False,  # only our keyspace is loaded, below
+            connect_timeout=s.connect_timeout,
+            control_connection_timeout=s.connect_timeout,
+            reconnection_policy=ExponentialReconnectionPolicy(0.5, MAX_RECONNECT_DELAY),
+            idle_heartbeat_interval=5,
+            idle_heartbeat_timeout=max(2 * s.request_timeout, 5),
+            **kwargs,
+        )
+        try:
+            session = cluster.connect()
+            self._create_keyspace(session)
+            session.set_keyspace(self.keyspace)
+            self._migrate(session, cluster)
+            # Token-aware routing needs the keyspace's replication and, on protocol
+            # v3, the tables' partition keys: load just those.
+            try:
+                cluster.refresh_keyspace_metadata(self.keyspace)
+                for table in ("schema_version", *DATA_TABLES):
+                    cluster.refresh_table_metadata(self.keyspace, table)
+            except DriverException as exc:  # routing degrades to round robin in the local DC
+                log.warning("cassandra: no keyspace metadata, requests are not token-aware: %s", exc)
+            self._prepare(session)
+        except _UNAVAILABLE as exc:
+            cluster.shutdown()
+            raise _unavailable(exc) from exc
+        except BaseException:
+            cluster.shutdown()
+            raise
+        self._cluster, self._session = cluster, session
+        log.info("cassandra store open: keyspace %s on %s (consistency %s)",
+                 self.keyspace, ",".join(s.hosts), s.consistency)
+
+    def _create_keyspace(self, session: Session) -> None:
+        # DDL takes no bind markers: the keyspace name and the replication map
+        # are validated by parse_url before they reach this text.
+        session.execute(CREATE_KEYSPACE.format(
+            keyspace=self.keyspace, replication=_replication_cql(self.settings.replication)), timeout=DDL_TIMEOUT)
+        self._await_schema_agreement(session.cluster)
+
+    def _migrate(self, session: Session, cluster: Cluster) -> None:
+        session.execute(CREATE_SCHEMA_VERSION, timeout=DDL_TIMEOUT)
+        self._await_schema_agreement(cluster)
+        select = session.prepare(SELECT_SCHEMA_VERSIONS)
+        select.consistency_level = self._cl
+        applied = {row.version for row in session.execute(select, (SCHEMA_SCOPE,))}
+        if applied and max(applied) > SCHEMA_VERSION:
+            log.warning("keyspace %s has schema version %d, newer than this code (%d)",
+                        self.keyspace, max(applied), SCHEMA_VERSION)
+        insert = session.prepare(INSERT_SCHEMA_VERSION)
+        insert.consistency_level = self._cl
+        for version, description, statements in MIGRATIONS:
+            if version in applied:
+                continue
+            log.info("cassandra schema: applying version %d (%s)", version, description)
+            for statement in statements:
+                session.execute(statement, timeout=DDL_TIMEOUT)
+                self._await_schema_agreement(cluster)
+            session.execute(insert, (SCHEMA_SCOPE, version, description, now_us()))
+
+    @staticmethod
+    def _await_schema_agreement(cluster: Cluster) -> None:
+        if not cluster.control_connection.wait_for_schema_agreement(wait_time=DDL_TIMEOUT):
+            raise StoreUnavailable(f"cassandra nodes did not agree on the schema within {DDL_TIMEOUT:.0f}s")
+
+    def _prepare(self, session: Session) -> None:
+        idempotent = {
+            "insert_event": INSERT_EVENT, "insert_event_by_name": INSERT_EVENT_BY_NAME,
+            "select_events": SELECT_EVENTS, "select_events_by_name": SELECT_EVENTS_BY_NAME,
+            "count_events": COUNT_EVENTS, "count_events_by_name": COUNT_EVENTS_BY_NAME,
+            "mark_written": MARK_WRITTEN, "save_count": SAVE_COUNT,
+            "select_buckets": SELECT_BUCKETS, "select_bucket_range": SELECT_BUCKET_RANGE,
+            "select_workspaces": SELECT_WORKSPACES, "select_workspace": SELECT_WORKSPACE,
+            "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
+            "select_key": SELECT_KEY, "select_keys": SELECT_KEYS,
+            "revoke_key": REVOKE_KEY, "revoke_key_by_hash": REVOKE_KEY_BY_HASH,
+        }
+        # Lightweight transactions report whether *this* attempt applied: a retry
+        # could see its own first attempt as "not applied".
+        not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY}
+        for names, is_idempotent in ((idempotent, True), (not_idempotent, False)):
+            for name, cql in names.items():
+                ps = session.prepare(cql)
+                ps.consistency_level = self._cl
+                ps.serial_consistency_level = self._serial_cl
+                ps.is_idempotent = is_idempotent
+                self._ps[name] = ps
+
+    async def close(self) -> None:
+        cluster, self._cluster, self._session = self._cluster, None, None
+        if cluster is None:
+            return
+
+        def finish() -> None:
+            self._finish_writebacks()
+            cluster.shutdown()
+
+        await asyncio.to_thread(finish)
+
+    async def wait_for_writebacks(self) -> None:
+        """Wait for the count write-backs started so far (tests and benchmarks)."""
+        await asyncio.to_thread(self._finish_writebacks)
+
+    def _finish_writebacks(self) -> None:
+        with self._writebacks_lock:
+            pending = list(self._writebacks.values())
+        for future in pending:  # best effort: they only spare the next reader a count
+            try:
+                future.result()
+            except Exception:
+                pass
+
+    # The async bridge ----------------------------------------------------------
+
+    def _require_session(self) -> Session:
+        if self._session is None:
+            raise StoreUnavailable("the cassandra store is not open")
+        return self._session
+
+    async def _page(self, statement: Any, params: Sequence[Any] | None = None, *,
+                    fetch_size: int | None = None, paging_state: bytes | None = None) -> tuple[list, bytes | None]:
+        """One page of a statement's result, awaited without blocking the loop.
+
+        The driver completes requests on its own I/O thread; the callback only
+        hands the outcome to this loop with call_soon_threadsafe.
+        """
+        session = self._require_session()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        if params is not None:
+            statement = statement.bind(params)
+        if fetch_size is not None:
+            statement.fetch_size = fetch_size
+        self.stats.statements += 1
+        try:
+            future = session.execute_async(statement, paging_state=paging_state)
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+        def deliver(result: Any, error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, waiter, result, error)
+            except RuntimeError:  # the caller's loop is gone: nobody waits
+                pass
+
+        future.add_callbacks(lambda rows: deliver(future, None), lambda exc: deliver(None, exc))
+        try:
+            done = await waiter
+            result = done.result()  # already complete: does not block
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        return list(result.current_rows), result.paging_state
+
+    async def _all(self, statement: Any, params: Sequence[Any], *, fetch_size: int) -> list:
+        rows, state = await self._page(statement, params, fetch_size=fetch_size)
+        while state is not None:
+            more, state = await self._page(statement, params, fetch_size=fetch_size, paging_state=state)
+            rows.extend(more)
+        return rows
+
+    async def _execute(self, name: str, params: Sequence[Any]) -> list:
+        rows, _ = await self._page(self._ps[name], params)
+        return rows
+
+    @staticmethod
+    async def _gather(aws: Iterable[Awaitable[T]], limit: int = CONCURRENCY) -> list[T]:
+        """Run awaitables concurrently, at most ``limit`` at a time; every one
+        finishes before the first error (if any) is raised."""
+        sem = asyncio.Semaphore(limit)
+
+        async def one(aw: Awaitable[T]) -> T:
+            async with sem:
+                return await aw
+
+        results = await asyncio.gather(*(one(aw) for aw in aws), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    # Events -------------------------------------------------------------------
+
+    async def append(self, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+        self._require_session()
+        by_person: dict[tuple[str, str], list[StoredEvent]] = defaultdict(list)
+        for e in events:
+            by_person[(e.workspace_id, e.person_id)].append(e)
+        # A batch of the API holds at most 100 events: every person at once. Shielded:
+        # a caller that gives up (a deadline) must not abandon the end marks.
+        work = asyncio.ensure_future(self._gather(
+            (self._append_person(ws, person, evs) for (ws, person), evs in by_person.items()), limit=128))
+        work.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
+        await asyncio.shield(work)
+
+    async def _append_person(self, workspace_id: str, person_id: str, events: list[StoredEvent]) -> None:
+        keys: set[tuple[str, int]] = {(ALL_EVENTS, SUMMARY_BUCKET)}
+        rows: dict[tuple, list[_Write]] = defaultdict(list)
+        for e in events:
+            b = bucket_of(e.timestamp_us)
+            keys.update(((ALL_EVENTS, b), (e.event, b), (e.event, SUMMARY_BUCKET)))
+            size = len(e.parameters) + len(e.external_id) + len(e.event) + 96
+            rows[("", b)].append((self._ps["insert_event"], (
+                workspace_id, person_id, b, e.timestamp_us, e.event_id, e.event, e.external_id,
+                e.parameters, e.created_at_us), size))
+            rows[(e.event, b)].append((self._ps["insert_event_by_name"], (
+                workspace_id, person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
+                e.parameters, e.created_at_us), size))
+        # 1. Dirty before any row can land, for long enough to outlive a failed write.
+        w0 = now_us()
+        await self._mark(workspace_id, person_id, keys, stamp=w0, value=w0 + SETTLE_US)
+        try:
+            # 2. The rows: one unlogged batch per partition (and size chunk), concurrently.
+            batches = [chunk for partition in rows.values() for chunk in _chunks(partition)]
+            await self._gather(self._write_batch(chunk) for chunk in batches)
+            self.stats.rows_written += 2 * len(events)
+            # 3. Written: a count that starts from now on sees every row above.
+            w1 = max(now_us(), w0 + 1)
+            await self._mark(workspace_id, person_id, keys, stamp=w1, value=w1)
+        except BaseException:
+            # Some rows may still land. Mark dirty again with a fresh stamp, so the end
+            # mark of a concurrent write (stamped after w0) cannot hide them.
+            again = now_us()
+            try:
+                await self._mark(workspace_id, person_id, keys, stamp=again, value=again + SETTLE_US)
+            except Exception:
+                pass  # unreachable too: step 1 still keeps these days dirty
+            raise
+
+    async def _mark(self, workspace_id: str, person_id: str, keys: set[tuple[str, int]], *,
+                    stamp: int, value: int) -> None:
+        ps = self._ps["mark_written"]
+        await self._write_batch([(ps, (stamp, value, workspace_id, person_id, key, bucket), 0)
+                                 for key, bucket in sorted(keys)])
+
+    async def _write_batch(self, statements: list[_Write]) -> None:
+        """Statements of one partition: alone, or as one unlogged batch."""
+        if len(statements) == 1:
+            ps, params, _ = statements[0]
+            await self._page(ps, params)
+            return
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self._cl)
+        batch.is_idempotent = True
+        for ps, params, _ in statements:
+            batch.add(ps, params)
+        await self._page(batch)
+
+    async def list_events(self, query: EventQuery) -> EventPage:
+        self._require_session()
+        q = query
+        if q.since_us is not None and q.until_us is not None and q.until_us <= q.since_us:
+            return EventPage([], 0)
+        event_key = q.event if q.event is not None else ALL_EVENTS
+        pk = (q.workspace_id, q.person_id, event_key)
+        if q.since_us is None and q.until_us is None:
+            total, buckets = await self._whole_history(pk, q.offset, q.limit)
+        else:
+            total, buckets = await self._window(pk, q.since_us, q.until_us)
+        events = await self._read_page(q, buckets, total)
+        return EventPage(events, total)
+
+    async def _whole_history(self, pk: tuple[str, str, str], offset: int, limit: int) -> tuple[int, list[_Bucket]]:
+        """The total and enough newest days (with exact counts) to cover the page.
+
+        A clean summary row gives the total, and only the newest days are read;
+        otherwise every day is read (and counted where dirty), and the summed
+        total is written back for the next reader.
+        """
+        started = now_us()
+        ps = self._ps["select_buckets"]
+        rows, state = await self._page(ps, pk, fetch_size=FIRST_INDEX_PAGE)
+        self.stats.index_rows += len(rows)
+        if not rows:
+            return 0, []
+        summary = rows[0] if rows[0].bucket == SUMMARY_BUCKET else None
+        days = [self._day(r, None, None) for r in (rows[1:] if summary is not None else rows)]
+        if summary is not None and _clean(summary):
+            total = summary.n
+            covered = min(offset + limit, total) if offset < total else 0
+            while True:
+                await self._count_dirty(pk, days, until_covered=covered)
+                if state is None or sum(d.n for d in days if d.n is not None) >= covered:
+                    break
+                rows, state = await self._page(ps, pk, fetch_size=INDEX_PAGE, paging_state=state)
+                self.stats.index_rows += len(rows)
+                days.extend(self._day(r, None, None) for r in rows)
+            return total, days
+        while state is not None:
+            rows, state = await self._page(ps, pk, fetch_size=INDEX_PAGE, paging_state=state)
+            self.stats.index_rows += len(rows)
+            days.extend(self._day(r, None, None) for r in rows)
+        await self._count_dirty(pk, days)
+        total = sum(d.n for d in days)  # type: ignore[misc]
+        if summary is None or started >= (summary.written_at or 0):
+            self._write_back(pk, SUMMARY_BUCKET, total, started)
+        return total, days
+
+    async def _window(self, pk: tuple[str, str, str], since_us: int | None,
+                      until_us: int | None) -> tuple[int, list[_Bucket]]:
+        lo = MIN_BUCKET if since_us is None else bucket_of(since_us)
+        hi = SUMMARY_BUCKET - 1 if until_us is None else bucket_of(until_us - 1)
+        rows = await self._all(self._ps["select_bucket_range"], (*pk, lo, hi), fetch_size=INDEX_PAGE)
+        self.stats.index_rows += len(rows)
+        days = [self._day(r, since_us, until_us) for r in rows]
+        await self._count_dirty(pk, days)
+        return sum(d.n for d in days), days  # type: ignore[misc]
+
+    @staticmethod
+    def _day(row: Any, since_us: int | None, until_us: int | None) -> _Bucket:
+        start, end = row.bucket * BUCKET_US, (row.bucket + 1) * BUCKET_US
+        whole = (since_us is None or since_us <= start) and (until_us is None or until_us >= end)
+        if not whole:
+            start = start if since_us is None else max(start, since_us)
+            end = end if until_us is None else min(end, until_us)
+        n = row.n if whole and _clean(row) else None
+        return _Bucket(row.bucket, n, row.written_at or 0, start, end, whole)
+
+    async def _count_dirty(self, pk: tuple[str, str, str], days: list[_Bucket], *,
+                           until_covered: int | None = None) -> None:
+        """Give every day that lacks a trusted count (dirty, or cut by the window)
+        its exact count; with ``until_covered``, only the newest days needed to
+        cover that many rows."""
+        while True:
+            todo: list[_Bucket] = []
+            covered = 0
+            for d in days:
+                if until_covered is not None and covered >= until_covered:
+                    break
+                if d.n is None:
+                    todo.append(d)
+                else:
+                    covered += d.n
+            if not todo:
+                return
+            counts = await self._gather(self._count(pk, d) for d in todo)
+            for d, (n, started) in zip(todo, counts):
+                d.n = n
+                if d.whole and started >= d.written_at:
+                    self._write_back(pk, d.bucket, n, started)
+
+    async def _count(self, pk: tuple[str, str, str], d: _Bucket) -> tuple[int, int]:
+        workspace_id, person_id, event_key = pk
+        started = now_us()
+        self.stats.counts += 1
+        if event_key == ALL_EVENTS:
+            rows = await self._execute("count_events", (workspace_id, person_id, d.bucket, d.start_us, d.end_us))
+        else:
+            rows = await self._execute("count_events_by_name",
+                                       (workspace_id, person_id, event_key, d.bucket, d.start_us, d.end_us))
+        return rows[0][0], started
+
+    def _write_back(self, pk: tuple[str, str, str], bucket: int, n: int, started: int) -> None:
+        """Store a count for the next reader, in the background; one per bucket at a time."""
+        session = self._session
+        if session is None:
+            return
+        key = (*pk, bucket)
+        with self._writebacks_lock:
+            if key in self._writebacks:
+                return
+            bound = self._ps["save_count"].bind((started, n, started, *pk, bucket))
+            try:
+                future = session.execute_async(bound)
+            except Exception:
+                return
+            self._writebacks[key] = future
+        self.stats.statements += 1
+        self.stats.count_writebacks += 1
+
+        def forget(_: Any) -> None:
+            with self._writebacks_lock:
+                if self._writebacks.get(key) is future:
+                    del self._writebacks[key]
+
+        def failed(exc: BaseException) -> None:
+            log.debug("count write-back for %s failed: %s", key, exc)
+            forget(None)
+
+        future.add_callbacks(forget, failed)
+
+    async def _read_page(self, q: EventQuery, days: list[_Bucket], total: int) -> list[StoredEvent]:
+        """Skip whole days by their counts, then read just the rows of the page."""
+        skip, remaining = q.offset, min(q.limit, max(total - q.offset, 0))
+        plan: list[tuple[_Bucket, int, int]] = []  # (day, rows to skip in it, rows to take)
+        for d in days:
+            if remaining <= 0:
+                break
+            n = d.n or 0
+            if skip >= n:
+                skip -= n
+                continue
+            take = min(n - skip, remaining)
+            plan.append((d, skip, take))
+            skip, remaining = 0, remaining - take
+        pages = await self._gather(self._read_day(q, d, s, t) for d, s, t in plan)
+        return [e for page in pages for e in page]
+
+    async def _read_day(self, q: EventQuery, d: _Bucket, skip: int, take: int) -> list[StoredEvent]:
+        limit = skip + take
+        fetch = min(limit, ROW_PAGE)
+        if q.event is None:
+            rows = await self._all(self._ps["select_events"],
+                                   (q.workspace_id, q.person_id, d.bucket, d.start_us, d.end_us, limit),
+                                   fetch_size=fetch)
+        else:
+            rows = await self._all(self._ps["select_events_by_name"],
+                                   (q.workspace_id, q.person_id, q.event, d.bucket, d.start_us, d.end_us, limit),
+                                   fetch_size=fetch)
+        self.stats.event_rows += len(rows)
+        return [StoredEvent(event_id=r.event_id, workspace_id=q.workspace_id, person_id=q.person_id,
+                            external_id=r.external_id, event=r.event, parameters=r.parameters,
+                            timestamp_us=r.ts, created_at_us=r.created_at)
+                for r in rows[skip:skip + take]]
+
+    # Workspaces and keys --------------------------------------------------------
+
+    async def ensure_workspace(self, workspace_id: str, created_at_us: int) -> bool:
+        rows = await self._execute("insert_workspace", (workspace_id, created_at_us))
+        return bool(rows[0][0])  # [applied]
+
+    async def list_workspaces(self) -> list[str]:
+        rows = await self._all(self._ps["select_workspaces"], (), fetch_size=INDEX_PAGE)
+        return sorted(r.workspace_id for r in rows)
+
+    async def put_key(self, key: ApiKeyRecord) -> None:
+        if not await self._execute("select_workspace", (key.workspace_id,)):
+            raise ValueError(f"workspace {key.workspace_id!r} does not exist")
+        scopes = " ".join(sorted(key.scopes))
+        # The insert by id claims the key id (a lightweight transaction); only then
+        # is the key made usable by its hash. A retried put_key finds its own row.
+        rows = await self._execute("insert_key",
+                                   (key.key_id, key.key_hash, key.workspace_id, scopes, key.created_at_us))
+        if not rows[0][0] and rows[0].key_hash != key.key_hash:
+            raise ValueError(f"key id {key.key_id!r} is taken")
+        await self._execute("insert_key_by_hash",
+                            (key.key_hash, key.key_id, key.workspace_id, scopes, key.created_at_us))
+        if key.revoked_at_us is not None:
+            await self.revoke_key(key.key_id, key.revoked_at_us)
+
+    async def key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        rows = await self._execute("select_key_by_hash", (key_hash,))
+        return _key(rows[0]) if rows else None
+
+    async def list_keys(self, workspace_id: str | None = None) -> list[ApiKeyRecord]:
+        rows = await self._all(self._ps["select_keys"], (), fetch_size=INDEX_PAGE)
+        keys = [_key(r) for r in rows if workspace_id is None or r.workspace_id == workspace_id]
+        return sorted(keys, key=lambda k: (k.workspace_id, k.created_at_us, k.key_id))
+
+    async def revoke_key(self, key_id: str, revoked_at_us: int) -> bool:
+        rows = await self._execute("select_key", (key_id,))
+        if not rows:
+            return False
+        row = rows[0]
+        if row.revoked_at is not None:
+            return True  # the first revocation time stays
+        await self._gather([
+            self._execute("revoke_key_by_hash", (revoked_at_us, row.key_hash)),
+            self._execute("revoke_key", (revoked_at_us, key_id)),
+        ])
+        return True
+
+
+def _clean(row: Any) -> bool:
+    """A stored count is exact when no write into its bucket came after the count started."""
+    return row.n is not None and row.counted_at is not None and row.counted_at >= (row.written_at or 0)
+
+
+def _chunks(statements: list[_Write]) -> Iterable[list[_Write]]:
+    """One partition's writes in batches of at most MAX_BATCH_BYTES (at least one each)."""
+    chunk: list[_Write] = []
+    size = 0
+    for item in statements:
+        if chunk and size + item[2] > MAX_BATCH_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item[2]
+    if chunk:
+        yield chunk
+
+
+def _key(row: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(row.key_id, row.key_hash, row.workspace_id, frozenset((row.scopes or "").split()),
+                        row.created_at, row.revoked_at)
+
+
+def _settle(waiter: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if waiter.done():
+        return
+    if error is None:
+        waiter.set_result(result)
+    else:
+        waiter.set_exception(error)

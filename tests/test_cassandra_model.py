@@ -1,0 +1,206 @@
+"""The Cassandra data model: what a list call reads for a person with a long history.
+
+A person with 100,000 events over about 400 days. A page of the newest 50 must
+read a bounded number of rows and issue a bounded number of statements, with an
+exact total, however long the history is; only days that changed since their
+last count are counted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import secrets
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from service.domain import EventQuery, StoredEvent, new_event_id, person_id_for
+from service.store.base import BUCKET_US, bucket_of
+from service.store.cassandra import FIRST_INDEX_PAGE, SETTLE_US, CassandraStore
+
+pytestmark = [pytest.mark.cassandra, pytest.mark.slow]
+
+N_EVENTS = 100_000
+STEP_US = 347_000_000  # one event every 347 s: 100,000 events span about 400 days
+NAMES = ("page_viewed", "signed_in", "purchase_completed", "searched")
+END_US = 20_000 * BUCKET_US + 13 * 3_600_000_000  # 2024-10-04T13:00:00Z, mid-day
+CHUNK = 5_000  # events per append call while loading
+
+
+@dataclass
+class Person:
+    workspace_id: str
+    person_id: str
+    events: list[StoredEvent]  # newest first: (timestamp, event id) descending
+
+    def query(self, **kw) -> EventQuery:
+        return EventQuery(self.workspace_id, self.person_id, **kw)
+
+    def expected(self, event=None, since=None, until=None) -> list[StoredEvent]:
+        return [e for e in self.events
+                if (event is None or e.event == event)
+                and (since is None or e.timestamp_us >= since)
+                and (until is None or e.timestamp_us < until)]
+
+
+def make_person(workspace_id: str, external_id: str, n: int, step_us: int = STEP_US) -> Person:
+    person_id = person_id_for(workspace_id, external_id)
+    events = [
+        StoredEvent(new_event_id(END_US), workspace_id, person_id, external_id, NAMES[i % len(NAMES)],
+                    f'{{"i":{i}}}', END_US - i * step_us, END_US)
+        for i in range(n)
+    ]
+    events.sort(key=lambda e: (e.timestamp_us, e.event_id), reverse=True)
+    return Person(workspace_id, person_id, events)
+
+
+async def load(store: CassandraStore, person: Person, concurrency: int = 2) -> float:
+    """Append the person's events in big chunks through the store; seconds taken."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(chunk):
+        async with sem:
+            await store.append(chunk)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(person.events[i:i + CHUNK]) for i in range(0, len(person.events), CHUNK)))
+    return time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+async def model(cassandra_url):
+    """One opened store, a heavy person (100,000 events) and a light one (1,000)."""
+    store = CassandraStore.from_url(cassandra_url)
+    await store.open()
+    ws = f"ws_model_{secrets.token_hex(4)}"  # its own workspace: no truncation needed
+    heavy = make_person(ws, "heavy", N_EVENTS)
+    light = make_person(ws, "light", 1_000)
+    seconds = await load(store, heavy)
+    await load(store, light)
+    print(f"\nloaded {N_EVENTS} events through append in {seconds:.1f}s ({N_EVENTS / seconds:,.0f} events/s)")
+    yield store, heavy, light
+    await store.close()
+
+
+async def warm_list(store: CassandraStore, q: EventQuery):
+    """List once (counting any day written since its last count), let the counts
+    be stored, then list again with fresh statistics: what a reader pays once
+    the counts are in place."""
+    await store.list_events(q)
+    await store.wait_for_writebacks()
+    store.stats.reset()
+    started = time.perf_counter()
+    page = await store.list_events(q)
+    return page, time.perf_counter() - started, store.stats.snapshot()
+
+
+async def test_first_list_after_a_bulk_load_counts_each_dirty_day_once(model):
+    store, heavy, _ = model
+    days = len({bucket_of(e.timestamp_us) for e in heavy.events})
+    store.stats.reset()
+    page = await store.list_events(heavy.query(limit=50))
+    assert page.total == N_EVENTS and page.events == heavy.events[:50]
+    stats = store.stats.snapshot()
+    # every day was written and never counted: each is counted once, then stored
+    assert stats["counts"] == days and stats["index_rows"] == days + 1
+    await store.wait_for_writebacks()
+    store.stats.reset()
+    page = await store.list_events(heavy.query(limit=50))
+    assert page.total == N_EVENTS and store.stats.counts == 0
+
+
+async def test_newest_page_reads_a_bounded_number_of_rows(model):
+    store, heavy, light = model
+    page, seconds, stats = await warm_list(store, heavy.query(limit=50))
+    print(f"\nnewest 50 of {N_EVENTS}: {seconds * 1000:.1f} ms, {stats}")
+    assert page.total == N_EVENTS
+    assert page.events == heavy.events[:50]
+    assert stats["counts"] == 0
+    assert stats["event_rows"] == 50  # no row read twice, none skipped
+    assert stats["index_rows"] <= FIRST_INDEX_PAGE  # the summary row and the newest days only
+    assert stats["statements"] <= 3  # one index page, the one or two days the page spans
+
+    # the same page of a person with 1% of the history costs the same
+    light_page, _, light_stats = await warm_list(store, light.query(limit=50))
+    assert light_page.total == 1_000 and light_page.events == light.events[:50]
+    assert stats["statements"] <= light_stats["statements"] + 1
+    assert stats["event_rows"] == light_stats["event_rows"]
+
+
+async def test_event_filter_reads_the_by_name_table(model):
+    store, heavy, _ = model
+    wanted = heavy.expected(event="purchase_completed")
+    page, seconds, stats = await warm_list(store, heavy.query(limit=50, event="purchase_completed"))
+    print(f"\nnewest 50 purchase_completed of {len(wanted)}: {seconds * 1000:.1f} ms, {stats}")
+    assert page.total == len(wanted) == N_EVENTS // len(NAMES)
+    assert page.events == wanted[:50]
+    assert stats["counts"] == 0 and stats["event_rows"] == 50
+    assert stats["index_rows"] <= FIRST_INDEX_PAGE and stats["statements"] <= 3
+
+
+@pytest.mark.parametrize("event", [None, "signed_in"])
+async def test_time_window_counts_only_its_two_edge_days(model, event):
+    store, heavy, _ = model
+    since = END_US - 200 * BUCKET_US - 5 * 3_600_000_000  # mid-day
+    until = END_US - 100 * BUCKET_US + 7 * 3_600_000_000  # mid-day
+    wanted = heavy.expected(event=event, since=since, until=until)
+    page, seconds, stats = await warm_list(store, heavy.query(limit=50, offset=10, event=event,
+                                                              since_us=since, until_us=until))
+    print(f"\nwindow of 100 days, event={event}: {seconds * 1000:.1f} ms, {stats}")
+    assert page.total == len(wanted) > 10_000 // (4 if event else 1)
+    assert page.events == wanted[10:60]
+    days_in_window = bucket_of(until) - bucket_of(since) + 1
+    assert stats["counts"] == 2  # the partial first and last day, row by row
+    assert stats["index_rows"] <= days_in_window
+    assert stats["event_rows"] <= 60  # the 10 skipped rows of the newest day, then the page
+    assert stats["statements"] <= 1 + 2 + 2
+
+
+async def test_deep_offset_skips_whole_days_by_their_counts(model):
+    store, heavy, _ = model
+    page, seconds, stats = await warm_list(store, heavy.query(limit=50, offset=60_000))
+    print(f"\noffset 60,000: {seconds * 1000:.1f} ms, {stats}")
+    assert page.total == N_EVENTS and page.events == heavy.events[60_000:60_050]
+    per_day = BUCKET_US // STEP_US + 1
+    assert stats["event_rows"] <= 50 + per_day  # only the day where the page starts is read from its top
+    assert stats["counts"] == 0 and stats["statements"] <= 4
+
+
+async def test_a_write_dirties_only_its_day(model):
+    store, _, light = model
+    await warm_list(store, light.query(limit=5))
+    middle = light.events[500]
+    extra = StoredEvent(new_event_id(END_US), light.workspace_id, light.person_id, "light", "searched", "{}",
+                        middle.timestamp_us + 1, END_US)
+    await store.append([extra])
+    light.events.insert(bisect.bisect_left([(-e.timestamp_us, e.event_id) for e in light.events],
+                                           (-extra.timestamp_us, extra.event_id)), extra)
+    store.stats.reset()
+    page = await store.list_events(light.query(limit=600))
+    assert page.total == 1_001 and page.events == light.events[:600]
+    # the summary is dirty, so every day is looked up, but only the written day is counted
+    assert store.stats.counts == 1
+
+
+async def test_a_write_that_may_have_failed_keeps_its_day_dirty(model):
+    """Rows of a write whose end was never marked (a crash, a timeout) are
+    counted row by row on every read until SETTLE has passed, never trusted
+    from a count that may have missed a late row."""
+    store, _, light = model
+    day = bucket_of(light.events[0].timestamp_us)
+    w0 = int(time.time() * 1_000_000)
+    # what _append_person does before the rows, and then the rows, but no end mark
+    await store._mark(light.workspace_id, light.person_id, {("", day), ("", 2**62)}, stamp=w0, value=w0 + SETTLE_US)
+    late = StoredEvent(new_event_id(END_US), light.workspace_id, light.person_id, "light", "searched", "{}",
+                       light.events[0].timestamp_us + 1, END_US)
+    await store._write_batch([(store._ps["insert_event"], (
+        late.workspace_id, late.person_id, day, late.timestamp_us, late.event_id, late.event,
+        late.external_id, late.parameters, late.created_at_us), 0)])
+    for _ in range(2):
+        store.stats.reset()
+        page = await store.list_events(light.query(limit=1))
+        assert page.events == [late] and page.total == len(light.events) + 1
+        assert store.stats.counts == 1 and store.stats.count_writebacks == 0
+        await store.wait_for_writebacks()
