@@ -7,8 +7,10 @@ Backends are chosen by URL (see :func:`service.store.open_store`).
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from service.domain import EventPage, EventQuery, StoredEvent
 
@@ -112,3 +114,14 @@ def split_window(since_us: int | None, until_us: int | None) -> tuple[int | None
         if since_us is None or since_us < start:
             edges.append((start if since_us is None else max(start, since_us), until_us))
     return first, last, edges
+
+
+def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Complete a future from a driver or writer thread's outcome (run it on the
+    future's loop with call_soon_threadsafe); a waiter that gave up is skipped."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)

@@ -85,7 +85,7 @@ from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessa
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from service.domain import EventPage, EventQuery, StoredEvent, now_us
-from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of
+from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of, settle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -617,7 +617,7 @@ class CassandraStore(Store):
 
         def deliver(result: Any, error: BaseException | None) -> None:
             try:
-                loop.call_soon_threadsafe(_settle, waiter, result, error)
+                loop.call_soon_threadsafe(settle, waiter, result, error)
             except RuntimeError:  # the caller's loop is gone: nobody waits
                 pass
 
@@ -962,11 +962,3 @@ def _key(row: Any) -> ApiKeyRecord:
     return ApiKeyRecord(row.key_id, row.key_hash, row.workspace_id, frozenset((row.scopes or "").split()),
                         row.created_at, row.revoked_at)
 
-
-def _settle(waiter: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if waiter.done():
-        return
-    if error is None:
-        waiter.set_result(result)
-    else:
-        waiter.set_exception(error)

@@ -29,7 +29,7 @@ from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from service.domain import EventPage, EventQuery, StoredEvent
-from service.store.base import ApiKeyRecord, Store, StoreUnavailable, bucket_of, split_window
+from service.store.base import ApiKeyRecord, Store, StoreUnavailable, bucket_of, settle, split_window
 
 T = TypeVar("T")
 
@@ -240,7 +240,7 @@ class SqliteStore(Store):
             except Exception as exc:  # settle every waiter whatever went wrong
                 error = StoreUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
             for _, loop, done in group:
-                loop.call_soon_threadsafe(_settle, done, error)
+                loop.call_soon_threadsafe(settle, done, None, error)
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, events: list[StoredEvent]) -> None:
@@ -333,11 +333,3 @@ def _key(row: tuple) -> ApiKeyRecord:
     key_id, key_hash, workspace_id, scopes, created_at, revoked_at = row
     return ApiKeyRecord(key_id, key_hash, workspace_id, frozenset(scopes.split()), created_at, revoked_at)
 
-
-def _settle(done: asyncio.Future, error: BaseException | None) -> None:
-    if done.cancelled():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
