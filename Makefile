@@ -74,3 +74,7 @@ cassandra-up: ## start a local single-node Cassandra on 127.0.0.1:9042 (data in 
 .PHONY: cassandra-down
 cassandra-down: ## stop the local Cassandra (data is kept; scripts/cassandra.sh down --wipe drops it)
 	scripts/cassandra.sh down
+
+.PHONY: bench
+bench: $(VENV)/.installed ## benchmark the real service next to the store's own limit (BENCH_QUICK=1: short run)
+	$(PY) -m bench.run $(BENCH_ARGS)

@@ -1,0 +1,144 @@
+"""What the benchmark sends: one deterministic pool of events, three encodings.
+
+The same (external_id, event, parameters) items become prebuilt protobuf bytes
+for the gRPC clients, JSON lines for wrk, and store rows for the raw insert, so
+every workload writes the same kind of row. Everything here runs before a
+timed window starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from flameup.events.v1 import events_pb2 as pb
+from service import domain
+from service.auth import BOOTSTRAP_WORKSPACE
+from service.domain import StoredEvent
+
+WORKSPACE = BOOTSTRAP_WORKSPACE  # FLAMEUP_BOOTSTRAP_KEY's workspace: the key the bench sends
+USERS = 5_000
+EVENT_NAMES = (
+    "page_viewed", "button_clicked", "item_added_to_cart", "checkout_started", "purchase_completed",
+    "signup_completed", "search_performed", "video_played", "email_opened", "session_started",
+)
+BATCH_SIZE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    external_id: str
+    event: str
+    parameters: dict
+
+
+def item(i: int) -> Item:
+    """The i-th event of the pool: about 150 bytes of parameters, a nested object included."""
+    return Item(
+        external_id=f"user_{i * 7919 % USERS:05d}",
+        event=EVENT_NAMES[i % len(EVENT_NAMES)],
+        parameters={
+            "page": f"/products/{i % 97}",
+            "plan": ("free", "pro", "team")[i % 3],
+            "amount": round(9.99 + (i % 50) * 1.5, 2),
+            "items": i % 7 + 1,
+            "campaign": {"source": "newsletter", "medium": "email", "tags": ["spring", "sale"]},
+        },
+    )
+
+
+def track_request(it: Item) -> pb.TrackRequest:
+    req = pb.TrackRequest(external_id=it.external_id, event=it.event)
+    req.parameters.update(it.parameters)
+    return req
+
+
+def grpc_track_payloads(n: int) -> list[bytes]:
+    return [track_request(item(i)).SerializeToString() for i in range(n)]
+
+
+def grpc_batch_payloads(n: int, size: int = BATCH_SIZE) -> list[bytes]:
+    return [
+        pb.TrackBatchRequest(events=[track_request(item(b * size + k)) for k in range(size)]).SerializeToString()
+        for b in range(n)
+    ]
+
+
+def _track_json(it: Item) -> dict:
+    return {"external_id": it.external_id, "event": it.event, "parameters": it.parameters}
+
+
+def rest_track_bodies(n: int) -> list[str]:
+    return [json.dumps(_track_json(item(i)), separators=(",", ":")) for i in range(n)]
+
+
+def rest_batch_bodies(n: int, size: int = BATCH_SIZE) -> list[str]:
+    return [
+        json.dumps({"events": [_track_json(item(b * size + k)) for k in range(size)]}, separators=(",", ":"))
+        for b in range(n)
+    ]
+
+
+def stored_rows(n: int, workspace_id: str = WORKSPACE) -> list[StoredEvent]:
+    """The pool as the service would store it: same ids, person ids, canonical parameters."""
+    person_ids: dict[str, str] = {}
+    canonical: dict[tuple, str] = {}
+    rows = []
+    for i in range(n):
+        it = item(i)
+        pid = person_ids.get(it.external_id)
+        if pid is None:
+            pid = person_ids[it.external_id] = domain.person_id_for(workspace_id, it.external_id)
+        key = (i % 97, i % 3, i % 50, i % 7)  # what item(i)'s parameters depend on
+        params = canonical.get(key)
+        if params is None:
+            params = canonical[key] = domain.canonical_parameters("parameters", it.parameters)
+        now = domain.now_us()
+        rows.append(StoredEvent(domain.new_event_id(now), workspace_id, pid, it.external_id, it.event, params, now, now))
+    return rows
+
+
+# Persons for list_person -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Person:
+    label: str  # "100", "10k", "100k"
+    size: int
+    external_id: str
+    person_id: str
+    rows: list[StoredEvent]
+    window: tuple[int, int]  # [since_us, until_us), not aligned to days: exercises the edge counts
+    filter_event: str
+    expected_total: int
+    expected_event_total: int
+    expected_window_total: int
+
+
+def size_label(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Person:
+    """A person with ``size`` events spread evenly over the last ``days`` days."""
+    label = size_label(size)
+    external_id = f"bench_person_{label}"
+    pid = domain.person_id_for(workspace_id, external_id)
+    end = domain.now_us() - 3_600_000_000
+    span = days * 86_400_000_000
+    created = domain.now_us()
+    params = domain.canonical_parameters("parameters", item(0).parameters)
+    rows = []
+    for i in range(size):
+        ts = end - span * i // size
+        rows.append(StoredEvent(domain.new_event_id(created), workspace_id, pid, external_id,
+                                EVENT_NAMES[i % len(EVENT_NAMES)], params, ts, created))
+    since = end - span * 2 // 3 + 1_234_567_891  # about 20 days ago, mid-day
+    until = end - span // 3 - 987_654_321  # about 10 days ago, mid-day
+    filter_event = "purchase_completed"
+    return Person(
+        label, size, external_id, pid, rows, (since, until), filter_event,
+        expected_total=size,
+        expected_event_total=sum(r.event == filter_event for r in rows),
+        expected_window_total=sum(since <= r.timestamp_us < until for r in rows),
+    )
+

@@ -1,0 +1,586 @@
+"""`make bench`: ingest and read speed of the real service, next to the store's own limit.
+
+    .venv/bin/python -m bench.run [--stores sqlite,cassandra] [--duration S] [--warmup S]
+                                  [--concurrency N | workload=N,...] [--out bench/results.json]
+    BENCH_QUICK=1 .venv/bin/python -m bench.run     # every workload briefly (CI)
+
+For each store: the raw bulk insert (no service), then the service started as
+`make run` starts it (2 gRPC workers, 2 gateway workers, ephemeral ports, a
+fresh database), the ingest workloads over gRPC and REST, the service's memory,
+list_person reads, and a check that every acknowledged event is stored. Prints
+a table with the targets of issue 4 and writes a flat list of records
+{"store", "workload", "metric", "value", "unit"}. Exits non-zero when a workload
+failed to run (errors in responses, wrong totals, a service that would not
+start or stop cleanly); it asserts nothing about speed. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
+from bench.metrics import Record, percentile  # noqa: E402
+from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, SqliteBench  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
+WORKLOADS = ("raw_store_insert", *INGEST, "service_rss_mb", "list_person")
+# In-flight requests: per client process for gRPC, connections in all for wrk.
+DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 2, "rest_track": 32, "rest_batch": 4}
+FULL = {"duration": 15.0, "warmup": 5.0, "persons": (100, 10_000, 100_000), "read_calls": 200, "raw_rows": 400_000,
+        "raw_rows_cassandra": 60_000}
+QUICK = {"duration": 3.0, "warmup": 1.0, "persons": (100, 1_000, 10_000), "read_calls": 30, "raw_rows": 40_000,
+         "raw_rows_cassandra": 6_000}
+
+
+class WorkloadFailed(Exception):
+    """The workload ran but its answers were wrong (errors, bad totals)."""
+
+
+@dataclass
+class Settings:
+    stores: list[str]
+    stores_explicit: bool
+    duration: float
+    warmup: float
+    concurrency: dict[str, int]
+    clients: int
+    workers: int
+    gateway_workers: int
+    workloads: list[str]
+    out: Path
+    quick: bool
+    profile: Path | None
+    cassandra_url: str
+    persons: tuple[int, ...]
+    read_calls: int
+    raw_rows: dict[str, int]
+
+
+@dataclass
+class Run:
+    settings: Settings
+    records: list[Record] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, store: str, workload: str, metric: str, value, unit: str) -> None:
+        self.records.append(Record(store, workload, metric, value, unit))
+
+    def attempt(self, store: str, workload: str, fn: Callable[[], None]) -> bool:
+        print(f"\n== {store} {workload}", flush=True)
+        try:
+            fn()
+            return True
+        except Exception as exc:
+            message = f"{store} {workload}: {type(exc).__name__}: {exc}"
+            self.failures.append(message)
+            print(f"FAILED {message}", flush=True)
+            if not isinstance(exc, (WorkloadFailed, grpc.RpcError)):
+                traceback.print_exc()
+            return False
+
+
+# Options ----------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> Settings:
+    quick_env = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stores", help="comma list of sqlite,cassandra (default: sqlite, plus cassandra when reachable)")
+    p.add_argument("--duration", type=float, help="measured seconds per ingest workload (default 15, quick 3)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds before each measured window (default 5, quick 1)")
+    p.add_argument("--concurrency", default="",
+                   help="in-flight requests: N for every ingest workload, or workload=N,... "
+                        f"(default {','.join(f'{k}={v}' for k, v in DEFAULT_CONCURRENCY.items())}; "
+                        "per client process for gRPC, connections in all for REST)")
+    p.add_argument("--clients", type=int, default=2, help="gRPC client processes (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="gRPC worker processes of the service (default 2)")
+    p.add_argument("--gateway-workers", type=int, default=2, help="REST gateway processes (default 2)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list, default all: " + ",".join(WORKLOADS))
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
+    p.add_argument("--quick", action="store_true", default=quick_env, help="short run (also BENCH_QUICK=1)")
+    p.add_argument("--profile", nargs="?", const=BENCH_DIR / "out" / "profile", type=Path,
+                   help="py-spy the service processes during each ingest window (default dir bench/out/profile)")
+    p.add_argument("--cassandra-url", default=DEFAULT_CASSANDRA_URL,
+                   help="Cassandra to use; the keyspace part is replaced by fresh bench keyspaces "
+                        f"(default {DEFAULT_CASSANDRA_URL})")
+    p.add_argument("--person-sizes", help="events of the list_person persons (default 100,10000,100000; quick 100,1000,10000)")
+    p.add_argument("--read-calls", type=int, help="measured calls per list_person variant (default 200, quick 30)")
+    a = p.parse_args(argv)
+
+    mode = QUICK if a.quick else FULL
+    concurrency = dict(DEFAULT_CONCURRENCY)
+    for part in filter(None, a.concurrency.split(",")):
+        name, eq, value = part.partition("=")
+        if not eq:
+            concurrency = dict.fromkeys(INGEST, int(name))
+        elif name in INGEST:
+            concurrency[name] = int(value)
+        else:
+            p.error(f"--concurrency: unknown workload {name!r} (one of {', '.join(INGEST)})")
+    workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    if unknown := set(workloads) - set(WORKLOADS):
+        p.error(f"--workloads: unknown {sorted(unknown)} (known: {', '.join(WORKLOADS)})")
+    stores = [s.strip() for s in (a.stores or "sqlite,cassandra").split(",") if s.strip()]
+    if unknown := set(stores) - {"sqlite", "cassandra"}:
+        p.error(f"--stores: unknown {sorted(unknown)} (sqlite, cassandra)")
+    persons = tuple(int(x) for x in a.person_sizes.split(",")) if a.person_sizes else mode["persons"]
+    return Settings(
+        stores=stores, stores_explicit=a.stores is not None,
+        duration=a.duration or mode["duration"], warmup=a.warmup if a.warmup is not None else mode["warmup"],
+        concurrency=concurrency, clients=max(1, a.clients), workers=a.workers, gateway_workers=a.gateway_workers,
+        workloads=workloads, out=a.out, quick=a.quick, profile=a.profile, cassandra_url=a.cassandra_url,
+        persons=persons, read_calls=a.read_calls or mode["read_calls"],
+        raw_rows={"sqlite": mode["raw_rows"], "cassandra": mode["raw_rows_cassandra"]},
+    )
+
+
+# Ingest -----------------------------------------------------------------------
+
+@dataclass
+class Window:
+    """Server CPU inside a measured window (and a py-spy recording when asked)."""
+
+    run: Run
+    svc: service_proc.Service
+    tag: str
+    seconds: float
+    store_pids: list[int] = field(default_factory=list)  # a database server's processes (Cassandra)
+    cpu_s: float = 0.0
+    store_cpu_s: float = 0.0
+    by_pid: dict[int, float] = field(default_factory=dict)  # CPU seconds of each service process
+    roles: dict[int, str] = field(default_factory=dict)  # pid -> supervisor, grpc-worker, gateway
+    _cpu0: float = 0.0
+    _by_pid0: dict[int, float] = field(default_factory=dict)
+    _store_cpu0: float = 0.0
+    _recording: object = None
+
+    def begin(self) -> None:
+        self.roles = self.svc.tree()
+        self._by_pid0 = {pid: service_proc.cpu_seconds([pid]) for pid in self.roles}
+        self._cpu0 = sum(self._by_pid0.values())
+        self._store_cpu0 = service_proc.cpu_seconds(self.store_pids)
+        if self.run.settings.profile is not None:
+            from bench.pyspy import Recording
+
+            self._recording = Recording(self.roles, self.seconds, self.run.settings.profile, self.tag)
+
+    def end(self) -> None:
+        self.by_pid = {pid: service_proc.cpu_seconds([pid]) - cpu0 for pid, cpu0 in self._by_pid0.items()}
+        self.cpu_s = sum(self.by_pid.values())
+        self.store_cpu_s = service_proc.cpu_seconds(self.store_pids) - self._store_cpu0
+        if self._recording is not None:
+            from bench.pyspy import summarize
+
+            self._recording.wait()
+            for role in ("grpc-worker", "gateway"):
+                files = [f for f, r in self._recording.files.items() if r == role]
+                if files:
+                    summary = summarize(files)
+                    print(f"py-spy {self.tag} {role} ({len(files)} processes):\n{summary}")
+                    self.run.notes.append(f"py-spy {self.tag} {role}:\n{summary}")
+
+
+def ingest_records(run: Run, store: str, workload: str, *, events: int, seconds: float, latencies_sorted: list[float],
+                   concurrency: int, client_cpu_s: float, server_cpu_s: float) -> float:
+    rate = events / seconds if seconds else 0.0
+    run.add(store, workload, "events_per_s", round(rate, 1), "events/s")
+    run.add(store, workload, "p50_ms", round(percentile(latencies_sorted, 50), 2), "ms")
+    run.add(store, workload, "p99_ms", round(percentile(latencies_sorted, 99), 2), "ms")
+    run.add(store, workload, "concurrency", concurrency, "requests in flight")
+    run.add(store, workload, "client_cpu", round(client_cpu_s / seconds, 2), "cores")
+    run.add(store, workload, "server_cpu", round(server_cpu_s / seconds, 2), "cores")
+    print(f"{workload}: {rate:,.0f} events/s, p50 {percentile(latencies_sorted, 50):.1f} ms, "
+          f"p99 {percentile(latencies_sorted, 99):.1f} ms; load generator {client_cpu_s / seconds:.2f} cores, "
+          f"service {server_cpu_s / seconds:.2f} cores", flush=True)
+    return rate
+
+
+def store_cpu_record(run: Run, store: str, workload: str, window: Window, seconds: float) -> None:
+    """The service's CPU by role (and per process: SO_REUSEPORT balance), and the store server's."""
+    split = []
+    for role in ("grpc-worker", "gateway"):
+        per = [cpu / seconds for pid, cpu in window.by_pid.items() if window.roles.get(pid) == role]
+        if per:
+            run.add(store, workload, f"{role.replace('-', '_')}s_cpu", round(sum(per), 2), "cores")
+            split.append(f"{role}s " + " + ".join(f"{c:.2f}" for c in per))
+    print(f"{workload}: service CPU by process (cores): {'; '.join(split)}", flush=True)
+    if window.store_pids:
+        run.add(store, workload, "store_cpu", round(window.store_cpu_s / seconds, 2), "cores")
+        print(f"{workload}: the store's server used {window.store_cpu_s / seconds:.2f} cores", flush=True)
+
+
+def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload: str, workdir: Path,
+                  acknowledged: list[int]) -> None:
+    s, store = run.settings, bs.name
+    if workload == "grpc_track":
+        method, per_call, payloads = "Track", 1, data.grpc_track_payloads(2_000)
+    else:
+        method, per_call, payloads = "TrackBatch", data.BATCH_SIZE, data.grpc_batch_payloads(200)
+    payloads_file = workdir / f"{workload}.pickle"
+    payloads_file.write_bytes(pickle.dumps(payloads))
+    concurrency = s.concurrency[workload]
+    jobs = [grpc_load.ClientJob(svc.grpc_target, method, svc.key, str(payloads_file), per_call, concurrency, s.warmup,
+                                s.duration, offset=k * len(payloads) // s.clients) for k in range(s.clients)]
+    clients = grpc_load.Clients(jobs)
+    clients.start()
+    window = Window(run, svc, f"{store}-{workload}", s.duration, bs.server_pids())
+    time.sleep(max(0.0, clients.measure_at - time.monotonic()))
+    window.begin()
+    time.sleep(max(0.0, clients.end_at - time.monotonic()))
+    window.end()
+    results = clients.results()
+    acknowledged.append(sum(r.acknowledged_events for r in results))
+    errors = sum(r.errors for r in results)
+    run.add(store, workload, "errors", errors, "calls")
+    latencies = sorted(x for r in results for x in r.latencies_ms)
+    ingest_records(run, store, workload, events=sum(r.events for r in results), seconds=s.duration,
+                   latencies_sorted=latencies, concurrency=concurrency * s.clients,
+                   client_cpu_s=sum(r.cpu_s for r in results), server_cpu_s=window.cpu_s)
+    store_cpu_record(run, store, workload, window, s.duration)
+    if errors:
+        first = next(r.first_error for r in results if r.first_error)
+        raise WorkloadFailed(f"{errors} failed calls; first: {first}")
+    if not latencies:
+        raise WorkloadFailed("no call completed inside the measured window")
+
+
+def rest_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload: str, wrk: str, workdir: Path,
+                  acknowledged: list[int]) -> None:
+    s, store = run.settings, bs.name
+    if workload == "rest_track":
+        path, per_request, bodies = "/api/v1/track", 1, data.rest_track_bodies(2_000)
+    else:
+        path, per_request, bodies = "/api/v1/track/batch", data.BATCH_SIZE, data.rest_batch_bodies(200)
+    bodies_file = workdir / f"{workload}.jsonl"
+    bodies_file.write_text("\n".join(bodies) + "\n")
+    connections = s.concurrency[workload]
+    args = (wrk, svc.http_url, path, bodies_file, svc.key)
+    if s.warmup > 0:
+        warm = rest_load.timed_wrk(*args, connections=connections, duration_s=s.warmup)
+        acknowledged.append(warm.ok_requests * per_request)
+    window = Window(run, svc, f"{store}-{workload}", s.duration, bs.server_pids())
+    result = rest_load.timed_wrk(*args, connections=connections, duration_s=s.duration, on_start=window.begin)
+    window.end()
+    acknowledged.append(result.ok_requests * per_request)
+    run.add(store, workload, "non_2xx", result.non2xx, "responses")
+    run.add(store, workload, "errors", result.not_success + result.socket_errors, "requests")
+    # wrk's latency percentiles, from its own histogram of every measured request
+    rate = result.ok_requests * per_request / result.duration_s
+    run.add(store, workload, "events_per_s", round(rate, 1), "events/s")
+    run.add(store, workload, "p50_ms", round(result.p50_ms, 2), "ms")
+    run.add(store, workload, "p99_ms", round(result.p99_ms, 2), "ms")
+    run.add(store, workload, "concurrency", connections, "requests in flight")
+    run.add(store, workload, "client_cpu", round(result.cpu_s / result.duration_s, 2), "cores")
+    run.add(store, workload, "server_cpu", round(window.cpu_s / result.duration_s, 2), "cores")
+    print(f"{workload}: {rate:,.0f} events/s ({result.requests:,} requests, {result.non2xx} non-2xx, "
+          f"{result.not_success} without success, {result.socket_errors} socket errors), p50 {result.p50_ms:.1f} ms, "
+          f"p99 {result.p99_ms:.1f} ms; wrk {result.cpu_s / result.duration_s:.2f} cores, "
+          f"service {window.cpu_s / result.duration_s:.2f} cores", flush=True)
+    store_cpu_record(run, store, workload, window, result.duration_s)
+    if result.non2xx or result.not_success or result.socket_errors:
+        raise WorkloadFailed(f"{result.non2xx} non-2xx, {result.not_success} without success, "
+                             f"{result.socket_errors} socket errors; first bad response: {result.first_bad}")
+    if result.requests == 0:
+        raise WorkloadFailed("no request completed")
+
+
+# One store --------------------------------------------------------------------
+
+def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
+    s = run.settings
+    store = bs.name
+    wanted = set(s.workloads)
+
+    if "raw_store_insert" in wanted:
+        def raw() -> None:
+            rows = data.stored_rows(s.raw_rows[store])
+            result = bs.raw_insert(rows, max_seconds=s.duration)
+            run.add(store, "raw_store_insert", "events_per_s", round(result.events_per_s, 1), "events/s")
+            run.add(store, "raw_store_insert", "events", result.events, "events")
+            run.add(store, "raw_store_insert", "client_cpu", round(result.client_cpu_s / result.seconds, 2), "cores")
+            if bs.server_pids():
+                run.add(store, "raw_store_insert", "store_cpu", round(result.store_cpu_s / result.seconds, 2), "cores")
+            print(f"raw_store_insert: {result.events:,} events ({result.events * result.rows_per_event:,} rows) in "
+                  f"{result.seconds:.2f} s: {result.events_per_s:,.0f} events/s; loader {result.client_cpu_s / result.seconds:.2f}"
+                  f" cores" + (f", store server {result.store_cpu_s / result.seconds:.2f} cores" if bs.server_pids() else ""),
+                  flush=True)
+        run.attempt(store, "raw_store_insert", raw)
+
+    service_workloads = [w for w in WORKLOADS if w != "raw_store_insert" and w in wanted]
+    if not service_workloads:
+        return
+    url = bs.service_url()
+    persons = [data.person(n) for n in s.persons] if "list_person" in wanted else []
+    svc: service_proc.Service | None = None
+
+    def start() -> None:
+        nonlocal svc
+        if persons:
+            t0 = time.perf_counter()
+            rows = [r for p in persons for r in p.rows]
+            asyncio.run(bs.load(url, rows))
+            print(f"loaded the list_person persons ({', '.join(p.label for p in persons)} events: {len(rows):,} rows) "
+                  f"through the store's append in {time.perf_counter() - t0:.1f} s", flush=True)
+        svc = service_proc.start(url, workers=s.workers, gateway_workers=s.gateway_workers)
+        print(f"service up: gRPC {svc.grpc_target}, REST {svc.http_url}, store {url}", flush=True)
+
+    if not run.attempt(store, "service start", start):
+        for w in service_workloads:
+            run.failures.append(f"{store} {w}: not run (the service did not start)")
+        return
+
+    acknowledged: list[int] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="flameup-bench-load-") as workdir:
+            for workload in INGEST:
+                if workload not in wanted:
+                    continue
+                if workload.startswith("grpc"):
+                    run.attempt(store, workload, lambda w=workload: grpc_workload(run, bs, svc, w, Path(workdir), acknowledged))
+                else:
+                    run.attempt(store, workload, lambda w=workload: rest_workload(
+                        run, bs, svc, w, wrk, Path(workdir), acknowledged))
+
+        if "service_rss_mb" in wanted:
+            def rss() -> None:
+                tree = svc.tree()
+                by_role: dict[str, float] = {}
+                for pid, role in tree.items():
+                    by_role[role] = by_role.get(role, 0.0) + service_proc.rss_mb(pid)
+                total = sum(by_role.values())
+                run.add(store, "service_rss_mb", "rss_mb", round(total, 1), "MB")
+                for role, mb in sorted(by_role.items()):
+                    run.add(store, "service_rss_mb", f"{role.replace('-', '_')}_mb", round(mb, 1), "MB")
+                run.add(store, "service_rss_mb", "processes", len(tree), "processes")
+                print(f"service RSS after the ingest runs: {total:.0f} MB in {len(tree)} processes ("
+                      + ", ".join(f"{r} {mb:.0f} MB" for r, mb in sorted(by_role.items())) + ")", flush=True)
+            run.attempt(store, "service_rss_mb", rss)
+
+        for p in persons:
+            def read(p=p) -> None:
+                for r in reads.measure(svc.grpc_target, svc.key, p, s.read_calls):
+                    run.add(store, r.workload, "p50_ms", round(r.p50_ms, 2), "ms")
+                    run.add(store, r.workload, "p99_ms", round(r.p99_ms, 2), "ms")
+                    run.add(store, r.workload, "total", r.total, "events")
+                    print(f"{r.workload}: p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms "
+                          f"({r.calls} sequential calls, total {r.total:,})", flush=True)
+            run.attempt(store, f"list_person_{p.label}", read)
+    finally:
+        code = service_proc.stop(svc)
+        if code != 0:
+            run.failures.append(f"{store}: the service exited with {code} on SIGTERM:\n{svc.tail()}")
+            print(f"FAILED: the service exited with {code} on SIGTERM:\n{svc.tail()}")
+
+    if acknowledged:
+        def check() -> None:
+            acked = sum(acknowledged)
+            person_ids = sorted({data.domain.person_id_for(data.WORKSPACE, f"user_{u:05d}") for u in range(data.USERS)})
+            stored = asyncio.run(bs.totals(url, data.WORKSPACE, person_ids))
+            run.add(store, "ingest_check", "acknowledged_events", acked, "events")
+            run.add(store, "ingest_check", "stored_events", stored, "events")
+            print(f"acknowledged {acked:,} events, the store holds {stored:,} (in-flight requests cut at the end of a "
+                  f"run may add a few)", flush=True)
+            if stored < acked:
+                raise WorkloadFailed(f"only {stored} of {acked} acknowledged events are stored")
+        run.attempt(store, "ingest_check", check)
+
+
+# Targets and table ------------------------------------------------------------
+
+def _value(records: list[Record], store: str, workload: str, metric: str):
+    return next((r.value for r in records if (r.store, r.workload, r.metric) == (store, workload, metric)), None)
+
+
+def targets(records: list[Record], stores: list[str], person_labels: list[str]) -> list[tuple]:
+    """(store, workload, metric, measured, op, target, description) for the targets of issue 4."""
+    out = []
+    for store in stores:
+        if store == "sqlite":
+            for workload, floor in (("grpc_batch", 50_000), ("rest_batch", 20_000), ("grpc_track", 5_000),
+                                    ("rest_track", 2_500)):
+                out.append((store, workload, "events_per_s", _value(records, store, workload, "events_per_s"),
+                            ">=", floor, f">= {floor:,} events/s"))
+                out.append((store, workload, "p99_ms", _value(records, store, workload, "p99_ms"), "<", 50,
+                            "p99 < 50 ms"))
+        if store == "cassandra":
+            raw = _value(records, store, "raw_store_insert", "events_per_s")
+            batch = _value(records, store, "grpc_batch", "events_per_s")
+            out.append((store, "grpc_batch", "share_of_raw", None if raw is None or batch is None else batch / raw,
+                        ">=", 0.8, ">= 0.80 of raw_store_insert"))
+        if person_labels:
+            small, big = person_labels[0], person_labels[-1]
+            for variant in ("", "_event", "_window"):
+                base = _value(records, store, f"list_person_{small}{variant}", "p50_ms")
+                out.append((store, f"list_person_{big}{variant}", "p50_ms",
+                            _value(records, store, f"list_person_{big}{variant}", "p50_ms"), "<=",
+                            None if base is None else 2 * base, f"<= 2x list_person_{small}{variant}"))
+                if store == "sqlite":
+                    for label in person_labels:
+                        out.append((store, f"list_person_{label}{variant}", "p50_ms",
+                                    _value(records, store, f"list_person_{label}{variant}", "p50_ms"), "<", 10,
+                                    "p50 < 10 ms"))
+        out.append((store, "service_rss_mb", "rss_mb", _value(records, store, "service_rss_mb", "rss_mb"), "<", 300,
+                    "< 300 MB"))
+    return out
+
+
+def print_table(run: Run) -> None:
+    recs = run.records
+    print("\nResults" + (" (QUICK mode: short runs, smaller persons; not comparable with full runs)"
+                         if run.settings.quick else ""))
+    header = f"{'store':9} {'workload':28} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'in flight':>9} " \
+             f"{'client cores':>12} {'server cores':>12} {'store cores':>11}"
+    print(header)
+    print("-" * len(header))
+    seen = []
+    for r in recs:
+        key = (r.store, r.workload)
+        if key not in seen and r.workload not in ("meta", "service_rss_mb", "ingest_check"):
+            seen.append(key)
+
+    def fmt(v, spec: str, width: int) -> str:
+        return format(v, f">{width}{spec}") if isinstance(v, (int, float)) else "-".rjust(width)
+
+    for store, workload in seen:
+        get = lambda m: _value(recs, store, workload, m)  # noqa: E731
+        print(f"{store:9} {workload:28} {fmt(get('events_per_s'), ',.0f', 10)} {fmt(get('p50_ms'), '.2f', 8)} "
+              f"{fmt(get('p99_ms'), '.2f', 8)} {fmt(get('concurrency'), '', 9)} {fmt(get('client_cpu'), '.2f', 12)} "
+              f"{fmt(get('server_cpu'), '.2f', 12)} {fmt(get('store_cpu'), '.2f', 11)}")
+    for r in recs:
+        if r.workload in ("service_rss_mb", "ingest_check"):
+            print(f"{r.store:9} {r.workload + ' ' + r.metric:40} {r.value:>12,} {r.unit}")
+
+    labels = sorted({r.workload.split("_")[2] for r in recs if r.workload.startswith("list_person_")},
+                    key=lambda x: int(x[:-1]) * 1000 if x.endswith("k") else int(x))
+    rows = targets(recs, sorted({r.store for r in recs if r.store}, key=lambda x: x != "sqlite"), labels)
+    print("\nTargets (issue 4); ratio = measured / target")
+    for store, workload, metric, measured, op, target, text in rows:
+        if measured is None or target is None:
+            print(f"  {store:9} {workload:26} {metric:13} {'not measured':>12}   target {text}")
+            continue
+        met = measured >= target if op == ">=" else measured <= target if op == "<=" else measured < target
+        print(f"  {store:9} {workload:26} {metric:13} {measured:>12,.2f}   target {text:26} "
+              f"ratio {measured / target:5.2f}  {'met' if met else 'MISSED'}")
+
+
+def meta_records(run: Run) -> None:
+    s = run.settings
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR.parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except OSError:
+        commit = ""
+    for metric, value, unit in (
+        ("quick", int(s.quick), "bool"),
+        ("duration_s", s.duration, "s"),
+        ("warmup_s", s.warmup, "s"),
+        ("grpc_client_processes", s.clients, "processes"),
+        ("grpc_workers", s.workers, "processes"),
+        ("gateway_workers", s.gateway_workers, "processes"),
+        ("list_person_calls", s.read_calls, "calls"),
+        ("list_person_limit", reads.LIMIT, "events"),
+        ("cpus", os.cpu_count(), "cores"),
+        ("machine", f"{platform.machine()} {_cpu_model()}, {_mem_gib():.0f} GiB, Python {platform.python_version()}",
+         "text"),
+        ("commit", commit, "text"),
+    ):
+        run.add("", "meta", metric, value, unit)
+    for workload, n in s.concurrency.items():
+        run.add("", "meta", f"concurrency_{workload}", n * (s.clients if workload.startswith("grpc") else 1),
+                "requests in flight")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _mem_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+# Main ---------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(argv)
+    run = Run(s)
+    started = time.monotonic()
+    print(f"Flameup Events benchmark ({'QUICK: a few seconds per workload, persons of ' if s.quick else 'persons of '}"
+          f"{', '.join(f'{n:,}' for n in s.persons)} events): duration {s.duration:g} s after {s.warmup:g} s warm-up, "
+          f"{s.clients} gRPC client processes, service with {s.workers} gRPC + {s.gateway_workers} gateway workers",
+          flush=True)
+    wrk = None
+    if any(w.startswith("rest_") for w in s.workloads):
+        wrk = rest_load.ensure_wrk()
+
+    stores: list[BenchStore] = []
+    for name in s.stores:
+        if name == "sqlite":
+            stores.append(SqliteBench())
+            continue
+        reason = CassandraBench.unavailable_reason(s.cassandra_url)
+        if reason is None:
+            stores.append(CassandraBench(s.cassandra_url))
+        elif s.stores_explicit:
+            message = f"cassandra: SKIPPED, {reason}"
+            print(message, flush=True)
+            run.notes.append(message)
+            if os.environ.get("CI") == "true":  # a store asked for in CI must run, never silently pass
+                run.failures.append(message)
+        else:
+            print(f"cassandra: not benchmarked ({reason})", flush=True)
+
+    meta_records(run)
+    for bs in stores:
+        try:
+            run_store(run, bs, wrk)
+        finally:
+            bs.cleanup()
+
+    print_table(run)
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    s.out.write_text(json.dumps([r.as_dict() for r in run.records], indent=1) + "\n")
+    print(f"\nwrote {s.out} ({len(run.records)} records) in {time.monotonic() - started:.0f} s")
+    for note in run.notes:
+        if note.startswith("cassandra"):
+            print(note)
+    if run.failures:
+        print(f"\n{len(run.failures)} workload(s) FAILED:")
+        for f in run.failures:
+            print(f"  - {f}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
