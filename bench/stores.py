@@ -16,7 +16,6 @@ import shutil
 import socket
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -100,35 +99,21 @@ class SqliteBench(BenchStore):
         return f"sqlite:///{self._fresh_path('service')}"  # absolute path: sqlite:////tmp/...
 
     def raw_insert(self, rows: Sequence[StoredEvent], max_seconds: float) -> RawResult:
-        from service.store.sqlite import ADD_COUNT, INSERT_EVENT, MAX_GROUP_ROWS, SqliteStore
+        from service.store.sqlite import MAX_GROUP_ROWS, SqliteStore
 
         store = SqliteStore(self._fresh_path("raw"))
         asyncio.run(store.open())  # the schema, exactly as the service creates it
         try:
             conn = store._connect()  # the store's own connection settings (WAL, synchronous, busy timeout)
-            # One transaction per group commit, as the store's writer does it; the
-            # tuples and the per-day counts are built before the clock starts.
-            transactions = []
-            for i in range(0, len(rows), MAX_GROUP_ROWS):
-                chunk = rows[i:i + MAX_GROUP_ROWS]
-                counts: Counter[tuple[str, str, str, int]] = Counter()
-                for e in chunk:
-                    b = bucket_of(e.timestamp_us)
-                    counts[(e.workspace_id, e.person_id, "", b)] += 1
-                    counts[(e.workspace_id, e.person_id, e.event, b)] += 1
-                transactions.append((
-                    [(e.workspace_id, e.person_id, e.timestamp_us, e.event_id, e.external_id, e.event,
-                      e.parameters, e.created_at_us) for e in chunk],
-                    [(*k, n) for k, n in counts.items()],
-                ))
+            # The store's own bulk path: one _commit (multi-row inserts, person keys,
+            # day counts) per group of MAX_GROUP_ROWS, as its writer thread does it,
+            # called directly with no queue, no event loop and no service.
+            groups = [list(rows[i:i + MAX_GROUP_ROWS]) for i in range(0, len(rows), MAX_GROUP_ROWS)]
             done = 0
             cpu0, started = time.process_time(), time.perf_counter()
-            for event_rows, count_rows in transactions:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(INSERT_EVENT, event_rows)
-                conn.executemany(ADD_COUNT, count_rows)
-                conn.execute("COMMIT")
-                done += len(event_rows)
+            for group in groups:
+                store._commit(conn, group)
+                done += len(group)
                 if time.perf_counter() - started >= max_seconds:
                     break
             return RawResult(done, time.perf_counter() - started, 1, client_cpu_s=time.process_time() - cpu0)
