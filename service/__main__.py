@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a worker trusts a looked-up API key (revocations take this long)")
     _log_arg(serve)
 
+    migrate = sub.add_parser("migrate", help="create or upgrade the store's schema (serve runs this first);"
+                                             " with FLAMEUP_BOOTSTRAP_KEY set, also ensure that key")
+    _store_arg(migrate)
+    _log_arg(migrate)
+
     worker = sub.add_parser("grpc-worker", help="one gRPC worker process (serve starts these)")
     _store_arg(worker)
     worker.add_argument("--host", default="127.0.0.1")
@@ -137,6 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
             key_cache_seconds=args.key_cache_seconds, log_level=args.log_level,
         ))
+    if args.command == "migrate":
+        from service.store import StoreUnavailable
+        from service.supervisor import prepare_store
+
+        try:
+            asyncio.run(prepare_store(args.store, os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None))
+        except (ValueError, StoreUnavailable) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "grpc-worker":
         from service.server import GrpcConfig, serve
         from service.supervisor import exit_with_parent

@@ -1,9 +1,11 @@
 """`python -m service serve`: the whole service as one command.
 
-The supervisor prepares the store (schema, bootstrap key), then starts
-``--workers`` gRPC worker processes sharing one port through SO_REUSEPORT and
-``--gateway-workers`` REST gateway processes sharing another, waits until both
-answer health checks, and prints where they listen. On SIGTERM or Ctrl-C it
+The supervisor prepares the store in a child process (`python -m service
+migrate`: schema, bootstrap key), then starts ``--workers`` gRPC worker
+processes sharing one port through SO_REUSEPORT and ``--gateway-workers`` REST
+gateway processes sharing another, waits until the gateway's /healthz answers
+200 (which asks the gRPC health service), and prints where they listen. It
+imports neither gRPC nor a store driver itself, so it stays small. On SIGTERM or Ctrl-C it
 stops the gateways first (they finish in-flight requests), then the gRPC
 workers (health NOT_SERVING, in-flight calls finish, the store commits and
 closes). When a worker dies unexpectedly the supervisor stops the rest and
@@ -12,7 +14,6 @@ exits non-zero, so a process manager can restart the whole unit.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -23,12 +24,6 @@ import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from service.auth import ensure_bootstrap_key
-from service.store import open_store
 
 log = logging.getLogger("flameup.supervisor")
 
@@ -66,32 +61,22 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return held
 
 
-async def prepare_store(config: ServeConfig) -> None:
-    store = open_store(config.store_url)
-    await store.open()  # creates or migrates the schema once, before any worker starts
+async def prepare_store(store_url: str, bootstrap_key: str | None) -> None:
+    """Create or migrate the schema and, when asked, the bootstrap key."""
+    from service.auth import ensure_bootstrap_key
+    from service.store import open_store
+
+    store = open_store(store_url)
+    await store.open()
     try:
-        if config.bootstrap_key:
-            await ensure_bootstrap_key(store, config.bootstrap_key)
+        if bootstrap_key:
+            await ensure_bootstrap_key(store, bootstrap_key)
     finally:
         await store.close()
 
 
-def _wait_grpc(target: str, deadline: float, procs: list[subprocess.Popen]) -> None:
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            _check_alive(procs)
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"gRPC workers did not become healthy on {target}")
-            time.sleep(0.1)
-
-
-def _wait_http(host: str, port: int, deadline: float, procs: list[subprocess.Popen]) -> None:
+def _wait_healthy(host: str, port: int, deadline: float, procs: list[subprocess.Popen]) -> None:
+    """Until the gateway's /healthz answers 200: gateways up, and gRPC SERVING."""
     while True:
         _check_alive(procs)
         try:
@@ -102,7 +87,7 @@ def _wait_http(host: str, port: int, deadline: float, procs: list[subprocess.Pop
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise SystemExit(f"gateway workers did not become healthy on {host}:{port}")
+            raise SystemExit(f"the service did not become healthy on {host}:{port} in {STARTUP_TIMEOUT:.0f}s")
         time.sleep(0.1)
 
 
@@ -132,7 +117,11 @@ def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
 
 
 def serve(config: ServeConfig) -> int:
-    asyncio.run(prepare_store(config))
+    migrate = subprocess.run(
+        [sys.executable, "-m", "service", "migrate", "--store", config.store_url, "--log-level", config.log_level])
+    if migrate.returncode != 0:
+        log.error("preparing the store %s failed", config.store_url)
+        return 1
     grpc_sock = reserve_port(config.host, config.grpc_port)
     http_sock = reserve_port(config.host, config.http_port)
     grpc_port, http_port = grpc_sock.getsockname()[1], http_sock.getsockname()[1]
@@ -155,16 +144,13 @@ def serve(config: ServeConfig) -> int:
                 "--log-level", config.log_level], env)
         for _ in range(config.workers)
     ]
-    http_procs: list[subprocess.Popen] = []
+    http_procs = [
+        _spawn(["-m", "gateway", "--grpc-target", grpc_target, "--host", config.host,
+                "--port", str(http_port), "--log-level", config.log_level], env)
+        for _ in range(config.gateway_workers)
+    ]
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        _wait_grpc(grpc_target, deadline, grpc_procs)
-        http_procs = [
-            _spawn(["-m", "gateway", "--grpc-target", grpc_target, "--host", config.host,
-                    "--port", str(http_port), "--log-level", config.log_level], env)
-            for _ in range(config.gateway_workers)
-        ]
-        _wait_http(config.host, http_port, deadline, http_procs)
+        _wait_healthy(config.host, http_port, time.monotonic() + STARTUP_TIMEOUT, grpc_procs + http_procs)
         print(
             f"Flameup Events is up (store {config.store_url})\n"
             f"  gRPC listening on {grpc_target} ({config.workers} workers)\n"

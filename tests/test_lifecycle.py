@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -111,3 +112,23 @@ def test_supervisor_stops_when_a_worker_dies(tmp_path):
     assert workers
     subprocess.run(["kill", "-KILL", workers[0]], check=True)
     assert svc.proc.wait(30) == 1
+
+
+def test_serve_refuses_a_weak_bootstrap_key(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--store", f"sqlite:///{tmp_path}/e.db",
+         "--grpc-port", "0", "--http-port", "0"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "FLAMEUP_BOOTSTRAP_KEY": "short"})
+    assert done.returncode == 1 and "at least 16 characters" in done.stderr
+
+
+def test_migrate_is_idempotent(tmp_path):
+    url = f"sqlite:///{tmp_path}/e.db"
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "service", "migrate", "--store", url],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "FLAMEUP_BOOTSTRAP_KEY": "a-long-enough-bootstrap-key"})
+        assert done.returncode == 0, done.stderr
+    listing = subprocess.run([sys.executable, "-m", "service", "keys", "list", "--store", url],
+                             capture_output=True, text=True, timeout=60).stdout
+    assert listing.count("ws_default") == 1
