@@ -302,38 +302,55 @@ class SqliteStore(Store):
                 log.debug("sqlite checkpoint: %s", exc)
 
     def _commit(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> None:
-        """One transaction for a group of appends: persons, rows, day counts."""
+        """One transaction for a group of appends: persons, rows, day counts.
+
+        While the transaction is open every other writer process waits, so the
+        statements' values are built before it starts whenever every person
+        already has a key (the usual case); only new persons need it first.
+        """
+        cached = self._person_keys
+        missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+        statements = None if missing else self._statements(events, cached)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            new_keys = self._assign_person_keys(conn, {(e.workspace_id, e.person_id) for e in events})
-            cached = self._person_keys
-            counts: Counter[tuple[int, str, int]] = Counter()
-            rows = []
-            for e in events:
-                person = (e.workspace_id, e.person_id)
-                key = cached.get(person) or new_keys[person]  # keys start at 1
-                bucket = bucket_of(e.timestamp_us)
-                counts[(key, "", bucket)] += 1
-                counts[(key, e.event, bucket)] += 1
-                rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us))
-            step = ROWS_PER_STATEMENT * EVENT_COLUMNS
-            for i in range(0, len(rows), step):
-                chunk = rows[i:i + step]
-                conn.execute(INSERT_EVENTS + _values(len(chunk) // EVENT_COLUMNS, EVENT_COLUMNS), chunk)
-            for chunk in _chunks([(*k, n) for k, n in counts.items()]):
-                conn.execute(ADD_COUNTS.format(values=_values(len(chunk), 4)), [v for row in chunk for v in row])
+            new_keys = self._assign_person_keys(conn, missing) if missing else {}
+            for sql, values in statements or self._statements(events, {**cached, **new_keys}):
+                conn.execute(sql, values)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         if new_keys:  # only keys of a committed transaction may be remembered
-            if len(self._person_keys) + len(new_keys) > MAX_PERSON_KEY_CACHE:
-                self._person_keys.clear()
-            self._person_keys.update(new_keys)
+            if len(cached) + len(new_keys) > MAX_PERSON_KEY_CACHE:
+                cached.clear()
+            cached.update(new_keys)
 
-    def _assign_person_keys(self, conn: sqlite3.Connection, people: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        """person_key of every (workspace, person) not in the cache, created when new."""
-        missing = [p for p in people if p not in self._person_keys]
+    @staticmethod
+    def _statements(events: list[StoredEvent], keys: dict[tuple[str, str], int]) -> list[tuple[str, list]]:
+        """The multi-row INSERTs of the events and the upserts of their day counts."""
+        counts: Counter[tuple[int, str, int]] = Counter()
+        rows = []
+        for e in events:
+            key = keys[(e.workspace_id, e.person_id)]
+            bucket = bucket_of(e.timestamp_us)
+            counts[(key, "", bucket)] += 1
+            counts[(key, e.event, bucket)] += 1
+            rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us))
+        step = ROWS_PER_STATEMENT * EVENT_COLUMNS
+        statements = [
+            (INSERT_EVENTS + _values(len(chunk) // EVENT_COLUMNS, EVENT_COLUMNS), chunk)
+            for chunk in (rows[i:i + step] for i in range(0, len(rows), step))
+        ]
+        statements += [
+            (ADD_COUNTS.format(values=_values(len(chunk), 4)), [v for row in chunk for v in row])
+            for chunk in _chunks([(*k, n) for k, n in counts.items()])
+        ]
+        return statements
+
+    @staticmethod
+    def _assign_person_keys(conn: sqlite3.Connection, people: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The person_key of each (workspace, person), created when new."""
+        missing = list(people)
         found: dict[tuple[str, str], int] = {}
         for chunk in _chunks(missing):
             flat = [v for p in chunk for v in p]
