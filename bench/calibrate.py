@@ -135,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flameup-calibrate-") as tmp:
         port, procs = _servers(_grpc_server, a.servers)
         try:
-            for workload, method, per_call, payloads in (
-                ("grpc_track", "Track", 1, data.grpc_track_payloads(2_000)),
-                ("grpc_batch", "TrackBatch", data.BATCH_SIZE, data.grpc_batch_payloads(200)),
-            ):
+            for workload in ("grpc_track", "grpc_batch"):
+                method, per_call, payloads = data.grpc_workload(workload)
                 f = Path(tmp) / f"{workload}.pickle"
                 f.write_bytes(pickle.dumps(payloads))
                 conc = DEFAULT_CONCURRENCY[workload]
@@ -164,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         wrk = rest_load.ensure_wrk()
         port, procs = _servers(_http_server, a.servers)
         try:
-            for workload, path, per_request, bodies in (
-                ("rest_track", "/api/v1/track", 1, data.rest_track_bodies(2_000)),
-                ("rest_batch", "/api/v1/track/batch", data.BATCH_SIZE, data.rest_batch_bodies(200)),
-            ):
+            for workload in ("rest_track", "rest_batch"):
+                path, per_request, bodies = data.rest_workload(workload)
                 f = Path(tmp) / f"{workload}.jsonl"
                 f.write_text("\n".join(bodies) + "\n")
                 conc = DEFAULT_CONCURRENCY[workload]

@@ -142,3 +142,17 @@ def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Perso
         expected_window_total=sum(since <= r.timestamp_us < until for r in rows),
     )
 
+
+
+def grpc_workload(workload: str) -> tuple[str, int, list[bytes]]:
+    """(RPC method, events per call, prebuilt requests) of grpc_track / grpc_batch."""
+    if workload == "grpc_track":
+        return "Track", 1, grpc_track_payloads(2_000)
+    return "TrackBatch", BATCH_SIZE, grpc_batch_payloads(200)
+
+
+def rest_workload(workload: str) -> tuple[str, int, list[str]]:
+    """(path, events per request, prebuilt bodies) of rest_track / rest_batch."""
+    if workload == "rest_track":
+        return "/api/v1/track", 1, rest_track_bodies(2_000)
+    return "/api/v1/track/batch", BATCH_SIZE, rest_batch_bodies(200)

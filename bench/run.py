@@ -231,10 +231,7 @@ def store_cpu_record(run: Run, store: str, workload: str, window: Window, second
 def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload: str, workdir: Path,
                   acknowledged: list[int]) -> None:
     s, store = run.settings, bs.name
-    if workload == "grpc_track":
-        method, per_call, payloads = "Track", 1, data.grpc_track_payloads(2_000)
-    else:
-        method, per_call, payloads = "TrackBatch", data.BATCH_SIZE, data.grpc_batch_payloads(200)
+    method, per_call, payloads = data.grpc_workload(workload)
     payloads_file = workdir / f"{workload}.pickle"
     payloads_file.write_bytes(pickle.dumps(payloads))
     concurrency = s.concurrency[workload]
@@ -266,10 +263,7 @@ def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
 def rest_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload: str, wrk: str, workdir: Path,
                   acknowledged: list[int]) -> None:
     s, store = run.settings, bs.name
-    if workload == "rest_track":
-        path, per_request, bodies = "/api/v1/track", 1, data.rest_track_bodies(2_000)
-    else:
-        path, per_request, bodies = "/api/v1/track/batch", data.BATCH_SIZE, data.rest_batch_bodies(200)
+    path, per_request, bodies = data.rest_workload(workload)
     bodies_file = workdir / f"{workload}.jsonl"
     bodies_file.write_text("\n".join(bodies) + "\n")
     connections = s.concurrency[workload]
