@@ -18,7 +18,7 @@ import pytest
 
 from service.domain import EventQuery, StoredEvent, new_event_id, person_id_for
 from service.store.base import BUCKET_US, bucket_of
-from service.store.cassandra import FIRST_INDEX_PAGE, SETTLE_US, CassandraStore
+from service.store.cassandra import FIRST_INDEX_PAGE, MAX_SHARED_BATCH_PARTITIONS, SETTLE_US, CassandraStore
 
 pytestmark = [pytest.mark.cassandra, pytest.mark.slow]
 
@@ -191,7 +191,7 @@ async def test_a_write_that_may_have_failed_keeps_its_day_dirty(model):
     store, _, light = model
     day = bucket_of(light.events[0].timestamp_us)
     w0 = int(time.time() * 1_000_000)
-    # what _append_person does before the rows, and then the rows, but no end mark
+    # what _append does before the rows, and then the rows, but no end mark
     await store._mark(light.workspace_id, light.person_id, {("", day), ("", 2**62)}, stamp=w0, value=w0 + SETTLE_US)
     late = StoredEvent(new_event_id(END_US), light.workspace_id, light.person_id, "light", "searched", "{}",
                        light.events[0].timestamp_us + 1, END_US)
@@ -204,3 +204,20 @@ async def test_a_write_that_may_have_failed_keeps_its_day_dirty(model):
         assert page.events == [late] and page.total == len(light.events) + 1
         assert store.stats.counts == 1 and store.stats.count_writebacks == 0
         await store.wait_for_writebacks()
+
+
+async def test_a_batch_of_many_people_costs_a_few_requests(model):
+    """TrackBatch's worst case, 100 events of 100 people: the small partitions
+    share unlogged batches by replica (one node here, so all of them), so the
+    append is a few dozen requests instead of four per person, and every total
+    is still exact."""
+    store, heavy, _ = model
+    people = [make_person(heavy.workspace_id, f"many-{i}", 1) for i in range(100)]
+    store.stats.reset()
+    await store.append([p.events[0] for p in people])
+    # two mark waves over 100 person_buckets partitions, one row wave over 200 partitions
+    per_wave = -(-100 // MAX_SHARED_BATCH_PARTITIONS)
+    assert store.stats.statements == 2 * per_wave + 2 * per_wave
+    for p in people:
+        page = await store.list_events(p.query())
+        assert page.total == 1 and page.events == p.events

@@ -82,7 +82,7 @@ from cassandra.policies import (
     TokenAwarePolicy,
 )
 from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
-from cassandra.query import BatchStatement, BatchType, PreparedStatement
+from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from service.domain import EventPage, EventQuery, StoredEvent, now_us
 from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of, settle
@@ -112,6 +112,11 @@ INDEX_PAGE = 2000  # person_buckets rows per page: tiny rows
 FIRST_INDEX_PAGE = 64  # when the summary is clean only the newest days are needed
 ROW_PAGE = 200  # event rows per page: parameters may be up to 32 KiB each
 MAX_BATCH_BYTES = 256 * 1024  # rows of one partition go in unlogged batches up to this size
+# Writes of several partitions share a batch up to these (Cassandra's defaults for
+# batch_size_warn_threshold_in_kb and unlogged_batch_across_partitions_warn_threshold).
+MAX_SHARED_BATCH_BYTES = 5 * 1024
+MAX_SHARED_BATCH_PARTITIONS = 10
+MARK_BYTES = 80  # estimated size of one written_at mark, plus its event key
 CONCURRENCY = 32  # requests in flight per store call
 
 _KEYSPACE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
@@ -311,6 +316,23 @@ class CassandraStats:
 
     def snapshot(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(slots=True)
+class _SharedBatch:
+    """Writes of several small partitions with the same replicas, one request."""
+
+    statements: list[BoundStatement] = field(default_factory=list)
+    size: int = 0
+    partitions: int = 0
+
+    def fits(self, size: int) -> bool:
+        return self.size + size <= MAX_SHARED_BATCH_BYTES and self.partitions < MAX_SHARED_BATCH_PARTITIONS
+
+    def add(self, statements: list[BoundStatement], size: int) -> None:
+        self.statements.extend(statements)
+        self.size += size
+        self.partitions += 1
 
 
 @dataclass(slots=True)
@@ -659,69 +681,109 @@ class CassandraStore(Store):
     # Events -------------------------------------------------------------------
 
     async def append(self, events: Sequence[StoredEvent]) -> None:
+        """Write events in three waves: dirty marks, rows, clean marks.
+
+        Each wave sends every partition's writes at once, small partitions packed
+        together by replica (see _write_partitions): a batch of the API holding 100
+        persons costs a few dozen requests, not four per person.
+        """
         if not events:
             return
         self._require_session()
-        by_person: dict[tuple[str, str], list[StoredEvent]] = defaultdict(list)
+        keys: dict[tuple[str, str], set[tuple[str, int]]] = {}
+        rows: dict[tuple, list[_Write]] = defaultdict(list)
+        insert, insert_by_name = self._ps["insert_event"], self._ps["insert_event_by_name"]
         for e in events:
-            by_person[(e.workspace_id, e.person_id)].append(e)
-        # A batch of the API holds at most 100 events: every person at once. Shielded:
-        # a caller that gives up (a deadline) must not abandon the end marks.
-        work = asyncio.ensure_future(self._gather(
-            (self._append_person(ws, person, evs) for (ws, person), evs in by_person.items()), limit=128))
+            b = bucket_of(e.timestamp_us)
+            person = (e.workspace_id, e.person_id)
+            if (person_keys := keys.get(person)) is None:
+                person_keys = keys[person] = {(ALL_EVENTS, SUMMARY_BUCKET)}
+            person_keys.update(((ALL_EVENTS, b), (e.event, b), (e.event, SUMMARY_BUCKET)))
+            size = len(e.parameters) + len(e.external_id) + len(e.event) + 96
+            rows[(*person, "", b)].append((insert, (
+                e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event, e.external_id,
+                e.parameters, e.created_at_us), size))
+            rows[(*person, e.event, b)].append((insert_by_name, (
+                e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
+                e.parameters, e.created_at_us), size))
+        # Shielded: a caller that gives up (a deadline) must not abandon the end marks.
+        work = asyncio.ensure_future(self._append(keys, list(rows.values())))
         work.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
         await asyncio.shield(work)
 
-    async def _append_person(self, workspace_id: str, person_id: str, events: list[StoredEvent]) -> None:
-        keys: set[tuple[str, int]] = {(ALL_EVENTS, SUMMARY_BUCKET)}
-        rows: dict[tuple, list[_Write]] = defaultdict(list)
-        for e in events:
-            b = bucket_of(e.timestamp_us)
-            keys.update(((ALL_EVENTS, b), (e.event, b), (e.event, SUMMARY_BUCKET)))
-            size = len(e.parameters) + len(e.external_id) + len(e.event) + 96
-            rows[("", b)].append((self._ps["insert_event"], (
-                workspace_id, person_id, b, e.timestamp_us, e.event_id, e.event, e.external_id,
-                e.parameters, e.created_at_us), size))
-            rows[(e.event, b)].append((self._ps["insert_event_by_name"], (
-                workspace_id, person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
-                e.parameters, e.created_at_us), size))
+    async def _append(self, keys: dict[tuple[str, str], set[tuple[str, int]]],
+                      rows: list[list[_Write]]) -> None:
         # 1. Dirty before any row can land, for long enough to outlive a failed write.
         w0 = now_us()
-        await self._mark(workspace_id, person_id, keys, stamp=w0, value=w0 + SETTLE_US)
+        await self._write_partitions(self._marks(keys, stamp=w0, value=w0 + SETTLE_US))
         try:
-            # 2. The rows: one unlogged batch per partition (and size chunk), concurrently.
-            batches = [chunk for partition in rows.values() for chunk in _chunks(partition)]
-            await self._gather(self._write_batch(chunk) for chunk in batches)
-            self.stats.rows_written += 2 * len(events)
+            # 2. The rows.
+            await self._write_partitions(rows)
+            self.stats.rows_written += sum(map(len, rows))
             # 3. Written: a count that starts from now on sees every row above.
             w1 = max(now_us(), w0 + 1)
-            await self._mark(workspace_id, person_id, keys, stamp=w1, value=w1)
+            await self._write_partitions(self._marks(keys, stamp=w1, value=w1))
         except BaseException:
             # Some rows may still land. Mark dirty again with a fresh stamp, so the end
             # mark of a concurrent write (stamped after w0) cannot hide them.
             again = now_us()
             try:
-                await self._mark(workspace_id, person_id, keys, stamp=again, value=again + SETTLE_US)
+                await self._write_partitions(self._marks(keys, stamp=again, value=again + SETTLE_US))
             except Exception:
                 pass  # unreachable too: step 1 still keeps these days dirty
             raise
 
+    def _marks(self, keys: dict[tuple[str, str], set[tuple[str, int]]], *,
+               stamp: int, value: int) -> list[list[_Write]]:
+        """The written_at marks of each person's days (one partition per person)."""
+        ps = self._ps["mark_written"]
+        return [[(ps, (stamp, value, workspace_id, person_id, key, bucket), MARK_BYTES + len(key))
+                 for key, bucket in sorted(person_keys)]
+                for (workspace_id, person_id), person_keys in keys.items()]
+
     async def _mark(self, workspace_id: str, person_id: str, keys: set[tuple[str, int]], *,
                     stamp: int, value: int) -> None:
-        ps = self._ps["mark_written"]
-        await self._write_batch([(ps, (stamp, value, workspace_id, person_id, key, bucket), 0)
-                                 for key, bucket in sorted(keys)])
+        await self._write_partitions(self._marks({(workspace_id, person_id): keys}, stamp=stamp, value=value))
+
+    async def _write_partitions(self, partitions: list[list[_Write]]) -> None:
+        """Every partition's writes, concurrently, in as few requests as is polite.
+
+        A partition with more than MAX_SHARED_BATCH_BYTES goes alone, in unlogged
+        batches of up to MAX_BATCH_BYTES. Smaller ones share unlogged batches with
+        others that have the same replicas (the driver's token map), so the
+        coordinator it is routed to owns every row: at most
+        MAX_SHARED_BATCH_PARTITIONS partitions and MAX_SHARED_BATCH_BYTES each,
+        Cassandra's default thresholds for warning about a batch.
+        """
+        requests: list[list[BoundStatement]] = []
+        open_batches: dict[frozenset, _SharedBatch] = {}  # by replica set
+        metadata = self._cluster.metadata if self._cluster is not None else None
+        for partition in partitions:
+            bound = [ps.bind(params) for ps, params, _ in partition]
+            size = sum(item[2] for item in partition)
+            if size > MAX_SHARED_BATCH_BYTES:
+                requests.extend([b for b, _ in chunk] for chunk in _chunks(list(zip(bound, partition))))
+                continue
+            replicas = frozenset(metadata.get_replicas(self.keyspace, bound[0].routing_key) if metadata else ())
+            batch = open_batches.get(replicas)
+            if batch is None or not batch.fits(size):
+                batch = open_batches[replicas] = _SharedBatch()
+                requests.append(batch.statements)
+            batch.add(bound, size)
+        await self._gather(self._send(statements) for statements in requests)
 
     async def _write_batch(self, statements: list[_Write]) -> None:
         """Statements of one partition: alone, or as one unlogged batch."""
+        await self._send([ps.bind(params) for ps, params, _ in statements])
+
+    async def _send(self, statements: list[BoundStatement]) -> None:
         if len(statements) == 1:
-            ps, params, _ = statements[0]
-            await self._page(ps, params)
+            await self._page(statements[0])
             return
         batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self._cl)
         batch.is_idempotent = True
-        for ps, params, _ in statements:
-            batch.add(ps, params)
+        for statement in statements:
+            batch.add(statement)
         await self._page(batch)
 
     async def list_events(self, query: EventQuery) -> EventPage:
@@ -944,16 +1006,16 @@ def _clean(row: Any) -> bool:
     return row.n is not None and row.counted_at is not None and row.counted_at >= (row.written_at or 0)
 
 
-def _chunks(statements: list[_Write]) -> Iterable[list[_Write]]:
+def _chunks(items: list[tuple[BoundStatement, _Write]]) -> Iterable[list[tuple[BoundStatement, _Write]]]:
     """One partition's writes in batches of at most MAX_BATCH_BYTES (at least one each)."""
-    chunk: list[_Write] = []
+    chunk: list[tuple[BoundStatement, _Write]] = []
     size = 0
-    for item in statements:
-        if chunk and size + item[2] > MAX_BATCH_BYTES:
+    for item in items:
+        if chunk and size + item[1][2] > MAX_BATCH_BYTES:
             yield chunk
             chunk, size = [], 0
         chunk.append(item)
-        size += item[2]
+        size += item[1][2]
     if chunk:
         yield chunk
 
