@@ -167,7 +167,7 @@ class Window:
     cpu_s: float = 0.0
     store_cpu_s: float = 0.0
     by_pid: dict[int, float] = field(default_factory=dict)  # CPU seconds of each service process
-    roles: dict[int, str] = field(default_factory=dict)  # pid -> supervisor, grpc-worker, gateway
+    roles: dict[int, str] = field(default_factory=dict)  # pid -> supervisor or one of service_proc.ROLES
     _cpu0: float = 0.0
     _by_pid0: dict[int, float] = field(default_factory=dict)
     _store_cpu0: float = 0.0
@@ -191,7 +191,7 @@ class Window:
             from bench.pyspy import summarize
 
             self._recording.wait()
-            for role in ("grpc-worker", "gateway"):
+            for role in service_proc.ROLES:
                 files = [f for f, r in self._recording.files.items() if r == role]
                 if files:
                     summary = summarize(files)
@@ -217,7 +217,7 @@ def ingest_records(run: Run, store: str, workload: str, *, events: int, seconds:
 def store_cpu_record(run: Run, store: str, workload: str, window: Window, seconds: float) -> None:
     """The service's CPU by role (and per process: SO_REUSEPORT balance), and the store server's."""
     split = []
-    for role in ("grpc-worker", "gateway"):
+    for role in service_proc.ROLES:
         per = [cpu / seconds for pid, cpu in window.by_pid.items() if window.roles.get(pid) == role]
         if per:
             run.add(store, workload, f"{role.replace('-', '_')}s_cpu", round(sum(per), 2), "cores")

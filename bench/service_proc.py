@@ -22,6 +22,10 @@ START_TIMEOUT = 120.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+# The worker processes of `serve`, by the word in their command line.
+ROLES = ("grpc-worker", "sqlite-writer", "gateway")
+
+
 @dataclass
 class Service:
     store_url: str
@@ -32,11 +36,11 @@ class Service:
     output: list[str] = field(default_factory=list)
 
     def tree(self) -> dict[int, str]:
-        """pid -> role ("supervisor", "grpc-worker", "gateway") of every live service process."""
+        """pid -> role ("supervisor", or one of ROLES) of every live service process."""
         pids = {self.proc.pid: "supervisor"}
         for pid in descendants(self.proc.pid):
             cmd = cmdline(pid)
-            pids[pid] = "grpc-worker" if "grpc-worker" in cmd else "gateway" if "gateway" in cmd else "other"
+            pids[pid] = next((role for role in ROLES if role in cmd), "other")
         return pids
 
     def tail(self, lines: int = 40) -> str:

@@ -1,4 +1,4 @@
-"""Command line: `python -m service serve | grpc-worker | keys ... | workspaces list`.
+"""Command line: `python -m service serve | migrate | grpc-worker | sqlite-writer | keys ... | workspaces list`.
 
 Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
 FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=int, default=50051)
     worker.add_argument("--key-cache-seconds", type=float, default=10.0)
     _log_arg(worker)
+
+    writer = sub.add_parser("sqlite-writer", help="the one process that commits appends to a SQLite file"
+                                                  " (serve starts it)")
+    _store_arg(writer)
+    writer.add_argument("--socket", required=True, help="Unix socket the workers send appends to")
+    _log_arg(writer)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -158,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
 
         exit_with_parent()
         asyncio.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds)))
+        return 0
+    if args.command == "sqlite-writer":
+        from service.store.sqlite_writer import serve_writer
+        from service.supervisor import exit_with_parent
+
+        exit_with_parent()
+        asyncio.run(serve_writer(args.store, args.socket))
         return 0
     if args.command == "keys":
         return asyncio.run(_keys(args))

@@ -4,12 +4,16 @@ The supervisor prepares the store in a child process (`python -m service
 migrate`: schema, bootstrap key), then starts ``--workers`` gRPC worker
 processes sharing one port through SO_REUSEPORT and ``--gateway-workers`` REST
 gateway processes sharing another, waits until the gateway's /healthz answers
-200 (which asks the gRPC health service), and prints where they listen. It
-imports neither gRPC nor a store driver itself, so it stays small. On SIGTERM or Ctrl-C it
-stops the gateways first (they finish in-flight requests), then the gRPC
-workers (health NOT_SERVING, in-flight calls finish, the store commits and
-closes). When a worker dies unexpectedly the supervisor stops the rest and
-exits non-zero, so a process manager can restart the whole unit.
+200 (which asks the gRPC health service), and prints where they listen. On a
+SQLite store it first starts the one process that commits appends
+(`python -m service sqlite-writer`, see service/store/sqlite_writer.py) on a
+Unix socket in a private directory. It imports neither gRPC nor a store driver
+itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways first
+(they finish in-flight requests), then the gRPC workers (health NOT_SERVING,
+in-flight calls finish, the store commits and closes), then the SQLite writer
+(it commits what it holds). When a worker dies unexpectedly the supervisor
+stops the rest and exits non-zero, so a process manager can restart the whole
+unit.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import closing
 from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
 
 log = logging.getLogger("flameup.supervisor")
 
@@ -91,6 +98,26 @@ def _wait_healthy(host: str, port: int, deadline: float, procs: list[subprocess.
         time.sleep(0.1)
 
 
+def _wait_unix_socket(path: str, deadline: float, proc: subprocess.Popen) -> None:
+    """Until the process accepts connections on the Unix socket."""
+    while True:
+        _check_alive([proc])
+        with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the sqlite writer did not listen on {path} in {STARTUP_TIMEOUT:.0f}s")
+        time.sleep(0.05)
+
+
+def _with_writer(store_url: str, socket_path: str) -> str:
+    """The store URL the workers get: the same file, appends sent to the writer."""
+    return f"{store_url}{'&' if urlsplit(store_url).query else '?'}writer={quote(socket_path, safe='/')}"
+
+
 def _check_alive(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is not None:
@@ -138,19 +165,33 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    grpc_procs = [
-        _spawn(["-m", "service", "grpc-worker", "--store", config.store_url, "--host", config.host,
-                "--port", str(grpc_port), "--key-cache-seconds", str(config.key_cache_seconds),
-                "--log-level", config.log_level], env)
-        for _ in range(config.workers)
-    ]
-    http_procs = [
-        _spawn(["-m", "gateway", "--grpc-target", grpc_target, "--host", config.host,
-                "--port", str(http_port), "--log-level", config.log_level], env)
-        for _ in range(config.gateway_workers)
-    ]
+    writer_procs: list[subprocess.Popen] = []
+    worker_store_url = config.store_url
+    run_dir = None
+    if urlsplit(config.store_url).scheme == "sqlite":
+        run_dir = tempfile.mkdtemp(prefix="flameup-")  # mode 0700: only this user reaches the socket
+        socket_path = os.path.join(run_dir, "appends.sock")
+        writer_procs.append(_spawn(["-m", "service", "sqlite-writer", "--store", config.store_url,
+                                    "--socket", socket_path, "--log-level", config.log_level], env))
+        worker_store_url = _with_writer(config.store_url, socket_path)
+    grpc_procs: list[subprocess.Popen] = []
+    http_procs: list[subprocess.Popen] = []
     try:
-        _wait_healthy(config.host, http_port, time.monotonic() + STARTUP_TIMEOUT, grpc_procs + http_procs)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        for writer in writer_procs:
+            _wait_unix_socket(socket_path, deadline, writer)
+        grpc_procs += [
+            _spawn(["-m", "service", "grpc-worker", "--store", worker_store_url, "--host", config.host,
+                    "--port", str(grpc_port), "--key-cache-seconds", str(config.key_cache_seconds),
+                    "--log-level", config.log_level], env)
+            for _ in range(config.workers)
+        ]
+        http_procs += [
+            _spawn(["-m", "gateway", "--grpc-target", grpc_target, "--host", config.host,
+                    "--port", str(http_port), "--log-level", config.log_level], env)
+            for _ in range(config.gateway_workers)
+        ]
+        _wait_healthy(config.host, http_port, deadline, writer_procs + grpc_procs + http_procs)
         print(
             f"Flameup Events is up (store {config.store_url})\n"
             f"  gRPC listening on {grpc_target} ({config.workers} workers)\n"
@@ -162,12 +203,12 @@ def serve(config: ServeConfig) -> int:
             flush=True,
         )
         while not stopping:
-            for p in grpc_procs + http_procs:
+            for p in writer_procs + grpc_procs + http_procs:
                 if p.poll() is not None:
                     log.error("worker pid %d exited with %s; stopping the service", p.pid, p.returncode)
                     return 1
             time.sleep(0.2)
-        log.info("stopping: gateways first, then gRPC workers")
+        log.info("stopping: gateways first, then gRPC workers, then the store's writer")
         return 0
     except SystemExit as exc:
         log.error("%s", exc)
@@ -175,6 +216,9 @@ def serve(config: ServeConfig) -> int:
     finally:
         _stop(http_procs, STOP_TIMEOUT)
         _stop(grpc_procs, STOP_TIMEOUT)
+        _stop(writer_procs, STOP_TIMEOUT)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
         grpc_sock.close()
         http_sock.close()
 

@@ -11,6 +11,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from flameup.events.v1 import events_pb2 as pb
 from service.domain import EventQuery, person_id_for
@@ -105,9 +106,10 @@ def test_keys_cli_lists_without_revealing_keys(tmp_path):
     assert bad.returncode == 2 and "scopes" in bad.stderr
 
 
-def test_supervisor_stops_when_a_worker_dies(tmp_path):
+@pytest.mark.parametrize("role", ["grpc-worker", "sqlite-writer"])
+def test_supervisor_stops_when_a_worker_dies(tmp_path, role):
     svc = start_service(f"sqlite:///{tmp_path}/e.db")
-    workers = subprocess.run(["pgrep", "-f", f"grpc-worker --store sqlite:///{tmp_path}"],
+    workers = subprocess.run(["pgrep", "-f", f"{role} --store sqlite:///{tmp_path}"],
                              capture_output=True, text=True).stdout.split()
     assert workers
     subprocess.run(["kill", "-KILL", workers[0]], check=True)
@@ -132,3 +134,5 @@ def test_migrate_is_idempotent(tmp_path):
     listing = subprocess.run([sys.executable, "-m", "service", "keys", "list", "--store", url],
                              capture_output=True, text=True, timeout=60).stdout
     assert listing.count("ws_default") == 1
+
+

@@ -3,7 +3,9 @@
 ``sqlite:///./data/events.db`` (relative path) or ``sqlite:////var/lib/flameup/events.db``
 (absolute). Query parameters: ``synchronous=NORMAL|FULL`` (NORMAL, the default,
 survives a crash or kill of the process; FULL also survives power loss, at the
-cost of an fsync per commit) and ``busy_timeout_ms`` (default 10000).
+cost of an fsync per commit), ``busy_timeout_ms`` (default 10000) and
+``writer=<socket>``: send appends to the writer process on that Unix socket
+instead of committing them here (``serve`` sets it; see sqlite_writer.py).
 
 Layout: each (workspace, person) gets a small integer ``person_key``; events
 are stored in arrival order (a rowid table, so inserts append) and indexed
@@ -38,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from service.domain import EventPage, EventQuery, StoredEvent
 from service.store.base import ApiKeyRecord, Store, StoreUnavailable, bucket_of, settle, split_window
+from service.store.sqlite_writer import WriterClient
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -146,7 +149,8 @@ def _chunks(items: list, size: int = ROWS_PER_STATEMENT):
 
 
 class SqliteStore(Store):
-    def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000) -> None:
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
+                 writer: str | None = None) -> None:
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         self.path = path
@@ -160,6 +164,8 @@ class SqliteStore(Store):
         self._writer: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
+        self._writer_socket = writer
+        self._writer_client: WriterClient | None = None
         # (workspace_id, person_id) -> person_key, known committed; writer thread only.
         self._person_keys: dict[tuple[str, str], int] = {}
 
@@ -175,6 +181,7 @@ class SqliteStore(Store):
             path,
             synchronous=params.get("synchronous", "NORMAL"),
             busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)),
+            writer=params.get("writer") or None,
         )
 
     # Connections ----------------------------------------------------------
@@ -218,6 +225,9 @@ class SqliteStore(Store):
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sqlite-read")
         await self._run(self._migrate)
+        if self._writer_socket is not None:  # appends go to the writer process
+            self._writer_client = WriterClient(self._writer_socket)
+            return
         self._closing.clear()
         self._writes = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
@@ -242,6 +252,9 @@ class SqliteStore(Store):
             raise
 
     async def close(self) -> None:
+        if self._writer_client is not None:
+            await self._writer_client.close()
+            self._writer_client = None
         if self._writer is not None:
             self._writes.put(None)  # the writer commits what is queued before it, then stops
             await asyncio.to_thread(self._writer.join)
@@ -264,6 +277,8 @@ class SqliteStore(Store):
     async def append(self, events: Sequence[StoredEvent]) -> None:
         if not events:
             return
+        if self._writer_client is not None:
+            return await self._writer_client.append(events)
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
         loop = asyncio.get_running_loop()

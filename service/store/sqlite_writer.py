@@ -1,0 +1,192 @@
+"""One writer process for a SQLite file that several worker processes serve.
+
+SQLite lets one connection write at a time. When every gRPC worker commits its
+own groups, the workers queue on the file's write lock (SQLite's busy handler
+polls it with sleeps of 1 to 100 ms) and each commit competes with its own
+worker's request handling for the GIL; both showed up as commit stalls and as
+p99 latency. So ``serve`` starts one writer process
+(``python -m service sqlite-writer``) that owns every append: a worker sends
+the rows of an append over a Unix socket and gets its answer once the group
+commit that holds them is done. Reads stay in the workers (WAL readers neither
+block nor wait for the writer).
+
+A worker's store URL names the socket: ``sqlite:///./data/events.db?writer=/run/x/writer.sock``;
+``serve`` adds it, in a directory only its user can enter.
+
+Frames on the socket: a 4-byte big-endian length, then JSON.
+
+- request: ``[id, [[workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us], ...]]``
+- response: ``[id, null]`` once committed, or ``[id, "why not"]``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import struct
+from collections.abc import Sequence
+
+import orjson
+
+from service.domain import StoredEvent
+from service.store.base import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">I")
+# An append is at most a batch of the API (100 events of up to 32 KiB each) or a
+# bulk load; the writer refuses bigger frames rather than buffering without bound.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+def _frame(payload: object) -> bytes:
+    body = orjson.dumps(payload)
+    return _HEADER.pack(len(body)) + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> object:
+    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} byte limit")
+    return orjson.loads(await reader.readexactly(size))
+
+
+def _row(e: StoredEvent) -> tuple:
+    return (e.workspace_id, e.person_id, e.event_id, e.external_id, e.event, e.parameters, e.timestamp_us,
+            e.created_at_us)
+
+
+def _event(row: Sequence) -> StoredEvent:
+    workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us = row
+    if not (all(isinstance(v, str) for v in row[:6]) and all(type(v) is int for v in row[6:])):
+        raise ValueError("a row is not six strings and two integers")
+    return StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us)
+
+
+class WriterClient:
+    """A worker's end: appends go to the writer process, many in flight on one connection."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task | None = None
+        self._connecting = asyncio.Lock()
+
+    async def append(self, events: Sequence[StoredEvent]) -> None:
+        writer = await self._connection()
+        request_id = next(self._ids)
+        answer = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = answer
+        writer.write(_frame([request_id, [_row(e) for e in events]]))
+        # A cancelled caller must not lose track of a commit in flight: it completes anyway.
+        error = await asyncio.shield(answer)
+        if error is not None:
+            raise StoreUnavailable(f"sqlite writer: {error}")
+
+    async def _connection(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is None or self._writer.is_closing():
+                try:
+                    reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+                except OSError as exc:
+                    raise StoreUnavailable(f"cannot reach the sqlite writer at {self.socket_path}: {exc}") from exc
+                self._reading = asyncio.create_task(self._read_answers(reader, self._writer))
+            return self._writer
+
+    async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reason = "closed the connection"
+        try:
+            while True:
+                request_id, error = await _read_frame(reader)
+                answer = self._pending.pop(request_id, None)
+                if answer is not None and not answer.done():
+                    answer.set_result(error)
+        except asyncio.IncompleteReadError:
+            pass
+        except Exception as exc:  # a broken frame or socket: nothing more can be trusted on it
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            writer.close()
+            # Whether these were committed is unknown: the callers see UNAVAILABLE, as for a timeout.
+            pending, self._pending = self._pending, {}
+            for answer in pending.values():
+                if not answer.done():
+                    answer.set_result(f"the writer process {reason} before answering")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+        self._writer = self._reading = None
+
+
+async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | None = None) -> None:
+    """Take appends on ``socket_path`` until ``stop`` is set (without one: SIGTERM/SIGINT).
+
+    On stop it takes no new connections, answers every append it has read, and
+    closes the store, which commits whatever is queued.
+    """
+    from service.store.sqlite import SqliteStore  # the embedded store, with its own writer thread
+
+    store = SqliteStore.from_url(store_url)
+    await store.open()
+    in_flight: set[asyncio.Task] = set()
+    peers: set[asyncio.StreamWriter] = set()
+
+    async def append(writer: asyncio.StreamWriter, request_id: int, events: list[StoredEvent]) -> None:
+        error = None
+        try:
+            await store.append(events)
+        except StoreUnavailable as exc:
+            error = str(exc)
+        except Exception as exc:
+            log.exception("sqlite writer: append failed")
+            error = f"{type(exc).__name__}: {exc}"
+        if not writer.is_closing():
+            writer.write(_frame([request_id, error]))
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.add(writer)
+        try:
+            while True:
+                request_id, rows = await _read_frame(reader)
+                if not isinstance(request_id, int):
+                    raise ValueError(f"request id {request_id!r} is not an integer")
+                task = asyncio.create_task(append(writer, request_id, [_event(r) for r in rows]))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        except asyncio.IncompleteReadError:
+            pass  # the worker closed its end
+        except Exception as exc:
+            log.warning("sqlite writer: dropping a connection: %s: %s", type(exc).__name__, exc)
+            writer.close()
+        finally:
+            peers.discard(writer)
+
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)  # a stale socket of a previous run
+    server = await asyncio.start_unix_server(connection, path=socket_path)
+    os.chmod(socket_path, 0o600)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    log.info("sqlite writer serving %s on %s", store.path, socket_path)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        while in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        for peer in list(peers):  # answered everything read; workers reconnect to a new writer
+            peer.close()
+        await store.close()
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        log.info("sqlite writer stopped")
