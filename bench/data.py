@@ -108,9 +108,11 @@ class Person:
     person_id: str
     rows: list[StoredEvent]
     window: tuple[int, int]  # [since_us, until_us), not aligned to days: exercises the edge counts
-    filter_event: str
+    filter_event: str  # 10% of the person's events
+    rare_event: str  # 0.1%: the event filter has to pass about 1,000 other events per match
     expected_total: int
     expected_event_total: int
+    expected_rare_total: int
     expected_window_total: int
 
 
@@ -128,17 +130,20 @@ def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Perso
     created = domain.now_us()
     params = domain.canonical_parameters("parameters", item(0).parameters)
     rows = []
+    rare_event = "refund_issued"
     for i in range(size):
         ts = end - span * i // size
-        rows.append(StoredEvent(domain.new_event_id(created), workspace_id, pid, external_id,
-                                EVENT_NAMES[i % len(EVENT_NAMES)], params, ts, created))
+        name = rare_event if i % 1000 == 500 else EVENT_NAMES[i % len(EVENT_NAMES)]
+        rows.append(StoredEvent(domain.new_event_id(created), workspace_id, pid, external_id, name, params, ts,
+                                created))
     since = end - span * 2 // 3 + 1_234_567_891  # about 20 days ago, mid-day
     until = end - span // 3 - 987_654_321  # about 10 days ago, mid-day
     filter_event = "purchase_completed"
     return Person(
-        label, size, external_id, pid, rows, (since, until), filter_event,
+        label, size, external_id, pid, rows, (since, until), filter_event, rare_event,
         expected_total=size,
         expected_event_total=sum(r.event == filter_event for r in rows),
+        expected_rare_total=sum(r.event == rare_event for r in rows),
         expected_window_total=sum(since <= r.timestamp_us < until for r in rows),
     )
 

@@ -37,7 +37,7 @@ def _ts(us: int) -> timestamp_pb2.Timestamp:
 
 
 def variants(p: Person) -> list[tuple[str, pb.ListPersonEventsRequest, int]]:
-    """(workload name, request, expected total) for no filter, an event filter and a window."""
+    """(workload name, request, expected total) for no filter, an event filter, a window, and a rare event."""
     base = f"list_person_{p.label}"
     since, until = p.window
     return [
@@ -46,6 +46,8 @@ def variants(p: Person) -> list[tuple[str, pb.ListPersonEventsRequest, int]]:
          p.expected_event_total),
         (f"{base}_window", pb.ListPersonEventsRequest(person_id=p.person_id, limit=LIMIT, since=_ts(since),
                                                       until=_ts(until)), p.expected_window_total),
+        (f"{base}_rare", pb.ListPersonEventsRequest(person_id=p.person_id, limit=LIMIT, event=p.rare_event),
+         p.expected_rare_total),
     ]
 
 

@@ -136,3 +136,36 @@ def test_migrate_is_idempotent(tmp_path):
     assert listing.count("ws_default") == 1
 
 
+
+async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
+    """A file written under schema 1 (two person indexes) opens under the
+    current schema with every event, total and event filter intact."""
+    import sqlite3
+
+    from service.domain import StoredEvent, new_event_id, now_us
+    from service.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+
+    path = str(tmp_path / "v1.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    at = now_us()
+    pid = person_id_for("ws_m", "u")
+    events = [StoredEvent(new_event_id(at), "ws_m", pid, "u", ("a", "b")[i % 2], "{}", at - i, at) for i in range(10)]
+    SqliteStore._commit(SqliteStore(path), conn, events)  # rows and counts as schema 1 held them
+    conn.close()
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        page = await store.list_events(EventQuery("ws_m", pid, event="b"))
+        assert page.total == 5 and [e.event_id for e in page.events] == [e.event_id for e in events[1::2]]
+        assert (await store.list_events(EventQuery("ws_m", pid))).total == 10
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")}
+    assert indexes == {"events_timeline"}
+    conn.close()
