@@ -145,7 +145,7 @@ MAX_GROUP_ROWS = 5000
 WRITER_CACHE_KIB = 16 * 1024
 # Checkpoints run on their own thread every CHECKPOINT_SECONDS; a commit runs one
 # itself only if the WAL outgrows WAL_SAFETY_BYTES (the checkpointer is stuck).
-CHECKPOINT_SECONDS = 1.0
+CHECKPOINT_SECONDS = 0.25
 WAL_SAFETY_BYTES = 80 * 1024 * 1024
 MAX_PERSON_KEY_CACHE = 100_000
 _MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
