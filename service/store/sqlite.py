@@ -140,7 +140,7 @@ REVOKE_KEY = "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key
 
 PAGE_BYTES = 16 * 1024
 # The most rows one group commit takes; keeps a transaction's lock time short.
-MAX_GROUP_ROWS = 5000
+MAX_GROUP_ROWS = 1000
 # The writer's page cache (the default 2 MiB makes every commit re-read index pages).
 WRITER_CACHE_KIB = 16 * 1024
 # Checkpoints run on their own thread every CHECKPOINT_SECONDS; a commit runs one
@@ -149,6 +149,11 @@ CHECKPOINT_SECONDS = 0.25
 WAL_SAFETY_BYTES = 80 * 1024 * 1024
 MAX_PERSON_KEY_CACHE = 100_000
 _MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
+
+
+def _settle_all(waiters: list[asyncio.Future], error: BaseException | None) -> None:
+    for done in waiters:
+        settle(done, None, error)
 
 
 def _values(rows: int, columns: int) -> str:
@@ -322,8 +327,15 @@ class SqliteStore(Store):
                 self._commit(conn, [e for events, _, _ in group for e in events])
             except Exception as exc:  # settle every waiter whatever went wrong
                 error = StoreUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
+            # One wake-up per event loop for the whole group, not one per waiter.
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
             for _, loop, done in group:
-                loop.call_soon_threadsafe(settle, done, None, error)
+                by_loop.setdefault(loop, []).append(done)
+            for loop, waiters in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle_all, waiters, error)
+                except RuntimeError:  # that loop is closed: nobody is waiting any more
+                    pass
 
     def _checkpoint_loop(self) -> None:
         """Copy the WAL into the database off the commit path (PASSIVE: never
