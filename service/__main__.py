@@ -160,17 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "grpc-worker":
         from service.server import GrpcConfig, serve
-        from service.supervisor import exit_with_parent
+        from service.supervisor import exit_with_parent, report_ready
 
         exit_with_parent()
-        asyncio.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds)))
+        asyncio.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds),
+                          on_ready=report_ready))
         return 0
     if args.command == "sqlite-writer":
         from service.store.sqlite_writer import serve_writer
-        from service.supervisor import exit_with_parent
+        from service.supervisor import exit_with_parent, report_ready
 
         exit_with_parent()
-        asyncio.run(serve_writer(args.store, args.socket))
+        asyncio.run(serve_writer(args.store, args.socket, on_ready=report_ready))
         return 0
     if args.command == "keys":
         return asyncio.run(_keys(args))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -34,7 +35,8 @@ class GrpcConfig:
     key_cache_seconds: float = 10.0
 
 
-async def serve(config: GrpcConfig, stop: asyncio.Event | None = None) -> None:
+async def serve(config: GrpcConfig, stop: asyncio.Event | None = None,
+                on_ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
 
     Shutdown order: health goes NOT_SERVING, the server stops taking calls and
@@ -59,6 +61,8 @@ async def serve(config: GrpcConfig, stop: asyncio.Event | None = None) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC worker serving on %s:%d", config.host, port)
+    if on_ready is not None:
+        on_ready()
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,7 +4,9 @@ The supervisor prepares the store in a child process (`python -m service
 migrate`: schema, bootstrap key), then starts ``--workers`` gRPC worker
 processes sharing one port through SO_REUSEPORT and ``--gateway-workers`` REST
 gateway processes sharing another, waits until the gateway's /healthz answers
-200 (which asks the gRPC health service), and prints where they listen. On a
+200 (which asks the gRPC health service), and prints where they listen. Each
+worker reports on a pipe once it serves, and the gateways start only after
+every gRPC worker does, so their connections spread over all of them. On a
 SQLite store it first starts the one process that commits appends
 (`python -m service sqlite-writer`, see service/store/sqlite_writer.py) on a
 Unix socket in a private directory. It imports neither gRPC nor a store driver
@@ -21,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -35,6 +38,7 @@ from urllib.parse import quote, urlsplit
 log = logging.getLogger("flameup.supervisor")
 
 STARTUP_TIMEOUT = 60.0
+READY_FD_ENV = "FLAMEUP_READY_FD"
 STOP_TIMEOUT = 15.0
 
 
@@ -98,19 +102,23 @@ def _wait_healthy(host: str, port: int, deadline: float, procs: list[subprocess.
         time.sleep(0.1)
 
 
-def _wait_unix_socket(path: str, deadline: float, proc: subprocess.Popen) -> None:
-    """Until the process accepts connections on the Unix socket."""
-    while True:
-        _check_alive([proc])
-        with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as probe:
-            try:
-                probe.connect(path)
-                return
-            except OSError:
-                pass
+def _wait_ready(ready: int, count: int, deadline: float, procs: list[subprocess.Popen]) -> None:
+    """Until ``count`` workers have reported ready on the pipe (see report_ready)."""
+    seen = 0
+    while seen < count:
+        _check_alive(procs)
         if time.monotonic() > deadline:
-            raise SystemExit(f"the sqlite writer did not listen on {path} in {STARTUP_TIMEOUT:.0f}s")
-        time.sleep(0.05)
+            raise SystemExit(f"only {seen} of {count} workers were ready after {STARTUP_TIMEOUT:.0f}s")
+        if select.select([ready], [], [], 0.1)[0]:
+            seen += len(os.read(ready, count - seen))
+
+
+def report_ready() -> None:
+    """Tell the supervisor this worker serves (a byte on the pipe it passed down)."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is not None:
+        os.write(int(fd), b"1")
+        os.close(int(fd))
 
 
 def _with_writer(store_url: str, socket_path: str) -> str:
@@ -124,9 +132,9 @@ def _check_alive(procs: list[subprocess.Popen]) -> None:
             raise SystemExit(f"worker {' '.join(p.args[2:4])} (pid {p.pid}) exited with {p.returncode} during start")
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+def _spawn(args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     # Own session: Ctrl-C reaches only the supervisor, which stops the workers in order.
-    return subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
+    return subprocess.Popen([sys.executable, *args], env=env, start_new_session=True, pass_fds=pass_fds)
 
 
 def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
@@ -166,26 +174,32 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     writer_procs: list[subprocess.Popen] = []
-    worker_store_url = config.store_url
-    run_dir = None
-    if urlsplit(config.store_url).scheme == "sqlite":
-        run_dir = tempfile.mkdtemp(prefix="flameup-")  # mode 0700: only this user reaches the socket
-        socket_path = os.path.join(run_dir, "appends.sock")
-        writer_procs.append(_spawn(["-m", "service", "sqlite-writer", "--store", config.store_url,
-                                    "--socket", socket_path, "--log-level", config.log_level], env))
-        worker_store_url = _with_writer(config.store_url, socket_path)
     grpc_procs: list[subprocess.Popen] = []
     http_procs: list[subprocess.Popen] = []
+    worker_store_url = config.store_url
+    run_dir = None
+    ready, ready_w = os.pipe()  # workers that must be serving before the next ones start write a byte here
+    reporting = {**env, READY_FD_ENV: str(ready_w)}
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        for writer in writer_procs:
-            _wait_unix_socket(socket_path, deadline, writer)
+        if urlsplit(config.store_url).scheme == "sqlite":
+            run_dir = tempfile.mkdtemp(prefix="flameup-")  # mode 0700: only this user reaches the socket
+            socket_path = os.path.join(run_dir, "appends.sock")
+            writer_procs.append(_spawn(["-m", "service", "sqlite-writer", "--store", config.store_url,
+                                        "--socket", socket_path, "--log-level", config.log_level],
+                                       reporting, (ready_w,)))
+            _wait_ready(ready, 1, deadline, writer_procs)
+            worker_store_url = _with_writer(config.store_url, socket_path)
         grpc_procs += [
             _spawn(["-m", "service", "grpc-worker", "--store", worker_store_url, "--host", config.host,
                     "--port", str(grpc_port), "--key-cache-seconds", str(config.key_cache_seconds),
-                    "--log-level", config.log_level], env)
+                    "--log-level", config.log_level], reporting, (ready_w,))
             for _ in range(config.workers)
         ]
+        # Gateways start once every gRPC worker listens: SO_REUSEPORT places each
+        # connection once, so channels opened while only some workers were up would
+        # keep all of a gateway's calls on those.
+        _wait_ready(ready, config.workers, deadline, writer_procs + grpc_procs)
         http_procs += [
             _spawn(["-m", "gateway", "--grpc-target", grpc_target, "--host", config.host,
                     "--port", str(http_port), "--log-level", config.log_level], env)
@@ -214,6 +228,8 @@ def serve(config: ServeConfig) -> int:
         log.error("%s", exc)
         return 1
     finally:
+        os.close(ready)
+        os.close(ready_w)
         _stop(http_procs, STOP_TIMEOUT)
         _stop(grpc_procs, STOP_TIMEOUT)
         _stop(writer_procs, STOP_TIMEOUT)

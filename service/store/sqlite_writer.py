@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 
@@ -66,6 +66,25 @@ def _event(row: Sequence) -> StoredEvent:
     return StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us)
 
 
+class _Frames:
+    """Frames written to a stream, coalesced: every frame queued while the event
+    loop runs one round goes out in one write (one system call), not one each."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._queued: list[bytes] = []
+
+    def send(self, payload: object) -> None:
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append(_frame(payload))
+
+    def _flush(self) -> None:
+        frames, self._queued = self._queued, []
+        if not self.writer.is_closing():
+            self.writer.write(b"".join(frames))
+
+
 class WriterClient:
     """A worker's end: appends go to the writer process, many in flight on one connection."""
 
@@ -74,29 +93,31 @@ class WriterClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self._frames: _Frames | None = None
         self._reading: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
 
     async def append(self, events: Sequence[StoredEvent]) -> None:
-        writer = await self._connection()
+        frames = await self._connection()
         request_id = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
-        writer.write(_frame([request_id, [_row(e) for e in events]]))
+        frames.send([request_id, [_row(e) for e in events]])
         # A cancelled caller must not lose track of a commit in flight: it completes anyway.
         error = await asyncio.shield(answer)
         if error is not None:
             raise StoreUnavailable(f"sqlite writer: {error}")
 
-    async def _connection(self) -> asyncio.StreamWriter:
+    async def _connection(self) -> _Frames:
         async with self._connecting:
             if self._writer is None or self._writer.is_closing():
                 try:
                     reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
                 except OSError as exc:
                     raise StoreUnavailable(f"cannot reach the sqlite writer at {self.socket_path}: {exc}") from exc
+                self._frames = _Frames(self._writer)
                 self._reading = asyncio.create_task(self._read_answers(reader, self._writer))
-            return self._writer
+            return self._frames
 
     async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reason = "closed the connection"
@@ -123,10 +144,11 @@ class WriterClient:
             self._writer.close()
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
-        self._writer = self._reading = None
+        self._writer = self._frames = self._reading = None
 
 
-async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | None = None) -> None:
+async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | None = None,
+                       on_ready: Callable[[], None] | None = None) -> None:
     """Take appends on ``socket_path`` until ``stop`` is set (without one: SIGTERM/SIGINT).
 
     On stop it takes no new connections, answers every append it has read, and
@@ -139,7 +161,7 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
     in_flight: set[asyncio.Task] = set()
     peers: set[asyncio.StreamWriter] = set()
 
-    async def append(writer: asyncio.StreamWriter, request_id: int, events: list[StoredEvent]) -> None:
+    async def append(answers: _Frames, request_id: int, events: list[StoredEvent]) -> None:
         error = None
         try:
             await store.append(events)
@@ -148,17 +170,17 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
         except Exception as exc:
             log.exception("sqlite writer: append failed")
             error = f"{type(exc).__name__}: {exc}"
-        if not writer.is_closing():
-            writer.write(_frame([request_id, error]))
+        answers.send([request_id, error])
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peers.add(writer)
+        answers = _Frames(writer)
         try:
             while True:
                 request_id, rows = await _read_frame(reader)
                 if not isinstance(request_id, int):
                     raise ValueError(f"request id {request_id!r} is not an integer")
-                task = asyncio.create_task(append(writer, request_id, [_event(r) for r in rows]))
+                task = asyncio.create_task(append(answers, request_id, [_event(r) for r in rows]))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
         except asyncio.IncompleteReadError:
@@ -178,6 +200,8 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     log.info("sqlite writer serving %s on %s", store.path, socket_path)
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
     finally:
