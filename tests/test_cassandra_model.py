@@ -141,10 +141,14 @@ async def test_event_filter_reads_the_by_name_table(model):
 
 
 @pytest.mark.parametrize("event", [None, "signed_in"])
-async def test_time_window_counts_only_its_two_edge_days(model, event):
+@pytest.mark.parametrize("since_hour, until_hour", [(8, 20), (20, 4)])
+async def test_time_window_counts_only_its_two_edge_days(model, event, since_hour, until_hour):
+    """Each edge day is counted from its smaller side: the part inside the window
+    (20:00 to midnight, midnight to 04:00), or the part outside it, subtracted
+    from the day's count (08:00 and 20:00 cut off the shorter part)."""
     store, heavy, _ = model
-    since = END_US - 200 * BUCKET_US - 5 * 3_600_000_000  # mid-day
-    until = END_US - 100 * BUCKET_US + 7 * 3_600_000_000  # mid-day
+    since = END_US - 200 * BUCKET_US + (since_hour - 13) * 3_600_000_000  # END_US is 13:00
+    until = END_US - 100 * BUCKET_US + (until_hour - 13) * 3_600_000_000
     wanted = heavy.expected(event=event, since=since, until=until)
     page, seconds, stats = await warm_list(store, heavy.query(limit=50, offset=10, event=event,
                                                               since_us=since, until_us=until))
