@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,28 +35,47 @@ async def sqlite_store(tmp_path):
     await store.close()
 
 
+@dataclass
+class WriterRun:
+    """A SQLite writer process's server, run in the test's event loop."""
+
+    store_url: str  # what a worker opens: the file, with appends sent to this writer
+    socket_path: str
+    stop: asyncio.Event
+    task: asyncio.Task
+
+    async def close(self) -> None:
+        self.stop.set()
+        await self.task
+
+
 @pytest.fixture
 async def sqlite_writer(tmp_path):
-    """A writer process's server, run in this loop: (store URL for workers, stop event)."""
+    """Start a writer for tmp_path/events.db on one socket, again after it stopped if asked."""
     run_dir = tempfile.mkdtemp(prefix="fw-")  # Unix socket paths must stay short
     socket_path = str(Path(run_dir) / "appends.sock")
-    stop = asyncio.Event()
     url = f"sqlite:///{tmp_path / 'events.db'}"
-    serving = asyncio.create_task(serve_writer(url, socket_path, stop))
-    while not Path(socket_path).exists():
-        if serving.done():
-            serving.result()
-        await asyncio.sleep(0.01)
-    yield f"{url}?writer={socket_path}", stop
-    stop.set()
-    await serving
+    runs: list[WriterRun] = []
+
+    async def start() -> WriterRun:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(serve_writer(url, socket_path, stop, on_ready=ready.set))
+        await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # it failed to start: raise why
+        runs.append(WriterRun(f"{url}?writer={socket_path}", socket_path, stop, task))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        await run.close()
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture
 async def sqlite_writer_store(sqlite_writer):
     """A SqliteStore that sends its appends to a writer process (reads stay local)."""
-    store = SqliteStore.from_url(sqlite_writer[0])
+    store = SqliteStore.from_url((await sqlite_writer()).store_url)
     await store.open()
     yield store
     await store.close()

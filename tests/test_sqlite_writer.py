@@ -7,17 +7,14 @@ backend of the ``store`` fixture); these are the failure cases.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import struct
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from service.domain import EventQuery, StoredEvent, new_event_id, now_us, person_id_for
 from service.store import StoreUnavailable
 from service.store.sqlite import SqliteStore
-from service.store.sqlite_writer import MAX_FRAME_BYTES, serve_writer
+from service.store.sqlite_writer import MAX_FRAME_BYTES
 
 
 def event(external_id: str) -> StoredEvent:
@@ -26,61 +23,39 @@ def event(external_id: str) -> StoredEvent:
                        "{}", at, at)
 
 
-@pytest.fixture
-def socket_path():
-    run_dir = tempfile.mkdtemp(prefix="fw-")
-    yield str(Path(run_dir) / "appends.sock")
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
-async def start_writer(url: str, socket_path: str) -> tuple[asyncio.Task, asyncio.Event]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_writer(url, socket_path, stop))
-    while not Path(socket_path).exists():
-        await asyncio.sleep(0.01)
-    return task, stop
-
-
-async def test_a_gone_writer_is_unavailable_and_a_restarted_one_is_used_again(tmp_path, socket_path):
-    url = f"sqlite:///{tmp_path / 'events.db'}"
-    task, stop = await start_writer(url, socket_path)
-    store = SqliteStore.from_url(f"{url}?writer={socket_path}")
+async def test_a_gone_writer_is_unavailable_and_a_restarted_one_is_used_again(sqlite_writer):
+    writer = await sqlite_writer()
+    store = SqliteStore.from_url(writer.store_url)
     await store.open()
     try:
         first = event("u1")
         await store.append([first])
-        stop.set()
-        await task  # commits what it holds, closes the connection, removes the socket
+        await writer.close()  # commits what it holds, closes the connection, removes the socket
         with pytest.raises(StoreUnavailable, match="writer"):
             await store.append([event("u1")])
 
-        task, stop = await start_writer(url, socket_path)
+        await sqlite_writer()
         second = event("u1")
         await store.append([second])  # reconnects
         page = await store.list_events(EventQuery("ws_w", first.person_id))
         assert page.total == 2 and {e.event_id for e in page.events} == {first.event_id, second.event_id}
     finally:
         await store.close()
-        stop.set()
-        await task
 
 
-async def test_the_writer_drops_a_peer_that_sends_garbage_and_serves_the_others(tmp_path, socket_path):
-    url = f"sqlite:///{tmp_path / 'events.db'}"
-    task, stop = await start_writer(url, socket_path)
-    store = SqliteStore.from_url(f"{url}?writer={socket_path}")
+async def test_the_writer_drops_a_peer_that_sends_garbage_and_serves_the_others(sqlite_writer):
+    writer = await sqlite_writer()
+    store = SqliteStore.from_url(writer.store_url)
     await store.open()
     try:
         for body in (b"{{{", b"[1,2]", b'[1,[["ws","p","e","x","n","{}","not a time",0]]]', b'["1",[]]'):
-            await assert_dropped(socket_path, struct.pack(">I", len(body)) + body)
-        await assert_dropped(socket_path, struct.pack(">I", MAX_FRAME_BYTES + 1))
+            await assert_dropped(writer.socket_path, struct.pack(">I", len(body)) + body)
+        await assert_dropped(writer.socket_path, struct.pack(">I", MAX_FRAME_BYTES + 1))
         good = event("u2")
         await store.append([good])
         assert (await store.list_events(EventQuery("ws_w", good.person_id))).events == [good]
     finally:
         await store.close()
-        stop.set()
-        await task
 
 
 async def assert_dropped(socket_path: str, frame: bytes) -> None:
@@ -89,4 +64,3 @@ async def assert_dropped(socket_path: str, frame: bytes) -> None:
     writer.write(frame)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
-
