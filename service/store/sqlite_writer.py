@@ -10,7 +10,7 @@ the rows of an append over a Unix socket and gets its answer once the group
 commit that holds them is done. Reads stay in the workers (WAL readers neither
 block nor wait for the writer).
 
-A worker's store URL names the socket: ``sqlite:///./data/events.db?writer=/run/x/writer.sock``;
+A worker's store URL names the socket: ``sqlite:///./data/events.db?writer=/tmp/flameup-x/appends.sock``;
 ``serve`` adds it, in a directory only its user can enter.
 
 Frames on the socket: a 4-byte big-endian length, then JSON.
