@@ -38,14 +38,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._authenticator = authenticator
+        # method path -> its checking handler, built once (a handler is per method, not per call)
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
+        path = handler_call_details.method
+        if (checked := self._handlers.get(path)) is not None:
+            return checked
         handler = await continuation(handler_call_details)
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        service, _, method = path.lstrip("/").partition("/")
         if service != SERVICE_NAME or handler is None or handler.unary_unary is None:
             return handler
+        checked = self._handlers[path] = self._checking(method, handler)
+        return checked
+
+    def _checking(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler with the key and scope checked before the servicer runs."""
         scope = REQUIRED_SCOPE.get(method)
-        authorization = _metadata(handler_call_details.invocation_metadata, "authorization")
         inner, deserialize = handler.unary_unary, handler.request_deserializer
 
         def tolerant_deserialize(data: bytes):
@@ -66,6 +75,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if scope is None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"no scope grants {method}")
             try:
+                authorization = _metadata(context.invocation_metadata(), "authorization")
                 principal = await self._authenticator.authenticate(authorization, scope)
             except AuthError as exc:
                 code = grpc.StatusCode.UNAUTHENTICATED if exc.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
