@@ -373,11 +373,17 @@ class SqliteStore(Store):
 
     @staticmethod
     def _statements(events: list[StoredEvent], keys: dict[tuple[str, str], int]) -> list[tuple[str, list]]:
-        """The multi-row INSERTs of the events and the upserts of their day counts."""
+        """The multi-row INSERTs of the events and the upserts of their day counts.
+
+        Rows go in in index order (person, time): consecutive index inserts then
+        land on the same pages, which took raw group commits at 600k rows from
+        44.6k to 50-53k events/s (arrival order within a group means nothing).
+        """
         counts: Counter[tuple[int, str, int]] = Counter()
         rows = []
-        for e in events:
-            key = keys[(e.workspace_id, e.person_id)]
+        keyed = sorted(((keys[(e.workspace_id, e.person_id)], e.timestamp_us, i) for i, e in enumerate(events)))
+        for key, _, i in keyed:
+            e = events[i]
             bucket = bucket_of(e.timestamp_us)
             counts[(key, "", bucket)] += 1
             counts[(key, e.event, bucket)] += 1
