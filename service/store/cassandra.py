@@ -770,7 +770,9 @@ class CassandraStore(Store):
             if size > MAX_SHARED_BATCH_BYTES:
                 requests.extend([b for b, _ in chunk] for chunk in _chunks(list(zip(bound, partition))))
                 continue
-            replicas = frozenset(metadata.get_replicas(self.keyspace, bound[0].routing_key) if metadata else ())
+            routing_key = bound[0].routing_key  # None without table metadata: then one group for all
+            replicas = frozenset(metadata.get_replicas(self.keyspace, routing_key)
+                                 if metadata is not None and routing_key is not None else ())
             batch = open_batches.get(replicas)
             if batch is None or not batch.fits(size):
                 batch = open_batches[replicas] = _SharedBatch()
