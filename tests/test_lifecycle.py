@@ -169,3 +169,19 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
     indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")}
     assert indexes == {"events_timeline"}
     conn.close()
+
+
+def test_sqlite_writeback_hint_starts_and_leaves_no_descriptor_open(tmp_path):
+    from service.store.sqlite import _Writeback
+
+    data, missing = tmp_path / "db", tmp_path / "db-wal"
+    data.write_bytes(b"x" * 65536)
+    before = len(os.listdir("/proc/self/fd"))
+    writeback = _Writeback([str(data), str(missing)])
+    writeback.start()  # one file is missing (no WAL yet): nothing stays open
+    assert len(os.listdir("/proc/self/fd")) == before
+    missing.write_bytes(b"y")
+    writeback.start()
+    assert len(os.listdir("/proc/self/fd")) == before + (2 if sys.platform == "linux" else 0)
+    writeback.close()
+    assert len(os.listdir("/proc/self/fd")) == before

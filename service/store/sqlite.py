@@ -28,9 +28,13 @@ loop never blocks on the file.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import itertools
 import logging
+import os
 import queue
 import sqlite3
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -147,9 +151,57 @@ WRITER_CACHE_KIB = 16 * 1024
 # Checkpoints run on their own thread every CHECKPOINT_SECONDS; a commit runs one
 # itself only if the WAL outgrows WAL_SAFETY_BYTES (the checkpointer is stuck).
 CHECKPOINT_SECONDS = 0.25
+# Between checkpoints the same thread starts the writeback of both files this often.
+WRITEBACK_SECONDS = 0.05
 WAL_SAFETY_BYTES = 80 * 1024 * 1024
 MAX_PERSON_KEY_CACHE = 100_000
 _MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
+
+
+class _Writeback:
+    """Starts the kernel's writeback of files' dirty pages, without waiting (Linux).
+
+    A checkpoint under synchronous=NORMAL ends with fsyncs of the WAL and the
+    database. The longer dirty data waits in the page cache, the more each fsync
+    has to write, and while it runs the writer's own WAL writes stall (on ext4 a
+    write that updates the file's mtime waits for the journal commit the fsync
+    forces): that was the p99 of the batch workloads. sync_file_range(WRITE)
+    starts writing now, commits no journal and changes no durability guarantee
+    (the checkpoints still fsync); back to back it took grpc_batch p99 from
+    52-63 ms to 38-47 ms. Elsewhere this does nothing.
+    """
+
+    SYNC_FILE_RANGE_WRITE = 2
+
+    def __init__(self, paths: list[str]) -> None:
+        self._paths = paths
+        self._fds: list[int] = []
+        self._sync_file_range = None
+        if sys.platform == "linux":
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            except (OSError, AttributeError):
+                return
+            fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            self._sync_file_range = fn
+
+    def start(self) -> None:
+        if self._sync_file_range is None:
+            return
+        if not self._fds:
+            try:
+                for path in self._paths:
+                    self._fds.append(os.open(path, os.O_RDONLY))
+            except OSError:  # the WAL appears with the first write
+                self.close()
+                return
+        for fd in self._fds:
+            self._sync_file_range(fd, 0, 0, self.SYNC_FILE_RANGE_WRITE)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
 
 def _settle_all(waiters: list[asyncio.Future], error: BaseException | None) -> None:
@@ -340,13 +392,24 @@ class SqliteStore(Store):
 
     def _checkpoint_loop(self) -> None:
         """Copy the WAL into the database off the commit path (PASSIVE: never
-        waits for, nor blocks, readers and writers)."""
+        waits for, nor blocks, readers and writers), and between checkpoints
+        start the writeback of both files (see _Writeback)."""
         conn = self._connect()
-        while not self._closing.wait(CHECKPOINT_SECONDS):
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:  # busy or I/O: the next round tries again
-                log.debug("sqlite checkpoint: %s", exc)
+        writeback = _Writeback([self.path, self.path + "-wal"])
+        rounds = round(CHECKPOINT_SECONDS / WRITEBACK_SECONDS)
+        try:
+            for tick in itertools.count(1):
+                if self._closing.wait(WRITEBACK_SECONDS):
+                    return
+                writeback.start()
+                if tick % rounds:
+                    continue
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or I/O: the next round tries again
+                    log.debug("sqlite checkpoint: %s", exc)
+        finally:
+            writeback.close()
 
     def _commit(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> None:
         """One transaction for a group of appends: persons, rows, day counts.
