@@ -170,6 +170,18 @@ def describe(value: Any) -> str:
     return _got(value)
 
 
+def _at_each_index(convert: Callable[[Any], Any], items: list) -> list:
+    """``convert`` applied to each item in order; an error names the item's index."""
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append(convert(item))
+        except TranscodeError as exc:
+            exc.push(index)
+            raise
+    return out
+
+
 def _depth_error() -> TranscodeError:
     return TranscodeError(f"JSON nesting is deeper than {MAX_DEPTH} levels")
 
@@ -613,14 +625,7 @@ class FieldCodec:
                         raise TranscodeError(f"expected an array, got {_got(value)}")
                     if depth + 1 > MAX_DEPTH:
                         raise _depth_error()
-                    out = []
-                    for index, item in enumerate(value):
-                        try:
-                            out.append(convert(item))
-                        except TranscodeError as exc:
-                            exc.push(index)
-                            raise
-                    getattr(msg, name).extend(out)
+                    getattr(msg, name).extend(_at_each_index(convert, value))
 
                 return set_scalars
 
@@ -634,12 +639,7 @@ class FieldCodec:
                     raise _depth_error()
                 add = getattr(msg, name).add
                 level += 1
-                for index, item in enumerate(value):
-                    try:
-                        fill(add(), item, depth, level)
-                    except TranscodeError as exc:
-                        exc.push(index)
-                        raise
+                _at_each_index(lambda item: fill(add(), item, depth, level), value)
 
             return set_messages
 
@@ -731,26 +731,14 @@ class FieldCodec:
             if field.message_type is None:
 
                 def set_repeated(msg: Any, values: list[str]) -> None:
-                    out = []
-                    for index, text in enumerate(values):
-                        try:
-                            out.append(convert_one(text))
-                        except TranscodeError as exc:
-                            exc.push(index)
-                            raise
-                    getattr(msg, name).extend(out)
+                    getattr(msg, name).extend(_at_each_index(convert_one, values))
 
                 return set_repeated
             fill = self.message_codec.fill  # type: ignore[union-attr]
 
             def set_repeated_messages(msg: Any, values: list[str]) -> None:
                 add = getattr(msg, name).add
-                for index, text in enumerate(values):
-                    try:
-                        fill(add(), convert_one(text), 1, 1)
-                    except TranscodeError as exc:
-                        exc.push(index)
-                        raise
+                _at_each_index(lambda text: fill(add(), convert_one(text), 1, 1), values)
 
             return set_repeated_messages
 
