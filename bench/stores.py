@@ -106,13 +106,15 @@ class SqliteBench(BenchStore):
         try:
             conn = store._connect()  # the store's own connection settings (WAL, synchronous, busy timeout)
             # The store's own bulk path: one _commit (multi-row inserts, person keys,
-            # day counts) per group of MAX_GROUP_ROWS, as its writer thread does it,
-            # called directly with no queue, no event loop and no service.
+            # day counts) per group of MAX_GROUP_ROWS, each followed by its timeline
+            # merge step when one is due, as its writer thread does it, called
+            # directly with no queue, no event loop and no service.
             groups = [list(rows[i:i + MAX_GROUP_ROWS]) for i in range(0, len(rows), MAX_GROUP_ROWS)]
             done = 0
             cpu0, started = time.process_time(), time.perf_counter()
             for group in groups:
                 store._commit(conn, group)
+                store._merge_if_due(conn)
                 done += len(group)
                 if time.perf_counter() - started >= max_seconds:
                     break

@@ -1,8 +1,10 @@
 """Shared fixtures.
 
 - ``store``: the contract fixture, parametrized over every backend: SQLite
-  committing in-process, SQLite through the writer process's socket (as the
-  workers of ``serve`` use it), and Cassandra. Cassandra comes from
+  committing in-process, the same merging its timeline after every commit (so
+  a person's entries are split between ``timeline`` and ``recent`` at every
+  point), SQLite through the writer process's socket (as the workers of
+  ``serve`` use it), and Cassandra. Cassandra comes from
   tests/cassandra_support.py: skipped with a loud reason locally when it cannot
   start, a failure in CI (CI=true).
 - ``server``: a real ``python -m service serve`` process tree (gRPC workers and
@@ -24,11 +26,24 @@ from service.store.sqlite_writer import serve_writer
 
 pytest_plugins = ["cassandra_support", "service_support"]
 
-BACKENDS = ["sqlite", "sqlite_writer", "cassandra"]
+BACKENDS = ["sqlite", "sqlite_merging", "sqlite_writer", "cassandra"]
 
 
 @pytest.fixture
 async def sqlite_store(tmp_path):
+    store = SqliteStore(str(tmp_path / "events.db"))
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sqlite_merging_store(tmp_path, monkeypatch):
+    """A SqliteStore whose writer runs a timeline merge step of about two entries after every commit."""
+    import service.store.sqlite as sqlite
+
+    monkeypatch.setattr(sqlite, "MERGE_FROM_ROWS", 1)
+    monkeypatch.setattr(sqlite, "MERGE_STEP_ROWS", 2)
     store = SqliteStore(str(tmp_path / "events.db"))
     await store.open()
     yield store

@@ -138,11 +138,12 @@ def test_migrate_is_idempotent(tmp_path):
 
 
 async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
-    """A file written under schema 1 (two person indexes) opens under the
-    current schema with every event, total and event filter intact."""
+    """A file written under schema 1 (two person indexes on a rowid table) opens
+    under the current schema with every event, total and event filter intact."""
     import sqlite3
 
-    from service.domain import StoredEvent, new_event_id, now_us
+    from service.domain import new_event_id, now_us
+    from service.store.base import bucket_of
     from service.store.sqlite import MIGRATIONS, SCHEMA_VERSION
 
     path = str(tmp_path / "v1.db")
@@ -152,22 +153,33 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
     conn.execute("PRAGMA user_version = 1")
     at = now_us()
     pid = person_id_for("ws_m", "u")
-    events = [StoredEvent(new_event_id(at), "ws_m", pid, "u", ("a", "b")[i % 2], "{}", at - i, at) for i in range(10)]
-    SqliteStore._commit(SqliteStore(path), conn, events)  # rows and counts as schema 1 held them
+    conn.execute("INSERT INTO persons (workspace_id, person_id) VALUES ('ws_other', 'p'), ('ws_m', ?)", (pid,))
+    ids = [new_event_id(at) for _ in range(10)]
+    # rows and counts as schema 1 held them, written by hand: the store's own code writes schema 3
+    conn.executemany(
+        "INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at)"
+        " VALUES (?, 2, ?, 'u', ?, '{\"i\":' || ? || '}', ?)",
+        [(ids[i], at - i, ("a", "b")[i % 2], i, at) for i in range(10)])
+    for key, n in (("", 10), ("a", 5), ("b", 5)):
+        conn.execute("INSERT INTO bucket_counts VALUES (2, ?, ?, ?)", (key, bucket_of(at), n))
     conn.close()
 
     store = SqliteStore(path)
     await store.open()
     try:
         page = await store.list_events(EventQuery("ws_m", pid, event="b"))
-        assert page.total == 5 and [e.event_id for e in page.events] == [e.event_id for e in events[1::2]]
-        assert (await store.list_events(EventQuery("ws_m", pid))).total == 10
+        assert page.total == 5 and [e.event_id for e in page.events] == ids[1::2]
+        page = await store.list_events(EventQuery("ws_m", pid, limit=3, offset=2))
+        assert page.total == 10 and [e.event_id for e in page.events] == ids[2:5]
+        assert [e.parameters for e in page.events] == ['{"i":2}', '{"i":3}', '{"i":4}']
     finally:
         await store.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM timeline").fetchone()[0] == 10
+    assert conn.execute("SELECT count(*) FROM recent").fetchone()[0] == 0
     indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")}
-    assert indexes == {"events_timeline"}
+    assert indexes == set()  # the timeline is its own table now; the rows have only their seq key
     conn.close()
 
 

@@ -1,0 +1,123 @@
+"""SQLite's timeline is two tables: new entries in ``recent``, moved into ``timeline``
+in merge steps. Whatever the split, reads must be exactly those of one timeline."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+
+import service.store.sqlite as sqlite_module
+from service.domain import EventQuery, StoredEvent, new_event_id, person_id_for
+from service.store.base import BUCKET_US
+from service.store.sqlite import SqliteStore
+
+WS = "ws_timeline"
+DAY0 = 19_000 * BUCKET_US
+NAMES = ("viewed", "clicked", "bought")
+
+
+def _tables(path: str) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    try:
+        counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("events", "timeline", "recent")}
+        counts["in_both"] = conn.execute(
+            "SELECT count(*) FROM timeline JOIN recent USING (person_key, ts, event_id)").fetchone()[0]
+        return counts
+    finally:
+        conn.close()
+
+
+async def test_reads_are_exact_while_merge_steps_move_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_module, "MERGE_FROM_ROWS", 10)
+    monkeypatch.setattr(sqlite_module, "MERGE_STEP_ROWS", 4)
+    path = str(tmp_path / "events.db")
+    store = SqliteStore(path)
+    await store.open()
+    rnd = random.Random(7)
+    users = [f"u{i}" for i in range(6)]
+    model: dict[str, list[StoredEvent]] = {u: [] for u in users}
+    splits = set()  # (entries in timeline > 0, entries in recent > 0) seen after appends
+    try:
+        for _ in range(40):
+            batch = []
+            for _ in range(rnd.randint(1, 7)):
+                user = rnd.choice(users)
+                ts = DAY0 + rnd.randrange(5 * BUCKET_US)
+                batch.append(StoredEvent(new_event_id(ts), WS, person_id_for(WS, user), user, rnd.choice(NAMES),
+                                         "{}", ts, ts))
+                model[user].append(batch[-1])
+            await store.append(batch)
+            counts = _tables(path)
+            assert counts["timeline"] + counts["recent"] == counts["events"] and counts["in_both"] == 0
+            splits.add((counts["timeline"] > 0, counts["recent"] > 0))
+            for user in rnd.sample(users, 2):
+                since = DAY0 + rnd.randrange(2 * BUCKET_US)
+                until = since + rnd.randrange(3 * BUCKET_US)
+                for kw in ({}, {"event": "clicked"}, {"since_us": since, "until_us": until},
+                           {"event": "viewed", "since_us": since}, {"limit": 3, "offset": 2}):
+                    page = await store.list_events(EventQuery(WS, person_id_for(WS, user), **kw))
+                    expected = [e for e in model[user]
+                                if kw.get("event") in (None, e.event)
+                                and kw.get("since_us", -1) <= e.timestamp_us
+                                and ("until_us" not in kw or e.timestamp_us < kw["until_us"])]
+                    expected.sort(key=lambda e: (e.timestamp_us, e.event_id), reverse=True)
+                    offset, limit = kw.get("offset", 0), kw.get("limit", 50)
+                    assert page.total == len(expected), kw
+                    assert page.events == expected[offset:offset + limit], kw
+    finally:
+        await store.close()
+    # the reads above ran with entries only in recent, and split between both tables
+    assert {(False, True), (True, True)} <= splits
+
+
+async def test_a_merge_step_sweeps_every_person_and_starts_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_module, "MERGE_FROM_ROWS", 1)
+    monkeypatch.setattr(sqlite_module, "MERGE_STEP_ROWS", 1_000)
+    path = str(tmp_path / "events.db")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        events = [StoredEvent(new_event_id(DAY0 + i), WS, person_id_for(WS, f"u{i % 5}"), f"u{i % 5}", "viewed",
+                              "{}", DAY0 + i, DAY0) for i in range(20)]
+        await store.append(events[:10])  # its step moves everything: the cursor passes the last person
+        await store.append(events[10:])  # so this one's step starts from the first person again
+    finally:
+        await store.close()  # the writer finishes its steps before it stops
+    assert _tables(path) == {"events": 20, "timeline": 20, "recent": 0, "in_both": 0}
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        page = await store.list_events(EventQuery(WS, person_id_for(WS, "u3")))
+        assert page.total == 4 and [e.timestamp_us for e in page.events] == [DAY0 + 18, DAY0 + 13, DAY0 + 8, DAY0 + 3]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("broken", ["boundary", "move"])
+async def test_a_failed_merge_step_loses_nothing(tmp_path, monkeypatch, broken):
+    """A step that fails halfway rolls back: every entry stays where it was, and appends go on."""
+    monkeypatch.setattr(sqlite_module, "MERGE_FROM_ROWS", 1)
+    sql = {"boundary": "MERGE_BOUNDARY", "move": "MERGE_ENTRIES"}[broken]
+    monkeypatch.setattr(sqlite_module, sql, "SELECT * FROM no_such_table")
+    path = str(tmp_path / "events.db")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        for i in range(3):
+            await store.append([StoredEvent(new_event_id(DAY0 + i), WS, person_id_for(WS, "u"), "u", "viewed", "{}",
+                                            DAY0 + i, DAY0)])
+        assert _tables(path) == {"events": 3, "timeline": 0, "recent": 3, "in_both": 0}
+        assert (await store.list_events(EventQuery(WS, person_id_for(WS, "u")))).total == 3
+    finally:
+        await store.close()
+
+
+def test_the_day_of_a_timestamp_in_sql_is_bucket_of():
+    from service.store.base import bucket_of
+    from service.store.sqlite import _BUCKET_SQL
+
+    conn = sqlite3.connect(":memory:")
+    for ts in (0, 1, BUCKET_US - 1, BUCKET_US, DAY0 + 5, 2**62, -1, -BUCKET_US, -BUCKET_US - 1):
+        assert conn.execute(f"SELECT {_BUCKET_SQL} FROM (SELECT ? AS ts)", (ts,)).fetchone()[0] == bucket_of(ts), ts
