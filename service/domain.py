@@ -212,13 +212,16 @@ def canonical_parameters(field: str, value: Any) -> str:
 
 
 def _normalize(field: str, value: Any, depth: int) -> Any:
-    """Depth counts containers: {"a": 1} is 1 deep, {"a": {"b": [1]}} is 3."""
+    """Depth counts containers: {"a": 1} is 1 deep, {"a": {"b": [1]}} is 3.
+
+    Strings, the most common values, are passed through without a call.
+    """
     if isinstance(value, (dict, list)):
         if depth > MAX_PARAMETERS_DEPTH:
             raise ValidationError.of(field, f"must not be nested more than {MAX_PARAMETERS_DEPTH} levels deep")
         if isinstance(value, dict):
-            return {k: _normalize(field, v, depth + 1) for k, v in value.items()}
-        return [_normalize(field, v, depth + 1) for v in value]
+            return {k: v if type(v) is str else _normalize(field, v, depth + 1) for k, v in value.items()}
+        return [v if type(v) is str else _normalize(field, v, depth + 1) for v in value]
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValidationError.of(field, "numbers must be finite")

@@ -177,19 +177,28 @@ def _track_input(request: events_pb2.TrackRequest) -> TrackInput:
 
 def _struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
     """Struct to plain values. The core checks depth and size; protobuf's own
-    parser already stops at 100 levels, which bounds this recursion."""
-    return {k: _value_to_python(v) for k, v in struct.fields.items()}
+    parser already stops at 100 levels, which bounds this recursion.
+
+    Every event of a batch passes here, so the map is read by key (its items()
+    view is a Python generator) and the common kinds are tested first.
+    """
+    fields = struct.fields
+    return {k: _value_to_python(fields[k]) for k in fields}
 
 
 def _value_to_python(value: struct_pb2.Value) -> Any:
     kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
     if kind == "struct_value":
         return _struct_to_python(value.struct_value)
+    if kind == "bool_value":
+        return value.bool_value
     if kind == "list_value":
         return [_value_to_python(v) for v in value.list_value.values]
-    if kind is None or kind == "null_value":
-        return None
-    return getattr(value, kind)
+    return None  # null_value, or no kind set
 
 
 def _micros_ceil(ts) -> int:
