@@ -33,8 +33,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--grpc-target",
-        default=env.get("FLAMEUP_GRPC_TARGET", "127.0.0.1:50051"),
-        help="the gRPC server, host:port (env FLAMEUP_GRPC_TARGET; default %(default)s)",
+        action="append",
+        help="the gRPC server, host:port or unix:/path; repeat it to spread the calls over several"
+        " (env FLAMEUP_GRPC_TARGET; default 127.0.0.1:50051)",
     )
     parser.add_argument(
         "--host", default=env.get("FLAMEUP_HOST", "127.0.0.1"), help="address to listen on (env FLAMEUP_HOST)"
@@ -114,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sock = bind_socket(args.host, args.port, args.backlog)
     port = sock.getsockname()[1]
-    app = create_app(args.grpc_target, timeout=args.grpc_timeout, max_body_bytes=args.max_body_bytes)
+    targets = args.grpc_target or [os.environ.get("FLAMEUP_GRPC_TARGET", "127.0.0.1:50051")]
+    app = create_app(targets, timeout=args.grpc_timeout, max_body_bytes=args.max_body_bytes)
     config = uvicorn.Config(
         app,
         loop="auto",

@@ -9,7 +9,8 @@ forwards ``Authorization`` (and ``X-Request-Id``) as gRPC metadata, calls the
 method over a small pool of ``grpc.aio`` channels with a deadline, and writes
 the response message as JSON. Each channel is its own HTTP/2 connection, taken
 in turn, so one gateway worker spreads its calls over the gRPC worker
-processes that share the service's port (one connection would pin it to one).
+processes (one connection would pin it to one). Given several targets (``serve``
+passes each worker's own Unix socket), the channels go to them in equal numbers.
 
 Errors are a ``google.rpc.Status`` in JSON, as grpc-gateway writes them:
 ``{"code": 3, "message": "...", "details": [{"@type": ...}, ...]}``, with the
@@ -355,7 +356,7 @@ def build_routes(
 
 
 def create_app(
-    grpc_target: str,
+    grpc_target: str | Sequence[str],
     *,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -364,7 +365,11 @@ def create_app(
     channels: int = DEFAULT_CHANNELS,
 ) -> Starlette:
     """The gateway for the services in ``files`` (default: flameup.events.v1),
-    calling the gRPC server at ``grpc_target`` ("host:port")."""
+    calling the gRPC server at ``grpc_target`` ("host:port", "unix:/path", or a
+    list of them: at least ``channels`` channels, the same number to each)."""
+    targets = [grpc_target] if isinstance(grpc_target, str) else list(grpc_target)
+    if not targets:
+        raise ValueError("create_app needs at least one gRPC target")
     files = list(files) if files is not None else default_files()
     codecs = CodecRegistry()
     bindings = bindings_for(files)
@@ -375,7 +380,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[GatewayState]:
         # A local subchannel pool per channel: otherwise grpc would share one connection.
         options = [*channel_options, ("grpc.use_local_subchannel_pool", 1)]
-        pool = [grpc.aio.insecure_channel(grpc_target, options=options) for _ in range(max(1, channels))]
+        per_target = -(-max(1, channels) // len(targets))  # ceil: every target gets as many
+        pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(per_target) for target in targets]
         try:
             calls = {
                 binding.grpc_path: itertools.cycle([
@@ -392,7 +398,8 @@ def create_app(
             health_check = _unary_unary(
                 pool[0], "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
             )
-            log.info("REST gateway calls gRPC at %s over %d channels (%d routes)", grpc_target, len(pool), len(bindings))
+            log.info("REST gateway calls gRPC at %s over %d channels (%d routes)", ", ".join(targets), len(pool),
+                     len(bindings))
             yield {"channels": pool, "calls": calls, "health_check": health_check}
         finally:
             for channel in pool:

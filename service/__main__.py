@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=50051)
     worker.add_argument("--key-cache-seconds", type=float, default=10.0)
+    worker.add_argument("--unix-socket", default=None,
+                        help="also listen on this Unix socket (serve gives each worker one for the gateways)")
     _log_arg(worker)
 
     writer = sub.add_parser("sqlite-writer", help="the one process that commits appends to a SQLite file"
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.supervisor import exit_with_parent, report_ready
 
         exit_with_parent()
-        asyncio.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds),
+        asyncio.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds,
+                                     unix_socket=args.unix_socket),
                           on_ready=report_ready))
         return 0
     if args.command == "sqlite-writer":

@@ -33,6 +33,7 @@ class GrpcConfig:
     port: int = 50051
     grace_seconds: float = 10.0
     key_cache_seconds: float = 10.0
+    unix_socket: str | None = None  # a second listener, this worker's own (the gateways call it)
 
 
 async def serve(config: GrpcConfig, stop: asyncio.Event | None = None,
@@ -57,6 +58,8 @@ async def serve(config: GrpcConfig, stop: asyncio.Event | None = None,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.unix_socket is not None:
+        server.add_insecure_port(f"unix:{config.unix_socket}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

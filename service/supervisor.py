@@ -177,13 +177,14 @@ def serve(config: ServeConfig) -> int:
     grpc_procs: list[subprocess.Popen] = []
     http_procs: list[subprocess.Popen] = []
     worker_store_url = config.store_url
-    run_dir = None
+    # mode 0700: only this user reaches the sockets in it (the writer's, the workers' own)
+    run_dir = tempfile.mkdtemp(prefix="flameup-")
+    worker_sockets = [os.path.join(run_dir, f"grpc-{i}.sock") for i in range(config.workers)]
     ready, ready_w = os.pipe()  # workers that must be serving before the next ones start write a byte here
     reporting = {**env, READY_FD_ENV: str(ready_w)}
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         if urlsplit(config.store_url).scheme == "sqlite":
-            run_dir = tempfile.mkdtemp(prefix="flameup-")  # mode 0700: only this user reaches the socket
             socket_path = os.path.join(run_dir, "appends.sock")
             writer_procs.append(_spawn(["-m", "service", "sqlite-writer", "--store", config.store_url,
                                         "--socket", socket_path, "--log-level", config.log_level],
@@ -192,16 +193,19 @@ def serve(config: ServeConfig) -> int:
             worker_store_url = _with_writer(config.store_url, socket_path)
         grpc_procs += [
             _spawn(["-m", "service", "grpc-worker", "--store", worker_store_url, "--host", config.host,
-                    "--port", str(grpc_port), "--key-cache-seconds", str(config.key_cache_seconds),
-                    "--log-level", config.log_level], reporting, (ready_w,))
-            for _ in range(config.workers)
+                    "--port", str(grpc_port), "--unix-socket", path,
+                    "--key-cache-seconds", str(config.key_cache_seconds), "--log-level", config.log_level],
+                   reporting, (ready_w,))
+            for path in worker_sockets
         ]
-        # Gateways start once every gRPC worker listens: SO_REUSEPORT places each
-        # connection once, so channels opened while only some workers were up would
-        # keep all of a gateway's calls on those.
         _wait_ready(ready, config.workers, deadline, writer_procs + grpc_procs)
+        # The gateways call each worker on its own socket, their channels spread evenly
+        # over them: SO_REUSEPORT places a connection on the shared port by a hash, and a
+        # gateway holds few connections, so one worker often took most or all of the
+        # REST traffic while the other idled.
+        targets = [arg for path in worker_sockets for arg in ("--grpc-target", f"unix:{path}")]
         http_procs += [
-            _spawn(["-m", "gateway", "--grpc-target", grpc_target, "--host", config.host,
+            _spawn(["-m", "gateway", *targets, "--host", config.host,
                     "--port", str(http_port), "--log-level", config.log_level], env)
             for _ in range(config.gateway_workers)
         ]
@@ -233,8 +237,7 @@ def serve(config: ServeConfig) -> int:
         _stop(http_procs, STOP_TIMEOUT)
         _stop(grpc_procs, STOP_TIMEOUT)
         _stop(writer_procs, STOP_TIMEOUT)
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         grpc_sock.close()
         http_sock.close()
 

@@ -946,3 +946,19 @@ def test_app_unexpected_errors_are_a_500_status_without_a_traceback(stand_in, mo
     assert reply.json() == {"code": 13, "message": "internal error", "details": []}
     assert "secret" not in reply.text
 
+
+
+def test_app_spreads_its_channels_evenly_over_several_targets(stand_in):
+    """serve gives the gateways each gRPC worker's own socket: calls alternate between them."""
+    other = _StandIn()
+    try:
+        app = create_app([f"127.0.0.1:{stand_in.port}", f"127.0.0.1:{other.port}"], channels=3)
+        before = len(stand_in.seen)
+        with TestClient(app) as test_client:
+            for i in range(8):
+                reply = test_client.post("/api/v1/track", headers=AUTH, json={"external_id": f"u{i}", "event": "e"})
+                assert reply.status_code == 200
+        # 3 channels round up to 2 per target, taken in turn: 4 calls each
+        assert len(stand_in.seen) - before == 4 and len(other.seen) == 4
+    finally:
+        other.stop()
