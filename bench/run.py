@@ -44,7 +44,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
 WORKLOADS = ("raw_store_insert", *INGEST, "service_rss_mb", "list_person")
 # In-flight requests: per client process for gRPC, connections in all for wrk.
-DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 2, "rest_track": 32, "rest_batch": 4}
+DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 3, "rest_track": 32, "rest_batch": 4}
 FULL = {"duration": 15.0, "warmup": 5.0, "persons": (100, 10_000, 100_000), "read_calls": 200, "raw_rows": 400_000,
         "raw_rows_cassandra": 60_000}
 QUICK = {"duration": 3.0, "warmup": 1.0, "persons": (100, 1_000, 10_000), "read_calls": 30, "raw_rows": 40_000,
