@@ -102,19 +102,19 @@ class SqliteBench(BenchStore):
         from service.store.sqlite import MAX_GROUP_ROWS, SqliteStore
 
         store = SqliteStore(self._fresh_path("raw"))
-        asyncio.run(store.open())  # the schema, exactly as the service creates it
+        # The schema and connections exactly as the service's writer process opens them,
+        # committing on this thread: no queue, no event loop, no socket, no service.
+        asyncio.run(store.open(caller_commits=True))
         try:
-            conn = store._connect()  # the store's own connection settings (WAL, synchronous, busy timeout)
-            # The store's own bulk path: one _commit (multi-row inserts, person keys,
-            # day counts) per group of MAX_GROUP_ROWS, each followed by its timeline
-            # merge step when one is due, as its writer thread does it, called
-            # directly with no queue, no event loop and no service.
+            # The store's own bulk path, as the writer process drives it: one group
+            # commit (person keys, multi-row inserts, entries staged in recent) per
+            # MAX_GROUP_ROWS rows, each followed by a timeline merge step when one is due.
             groups = [list(rows[i:i + MAX_GROUP_ROWS]) for i in range(0, len(rows), MAX_GROUP_ROWS)]
             done = 0
             cpu0, started = time.process_time(), time.perf_counter()
             for group in groups:
-                store._commit(conn, group)
-                store._merge_if_due(conn)
+                store.commit_group(group)
+                store.merge_if_due()
                 done += len(group)
                 if time.perf_counter() - started >= max_seconds:
                     break

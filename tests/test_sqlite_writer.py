@@ -7,6 +7,7 @@ backend of the ``store`` fixture); these are the failure cases.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import struct
 
 import pytest
@@ -64,3 +65,57 @@ async def assert_dropped(socket_path: str, frame: bytes) -> None:
     writer.write(frame)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_a_failed_commit_answers_its_appends_with_an_error_and_the_next_ones_commit(sqlite_writer, monkeypatch):
+    writer = await sqlite_writer()
+    store = SqliteStore.from_url(writer.store_url)
+    await store.open()
+    real_commit = SqliteStore._commit
+    failing = {"left": 1}
+
+    def commit(self, conn, events):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_commit(self, conn, events)
+
+    monkeypatch.setattr(SqliteStore, "_commit", commit)
+    try:
+        lost = event("u3")
+        with pytest.raises(StoreUnavailable, match="disk I/O error"):
+            await store.append([lost])
+        kept = [event("u3"), event("u3")]
+        await asyncio.gather(store.append(kept[:1]), store.append(kept[1:]))
+        page = await store.list_events(EventQuery("ws_w", lost.person_id))
+        assert page.total == 2 and {e.event_id for e in page.events} == {e.event_id for e in kept}
+    finally:
+        await store.close()
+
+
+async def test_stopping_the_writer_answers_every_append_it_has_read(sqlite_writer, monkeypatch):
+    """Stop arrives during a commit, with more requests read and waiting: they are
+    committed and answered before the writer closes its connections."""
+    import service.store.sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "MAX_GROUP_ROWS", 20)  # two requests of 10 per group
+    writer = await sqlite_writer()
+    store = SqliteStore.from_url(writer.store_url)
+    await store.open()
+    try:
+        await store.append([event("warm-up")])  # connected: the next requests leave in one write
+        real_commit = SqliteStore._commit
+
+        def commit(self, conn, events):
+            writer.stop.set()  # the first group is being committed; the others wait in line
+            return real_commit(self, conn, events)
+
+        monkeypatch.setattr(SqliteStore, "_commit", commit)
+        batches = [[event(f"u{i}") for _ in range(10)] for i in range(6)]
+        results = await asyncio.gather(*(store.append(b) for b in batches), return_exceptions=True)
+        await writer.task
+        assert results == [None] * 6
+        for b in batches:
+            assert (await store.list_events(EventQuery("ws_w", b[0].person_id))).total == 10
+    finally:
+        await store.close()

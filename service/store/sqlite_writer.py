@@ -22,6 +22,7 @@ Frames on the socket: a 4-byte big-endian length, then JSON.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -151,26 +152,50 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
                        on_ready: Callable[[], None] | None = None) -> None:
     """Take appends on ``socket_path`` until ``stop`` is set (without one: SIGTERM/SIGINT).
 
-    On stop it takes no new connections, answers every append it has read, and
-    closes the store, which commits whatever is queued.
+    The event loop commits, itself: the requests read since the last commit
+    are one group (up to MAX_GROUP_ROWS rows, a request never split), committed
+    in one transaction; their answers go out, then the timeline merge step runs
+    if one is due, then the next group. While a commit runs, new requests wait
+    in the sockets' buffers. On stop it takes no new connections, answers every
+    append it has read, and closes the store.
     """
-    from service.store.sqlite import SqliteStore  # the embedded store, with its own writer thread
+    from service.store.sqlite import MAX_GROUP_ROWS, SqliteStore
 
     store = SqliteStore.from_url(store_url)
-    await store.open()
-    in_flight: set[asyncio.Task] = set()
+    await store.open(caller_commits=True)
+    loop = asyncio.get_running_loop()
+    pending: collections.deque[tuple[_Frames, int, list[StoredEvent]]] = collections.deque()
+    idle = asyncio.Event()
+    idle.set()  # cleared while a commit round is scheduled
     peers: set[asyncio.StreamWriter] = set()
 
-    async def append(answers: _Frames, request_id: int, events: list[StoredEvent]) -> None:
+    def commit_group() -> None:
+        group, rows = [], 0
+        while pending and rows < MAX_GROUP_ROWS:
+            group.append(pending.popleft())
+            rows += len(group[-1][2])
         error = None
         try:
-            await store.append(events)
+            store.commit_group([e for _, _, events in group for e in events])
         except StoreUnavailable as exc:
             error = str(exc)
         except Exception as exc:
-            log.exception("sqlite writer: append failed")
+            log.exception("sqlite writer: commit failed")
             error = f"{type(exc).__name__}: {exc}"
-        answers.send([request_id, error])
+        for answers, request_id, _ in group:
+            answers.send([request_id, error])
+        loop.call_soon(after_group)  # after the answers' writes, which are queued before it
+
+    def after_group() -> None:
+        try:
+            store.merge_if_due()  # SQLite errors are logged there and the step retried later
+        except Exception:
+            log.exception("sqlite writer: timeline merge step failed")
+        finally:  # the next group (or the end of stop) never waits on a failed step
+            if pending:
+                loop.call_soon(commit_group)
+            else:
+                idle.set()
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peers.add(writer)
@@ -180,9 +205,10 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
                 request_id, rows = await _read_frame(reader)
                 if not isinstance(request_id, int):
                     raise ValueError(f"request id {request_id!r} is not an integer")
-                task = asyncio.create_task(append(answers, request_id, [_event(r) for r in rows]))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                pending.append((answers, request_id, [_event(r) for r in rows]))
+                if idle.is_set():
+                    idle.clear()
+                    loop.call_soon(commit_group)
         except asyncio.IncompleteReadError:
             pass  # the worker closed its end
         except Exception as exc:
@@ -198,7 +224,7 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop.set)
     log.info("sqlite writer serving %s on %s", store.path, socket_path)
     if on_ready is not None:
         on_ready()
@@ -206,9 +232,8 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
         await stop.wait()
     finally:
         server.close()
-        while in_flight:
-            await asyncio.gather(*in_flight, return_exceptions=True)
-        for peer in list(peers):  # answered everything read; workers reconnect to a new writer
+        await idle.wait()  # every append read so far is committed and answered
+        for peer in list(peers):  # a transport's close sends what it holds; workers reconnect to a new writer
             peer.close()
         await store.close()
         if os.path.exists(socket_path):
