@@ -5,8 +5,9 @@ migrate`: schema, bootstrap key), then starts ``--workers`` gRPC worker
 processes sharing one port through SO_REUSEPORT and ``--gateway-workers`` REST
 gateway processes sharing another, waits until the gateway's /healthz answers
 200 (which asks the gRPC health service), and prints where they listen. Each
-worker reports on a pipe once it serves, and the gateways start only after
-every gRPC worker does, so their connections spread over all of them. On a
+gRPC worker also listens on a Unix socket of its own in a private directory,
+reports on a pipe once it serves, and the gateways start only after every
+gRPC worker does; they call the workers on those sockets, in equal shares. On a
 SQLite store it first starts the one process that commits appends
 (`python -m service sqlite-writer`, see service/store/sqlite_writer.py) on a
 Unix socket in a private directory. It imports neither gRPC nor a store driver
