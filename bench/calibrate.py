@@ -31,6 +31,7 @@ from bench import data, grpc_load, rest_load  # noqa: E402
 from bench.metrics import percentile  # noqa: E402
 from bench.run import DEFAULT_CONCURRENCY  # noqa: E402
 from bench.service_proc import cpu_seconds  # noqa: E402
+from service.supervisor import reserve_port  # noqa: E402
 
 SUCCESS = b"\x08\x01"  # TrackResponse / TrackBatchResponse with success = true
 
@@ -94,9 +95,7 @@ def _http_server(port: int) -> None:
 
 
 def _servers(target, n: int) -> tuple[int, list]:
-    held = socket.socket()
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    held.bind(("127.0.0.1", 0))
+    held = reserve_port("127.0.0.1", 0)  # the port every server process binds, as serve does it
     port = held.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=target, args=(port,), daemon=True) for _ in range(n)]

@@ -614,10 +614,9 @@ class SqliteStore(Store):
         for key, _, i in keyed:
             e = events[i]
             rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us))
-        step = ROWS_PER_STATEMENT * EVENT_COLUMNS
         return [
             (INSERT_EVENTS + _values(len(chunk) // EVENT_COLUMNS, EVENT_COLUMNS), chunk)
-            for chunk in (rows[i:i + step] for i in range(0, len(rows), step))
+            for chunk in _chunks(rows, ROWS_PER_STATEMENT * EVENT_COLUMNS)
         ]
 
     @staticmethod
