@@ -3,10 +3,10 @@
     .venv/bin/python -m bench.calibrate [--duration 10] [--warmup 2]
 
 The gRPC clients of the benchmark (same processes, concurrency and prebuilt
-requests) call a do-nothing grpc.aio server (2 processes on one port, like the
-service's workers) that answers every call with a prebuilt ``success = true``
+requests) call a do-nothing grpc.aio server (2 processes on one port, on
+uvloop, like the service's workers) that answers every call with a prebuilt ``success = true``
 response; wrk posts the benchmark's bodies to a do-nothing asyncio HTTP/1.1
-server (2 processes). Client and server share the same 2 cores, exactly as in
+server (2 processes, on uvloop like the gateways). Client and server share the same 2 cores, exactly as in
 the benchmark, so the numbers are a floor on what the generators can drive: if
 they sit far above the service's results, the generator is not the bottleneck.
 """
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import uvloop
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,7 +58,7 @@ def _grpc_server(port: int) -> None:
         await stop.wait()
         await server.stop(0)
 
-    asyncio.run(serve())
+    uvloop.run(serve())
 
 
 class _Http(asyncio.Protocol):
@@ -91,7 +93,7 @@ def _http_server(port: int) -> None:
         async with server:
             await stop.wait()
 
-    asyncio.run(serve())
+    uvloop.run(serve())
 
 
 def _servers(target, n: int) -> tuple[int, list]:
