@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from gateway.app import DEFAULT_TIMEOUT_SECONDS, MAX_BODY_BYTES, create_app
-from service.supervisor import exit_with_parent
+from service.supervisor import exit_with_parent, freeze_startup_heap
 
 log = logging.getLogger("gateway")
 
@@ -100,6 +100,7 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
+            freeze_startup_heap()
             host, port = self._where
             shown = f"[{host}]" if ":" in host else host
             log.info("REST gateway listening on http://%s:%d", shown, port)

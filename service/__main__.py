@@ -35,6 +35,14 @@ def _log_arg(p: argparse.ArgumentParser) -> None:
                    choices=["debug", "info", "warning", "error"])
 
 
+def _serving() -> None:
+    """A worker serves from now on."""
+    from service.supervisor import freeze_startup_heap, report_ready
+
+    freeze_startup_heap()
+    report_ready()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description="Flameup Events service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "grpc-worker":
         from service.server import GrpcConfig, serve
-        from service.supervisor import exit_with_parent, report_ready
+        from service.supervisor import exit_with_parent
 
         exit_with_parent()
         # The long-running processes run on uvloop, as the gateways do under uvicorn (and
@@ -172,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         # loop in back-to-back benchmark runs, the same behaviour otherwise.
         uvloop.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds,
                                     unix_socket=args.unix_socket),
-                         on_ready=report_ready))
+                         on_ready=_serving))
         return 0
     if args.command == "sqlite-writer":
         from service.store.sqlite_writer import serve_writer
-        from service.supervisor import exit_with_parent, report_ready
+        from service.supervisor import exit_with_parent
 
         exit_with_parent()
-        uvloop.run(serve_writer(args.store, args.socket, on_ready=report_ready))
+        uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving))
         return 0
     if args.command == "keys":
         return asyncio.run(_keys(args))

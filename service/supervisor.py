@@ -22,6 +22,7 @@ unit.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import select
@@ -112,6 +113,21 @@ def _wait_ready(ready: int, count: int, deadline: float, procs: list[subprocess.
             raise SystemExit(f"only {seen} of {count} workers were ready after {STARTUP_TIMEOUT:.0f}s")
         if select.select([ready], [], [], 0.1)[0]:
             seen += len(os.read(ready, count - seen))
+
+
+def freeze_startup_heap() -> None:
+    """For a worker that starts to serve: what start-up built (modules, protobuf
+    descriptors, the app) leaves the garbage collector's view.
+
+    A full collection walks every object the collector tracks. In a 20 s
+    rest_track window each gateway (about 35k objects) ran 3 or 4 of them and
+    each gRPC worker 3, pausing the process for 12 to 65 ms each while its
+    requests in flight waited. Frozen, those objects are skipped, and the same
+    collections took 0.2 to 4 ms. (The collector does keep running: grpc.aio's
+    server leaves a reference cycle of 6 objects behind on every call.)
+    """
+    gc.collect()  # start-up's own garbage is freed, not frozen
+    gc.freeze()
 
 
 def report_ready() -> None:
