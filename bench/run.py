@@ -5,8 +5,8 @@
     BENCH_QUICK=1 .venv/bin/python -m bench.run     # every workload briefly (CI)
 
 For each store: the raw bulk insert (no service), then the service started as
-`make run` starts it (2 gRPC workers, 2 gateway workers, ephemeral ports, a
-fresh database), the ingest workloads over gRPC and REST, the service's memory,
+`make run` starts it (one gRPC worker per CPU, one gateway per two CPUs: 2 and 1
+on the 2-CPU machine; ephemeral ports, a fresh database), the ingest workloads over gRPC and REST, the service's memory,
 list_person reads, and a check that every acknowledged event is stored. Prints
 a table with the targets of issue 4 and writes a flat list of records
 {"store", "workload", "metric", "value", "unit"}. Exits non-zero when a workload
@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
 from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, SqliteBench  # noqa: E402
+from service.supervisor import default_gateway_workers, default_workers  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
@@ -112,8 +113,10 @@ def parse_args(argv: list[str] | None) -> Settings:
                         f"(default {','.join(f'{k}={v}' for k, v in DEFAULT_CONCURRENCY.items())}; "
                         "per client process for gRPC, connections in all for REST)")
     p.add_argument("--clients", type=int, default=2, help="gRPC client processes (default 2)")
-    p.add_argument("--workers", type=int, default=2, help="gRPC worker processes of the service (default 2)")
-    p.add_argument("--gateway-workers", type=int, default=2, help="REST gateway processes (default 2)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="gRPC worker processes of the service (default: as serve, one per CPU)")
+    p.add_argument("--gateway-workers", type=int, default=default_gateway_workers(),
+                   help="REST gateway processes (default: as serve, one per two CPUs)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list, default all: " + ",".join(WORKLOADS))
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     p.add_argument("--quick", action="store_true", default=quick_env, help="short run (also BENCH_QUICK=1)")

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import uvloop
 
 from service.store import DEFAULT_STORE_URL, open_store
+from service.supervisor import default_gateway_workers, default_workers
 
 
 def _env(name: str, default):
@@ -47,17 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description="Flameup Events service")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cpus = os.cpu_count() or 1
     serve = sub.add_parser("serve", help="run gRPC workers and REST gateway workers")
     _store_arg(serve)
     serve.add_argument("--host", default=_env("FLAMEUP_HOST", "127.0.0.1"),
                        help="address to listen on (env FLAMEUP_HOST; 0.0.0.0 for all interfaces)")
     serve.add_argument("--grpc-port", type=int, default=_env("FLAMEUP_GRPC_PORT", 50051))
     serve.add_argument("--http-port", type=int, default=_env("FLAMEUP_HTTP_PORT", 8080))
-    serve.add_argument("--workers", type=int, default=_env("FLAMEUP_WORKERS", cpus),
+    serve.add_argument("--workers", type=int, default=_env("FLAMEUP_WORKERS", default_workers()),
                        help="gRPC worker processes (default: one per CPU)")
-    serve.add_argument("--gateway-workers", type=int, default=_env("FLAMEUP_GATEWAY_WORKERS", cpus),
-                       help="REST gateway processes (default: one per CPU)")
+    serve.add_argument("--gateway-workers", type=int,
+                       default=_env("FLAMEUP_GATEWAY_WORKERS", default_gateway_workers()),
+                       help="REST gateway processes (default: one per two CPUs, at least one)")
     serve.add_argument("--key-cache-seconds", type=float, default=_env("FLAMEUP_KEY_CACHE_SECONDS", 10.0),
                        help="how long a worker trusts a looked-up API key (revocations take this long)")
     _log_arg(serve)
