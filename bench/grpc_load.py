@@ -47,7 +47,7 @@ class ClientJob:
     warmup_s: float
     duration_s: float
     offset: int = 0  # where this process starts in the payload pool
-    channels: int = 16  # connections per process; the in-flight calls are spread over them
+    channels: int = 64  # connections per process; the in-flight calls are spread over them
     timeout: float = 30.0  # how long after the window a call may still be unanswered
 
 
@@ -82,9 +82,9 @@ async def _client(job: ClientJob, conn) -> ClientResult:
     # SO_REUSEPORT, and the kernel places each connection on a worker by a hash, so a
     # few connections can leave one worker with most of the calls (with 4 per process,
     # grpc_batch runs had the workers at 0.73 and 0.28 cores, and went from 37k to 49k
-    # events/s from one run to the next). 16 per process, like many clients, spread
-    # evenly within a few percent. A local subchannel pool makes each channel its own
-    # TCP connection.
+    # events/s from one run to the next). With 16 per process the two workers' CPU still
+    # differed by up to 0.31 cores in 4 windows, with 64 (like many clients) by at most
+    # 0.10. A local subchannel pool makes each channel its own TCP connection.
     channels = [grpc.aio.insecure_channel(job.target, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(job.channels)]
     try:
