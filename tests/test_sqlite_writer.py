@@ -119,3 +119,55 @@ async def test_stopping_the_writer_answers_every_append_it_has_read(sqlite_write
             assert (await store.list_events(EventQuery("ws_w", b[0].person_id))).total == 10
     finally:
         await store.close()
+
+
+async def test_small_appends_right_after_a_commit_wait_for_the_gap_and_share_one_commit(sqlite_writer, monkeypatch):
+    import service.store.sqlite_writer as writer_module
+
+    monkeypatch.setattr(writer_module, "COMMIT_GAP_S", 0.3)
+    writer = await sqlite_writer()
+    store = SqliteStore.from_url(writer.store_url)
+    await store.open()
+    groups: list[int] = []
+    real_commit = SqliteStore._commit
+
+    def commit(self, conn, events):
+        groups.append(len(events))
+        return real_commit(self, conn, events)
+
+    monkeypatch.setattr(SqliteStore, "_commit", commit)
+    try:
+        await store.append([event("first")])  # commits at once: nothing committed before it
+        singles = [event(f"s{i}") for i in range(5)]
+        appends = []
+        for e in singles:  # one at a time, 20 ms apart: without the gap, each would be its own commit
+            appends.append(asyncio.ensure_future(store.append([e])))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*appends)
+        assert groups == [1, 5]
+        for e in singles:
+            assert (await store.list_events(EventQuery("ws_w", e.person_id))).events == [e]
+    finally:
+        await store.close()
+
+
+async def test_a_group_of_a_whole_batch_does_not_wait_for_the_gap(sqlite_writer, monkeypatch):
+    import service.store.sqlite_writer as writer_module
+
+    monkeypatch.setattr(writer_module, "COMMIT_GAP_S", 60.0)
+    writer = await sqlite_writer()
+    store = SqliteStore.from_url(writer.store_url)
+    await store.open()
+    try:
+        await store.append([event("first")])
+        batch = [event("big") for _ in range(writer_module.SMALL_GROUP_ROWS)]
+        await asyncio.wait_for(store.append(batch), 10)  # would sit out the 60 s gap if it waited
+        # a small append waiting out the gap commits as soon as the group grows past the limit
+        small = asyncio.ensure_future(store.append([event("small")]))
+        await asyncio.sleep(0.05)
+        assert not small.done()
+        await asyncio.wait_for(store.append([event("big2") for _ in range(writer_module.SMALL_GROUP_ROWS)]), 10)
+        await asyncio.wait_for(small, 10)
+        assert (await store.list_events(EventQuery("ws_w", person_id_for("ws_w", "big")))).total == len(batch)
+    finally:
+        await store.close()
