@@ -3,12 +3,13 @@
     .venv/bin/python -m bench.calibrate [--duration 10] [--warmup 2]
 
 The gRPC clients of the benchmark (same processes, concurrency and prebuilt
-requests) call a do-nothing grpc.aio server (2 processes on one port, on
-uvloop, like the service's workers) that answers every call with a prebuilt ``success = true``
-response; wrk posts the benchmark's bodies to a do-nothing asyncio HTTP/1.1
-server (2 processes, on uvloop like the gateways). Client and server share the same 2 cores, exactly as in
-the benchmark, so the numbers are a floor on what the generators can drive: if
-they sit far above the service's results, the generator is not the bottleneck.
+requests) call a do-nothing grpc.aio server (2 processes on one port, on uvloop
+like the service's workers) that answers every call with a prebuilt
+``success = true`` response; wrk posts the benchmark's bodies to a do-nothing
+asyncio HTTP/1.1 server (2 processes, on uvloop like the gateways). Client and
+server share the same 2 cores, exactly as in the benchmark, so the numbers are a
+floor on what the generators can drive: if they sit far above the service's
+results, the generator is not the bottleneck.
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@
 
 For each store: the raw bulk insert (no service), then the service started as
 `make run` starts it (one gRPC worker per CPU, one gateway per two CPUs: 2 and 1
-on the 2-CPU machine; ephemeral ports, a fresh database), the ingest workloads over gRPC and REST, the service's memory,
-list_person reads, and a check that every acknowledged event is stored. Prints
-a table with the targets of issue 4 and writes a flat list of records
-{"store", "workload", "metric", "value", "unit"}. Exits non-zero when a workload
-failed to run (errors in responses, wrong totals, a service that would not
-start or stop cleanly); it asserts nothing about speed. See bench/README.md.
+on the 2-CPU machine; ephemeral ports, a fresh database), the ingest workloads
+over gRPC and REST, the service's memory, list_person reads, and a check that
+every acknowledged event is stored. Prints a table with the targets of issue 4
+and writes a flat list of records {"store", "workload", "metric", "value",
+"unit"}. Exits non-zero when a workload failed to run (errors in responses,
+wrong totals, a service that would not start or stop cleanly); it asserts
+nothing about speed. See bench/README.md.
 """
 
 from __future__ import annotations

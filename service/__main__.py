@@ -18,7 +18,13 @@ from datetime import datetime, timezone
 import uvloop
 
 from service.store import DEFAULT_STORE_URL, open_store
-from service.supervisor import default_gateway_workers, default_workers
+from service.supervisor import (
+    default_gateway_workers,
+    default_workers,
+    exit_with_parent,
+    freeze_startup_heap,
+    report_ready,
+)
 
 
 def _env(name: str, default):
@@ -38,8 +44,6 @@ def _log_arg(p: argparse.ArgumentParser) -> None:
 
 def _serving() -> None:
     """A worker serves from now on."""
-    from service.supervisor import freeze_startup_heap, report_ready
-
     freeze_startup_heap()
     report_ready()
 
@@ -173,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "grpc-worker":
         from service.server import GrpcConfig, serve
-        from service.supervisor import exit_with_parent
 
         exit_with_parent()
         # The long-running processes run on uvloop, as the gateways do under uvicorn (and
@@ -185,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sqlite-writer":
         from service.store.sqlite_writer import serve_writer
-        from service.supervisor import exit_with_parent
 
         exit_with_parent()
         uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving))
