@@ -148,6 +148,10 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
 def report_ready() -> None:
     """Tell the supervisor this worker serves (a byte on the pipe it passed down)."""
     fd = os.environ.pop(READY_FD_ENV, None)
@@ -247,8 +251,8 @@ def serve(config: ServeConfig) -> int:
         _wait_healthy(config.host, http_port, deadline, writer_procs + grpc_procs + http_procs)
         print(
             f"Flameup Events is up (store {config.store_url})\n"
-            f"  gRPC listening on {grpc_target} ({config.workers} workers)\n"
-            f"  REST listening on http://{config.host}:{http_port} ({config.gateway_workers} workers)\n"
+            f"  gRPC listening on {grpc_target} ({_processes(config.workers)})\n"
+            f"  REST listening on http://{config.host}:{http_port} ({_processes(config.gateway_workers)})\n"
             f"  API key: {'FLAMEUP_BOOTSTRAP_KEY (workspace ws_default)' if config.bootstrap_key else 'none yet'};"
             f" create one with:\n"
             f"    .venv/bin/python -m service keys create --store '{config.store_url}'"
