@@ -7,6 +7,7 @@ backend of the ``store`` fixture); these are the failure cases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import struct
 
@@ -24,11 +25,31 @@ def event(external_id: str) -> StoredEvent:
                        "{}", at, at)
 
 
-async def test_a_gone_writer_is_unavailable_and_a_restarted_one_is_used_again(sqlite_writer):
+@contextlib.asynccontextmanager
+async def worker_store(sqlite_writer):
+    """A writer process (in this loop) and a worker's store that sends it its appends."""
     writer = await sqlite_writer()
     store = SqliteStore.from_url(writer.store_url)
     await store.open()
     try:
+        yield writer, store
+    finally:
+        await store.close()
+
+
+def before_each_commit(monkeypatch, hook) -> None:
+    """Run ``hook(events)`` ahead of every commit (it may raise to fail the commit)."""
+    real_commit = SqliteStore._commit
+
+    def commit(self, conn, events):
+        hook(events)
+        return real_commit(self, conn, events)
+
+    monkeypatch.setattr(SqliteStore, "_commit", commit)
+
+
+async def test_a_gone_writer_is_unavailable_and_a_restarted_one_is_used_again(sqlite_writer):
+    async with worker_store(sqlite_writer) as (writer, store):
         first = event("u1")
         await store.append([first])
         await writer.close()  # commits what it holds, closes the connection, removes the socket
@@ -40,23 +61,16 @@ async def test_a_gone_writer_is_unavailable_and_a_restarted_one_is_used_again(sq
         await store.append([second])  # reconnects
         page = await store.list_events(EventQuery("ws_w", first.person_id))
         assert page.total == 2 and {e.event_id for e in page.events} == {first.event_id, second.event_id}
-    finally:
-        await store.close()
 
 
 async def test_the_writer_drops_a_peer_that_sends_garbage_and_serves_the_others(sqlite_writer):
-    writer = await sqlite_writer()
-    store = SqliteStore.from_url(writer.store_url)
-    await store.open()
-    try:
+    async with worker_store(sqlite_writer) as (writer, store):
         for body in (b"{{{", b"[1,2]", b'[1,[["ws","p","e","x","n","{}","not a time",0]]]', b'["1",[]]'):
             await assert_dropped(writer.socket_path, struct.pack(">I", len(body)) + body)
         await assert_dropped(writer.socket_path, struct.pack(">I", MAX_FRAME_BYTES + 1))
         good = event("u2")
         await store.append([good])
         assert (await store.list_events(EventQuery("ws_w", good.person_id))).events == [good]
-    finally:
-        await store.close()
 
 
 async def assert_dropped(socket_path: str, frame: bytes) -> None:
@@ -68,20 +82,15 @@ async def assert_dropped(socket_path: str, frame: bytes) -> None:
 
 
 async def test_a_failed_commit_answers_its_appends_with_an_error_and_the_next_ones_commit(sqlite_writer, monkeypatch):
-    writer = await sqlite_writer()
-    store = SqliteStore.from_url(writer.store_url)
-    await store.open()
-    real_commit = SqliteStore._commit
     failing = {"left": 1}
 
-    def commit(self, conn, events):
+    def fail_once(events):
         if failing["left"]:
             failing["left"] -= 1
             raise sqlite3.OperationalError("disk I/O error")
-        return real_commit(self, conn, events)
 
-    monkeypatch.setattr(SqliteStore, "_commit", commit)
-    try:
+    before_each_commit(monkeypatch, fail_once)
+    async with worker_store(sqlite_writer) as (_, store):
         lost = event("u3")
         with pytest.raises(StoreUnavailable, match="disk I/O error"):
             await store.append([lost])
@@ -89,8 +98,6 @@ async def test_a_failed_commit_answers_its_appends_with_an_error_and_the_next_on
         await asyncio.gather(store.append(kept[:1]), store.append(kept[1:]))
         page = await store.list_events(EventQuery("ws_w", lost.person_id))
         assert page.total == 2 and {e.event_id for e in page.events} == {e.event_id for e in kept}
-    finally:
-        await store.close()
 
 
 async def test_stopping_the_writer_answers_every_append_it_has_read(sqlite_writer, monkeypatch):
@@ -99,44 +106,25 @@ async def test_stopping_the_writer_answers_every_append_it_has_read(sqlite_write
     import service.store.sqlite as sqlite_module
 
     monkeypatch.setattr(sqlite_module, "MAX_GROUP_ROWS", 20)  # two requests of 10 per group
-    writer = await sqlite_writer()
-    store = SqliteStore.from_url(writer.store_url)
-    await store.open()
-    try:
+    async with worker_store(sqlite_writer) as (writer, store):
         await store.append([event("warm-up")])  # connected: the next requests leave in one write
-        real_commit = SqliteStore._commit
-
-        def commit(self, conn, events):
-            writer.stop.set()  # the first group is being committed; the others wait in line
-            return real_commit(self, conn, events)
-
-        monkeypatch.setattr(SqliteStore, "_commit", commit)
+        # the first group is being committed when stop arrives; the others wait in line
+        before_each_commit(monkeypatch, lambda events: writer.stop.set())
         batches = [[event(f"u{i}") for _ in range(10)] for i in range(6)]
         results = await asyncio.gather(*(store.append(b) for b in batches), return_exceptions=True)
         await writer.task
         assert results == [None] * 6
         for b in batches:
             assert (await store.list_events(EventQuery("ws_w", b[0].person_id))).total == 10
-    finally:
-        await store.close()
 
 
 async def test_small_appends_right_after_a_commit_wait_for_the_gap_and_share_one_commit(sqlite_writer, monkeypatch):
     import service.store.sqlite_writer as writer_module
 
     monkeypatch.setattr(writer_module, "COMMIT_GAP_S", 0.3)
-    writer = await sqlite_writer()
-    store = SqliteStore.from_url(writer.store_url)
-    await store.open()
     groups: list[int] = []
-    real_commit = SqliteStore._commit
-
-    def commit(self, conn, events):
-        groups.append(len(events))
-        return real_commit(self, conn, events)
-
-    monkeypatch.setattr(SqliteStore, "_commit", commit)
-    try:
+    before_each_commit(monkeypatch, lambda events: groups.append(len(events)))
+    async with worker_store(sqlite_writer) as (_, store):
         await store.append([event("first")])  # commits at once: nothing committed before it
         singles = [event(f"s{i}") for i in range(5)]
         appends = []
@@ -147,18 +135,13 @@ async def test_small_appends_right_after_a_commit_wait_for_the_gap_and_share_one
         assert groups == [1, 5]
         for e in singles:
             assert (await store.list_events(EventQuery("ws_w", e.person_id))).events == [e]
-    finally:
-        await store.close()
 
 
 async def test_a_group_of_a_whole_batch_does_not_wait_for_the_gap(sqlite_writer, monkeypatch):
     import service.store.sqlite_writer as writer_module
 
     monkeypatch.setattr(writer_module, "COMMIT_GAP_S", 60.0)
-    writer = await sqlite_writer()
-    store = SqliteStore.from_url(writer.store_url)
-    await store.open()
-    try:
+    async with worker_store(sqlite_writer) as (_, store):
         await store.append([event("first")])
         batch = [event("big") for _ in range(writer_module.SMALL_GROUP_ROWS)]
         await asyncio.wait_for(store.append(batch), 10)  # would sit out the 60 s gap if it waited
@@ -169,5 +152,3 @@ async def test_a_group_of_a_whole_batch_does_not_wait_for_the_gap(sqlite_writer,
         await asyncio.wait_for(store.append([event("big2") for _ in range(writer_module.SMALL_GROUP_ROWS)]), 10)
         await asyncio.wait_for(small, 10)
         assert (await store.list_events(EventQuery("ws_w", person_id_for("ws_w", "big")))).total == len(batch)
-    finally:
-        await store.close()
