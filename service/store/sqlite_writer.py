@@ -191,6 +191,7 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
         if wait > 0 and pending_rows < SMALL_GROUP_ROWS:
             waiting = loop.call_later(wait, commit_group)
         else:
+            waiting = None
             loop.call_soon(commit_group)
 
     def commit_group() -> None:
@@ -226,7 +227,7 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
                 idle.set()
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal pending_rows, waiting
+        nonlocal pending_rows
         peers.add(writer)
         answers = _Frames(writer)
         try:
@@ -240,9 +241,8 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
                     idle.clear()
                     schedule()
                 elif waiting is not None and pending_rows >= SMALL_GROUP_ROWS:
-                    waiting.cancel()  # no longer small: commit now
-                    waiting = None
-                    loop.call_soon(commit_group)
+                    waiting.cancel()  # no longer small: schedule() commits it now
+                    schedule()
         except asyncio.IncompleteReadError:
             pass  # the worker closed its end
         except Exception as exc:
