@@ -32,9 +32,9 @@ if __package__ in (None, ""):
 
 from bench import data, grpc_load, rest_load  # noqa: E402
 from bench.metrics import percentile  # noqa: E402
-from bench.run import DEFAULT_CONCURRENCY  # noqa: E402
+from bench.run import DEFAULT_CONCURRENCY, LOAD_GENERATOR_CPU_POLICY  # noqa: E402
 from bench.service_proc import cpu_seconds  # noqa: E402
-from service.supervisor import reserve_port  # noqa: E402
+from service.supervisor import reserve_port, set_cpu_policy  # noqa: E402
 
 SUCCESS = b"\x08\x01"  # TrackResponse / TrackBatchResponse with success = true
 
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--servers", type=int, default=2)
     a = ap.parse_args(argv)
+    # Generators and servers alike: the generators as in the benchmark, the servers as serve's default.
+    set_cpu_policy(LOAD_GENERATOR_CPU_POLICY)
     print(f"load generators against do-nothing servers ({a.servers} server processes, same 2 cores), "
           f"{a.duration:g} s after {a.warmup:g} s warm-up")
     print(f"{'workload':12} {'calls/s':>10} {'events/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'in flight':>9} "

@@ -40,11 +40,15 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
 from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, SqliteBench  # noqa: E402
-from service.supervisor import default_gateway_workers, default_workers  # noqa: E402
+from service.supervisor import CPU_POLICIES, default_gateway_workers, default_workers, set_cpu_policy  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
 WORKLOADS = ("raw_store_insert", *INGEST, "service_rss_mb", "list_person")
+# The load generators (gRPC client processes, wrk, the list_person reader: this
+# process and what it starts) run SCHED_BATCH, so that on a shared machine their
+# wake-ups do not preempt the service they measure; the service sets its own policy.
+LOAD_GENERATOR_CPU_POLICY = "batch"
 # In-flight requests: per client process for gRPC, connections in all for wrk.
 DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 3, "rest_track": 32, "rest_batch": 4}
 FULL = {"duration": 15.0, "warmup": 5.0, "persons": (100, 10_000, 100_000), "read_calls": 200, "raw_rows": 400_000,
@@ -67,6 +71,7 @@ class Settings:
     clients: int
     workers: int
     gateway_workers: int
+    cpu_policy: str
     workloads: list[str]
     out: Path
     quick: bool
@@ -118,6 +123,8 @@ def parse_args(argv: list[str] | None) -> Settings:
                    help="gRPC worker processes of the service (default: as serve, one per CPU)")
     p.add_argument("--gateway-workers", type=int, default=default_gateway_workers(),
                    help="REST gateway processes (default: as serve, one per two CPUs)")
+    p.add_argument("--cpu-policy", choices=CPU_POLICIES, default="batch",
+                   help="the service's --cpu-policy (default batch, as serve); the load generators always run batch")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list, default all: " + ",".join(WORKLOADS))
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     p.add_argument("--quick", action="store_true", default=quick_env, help="short run (also BENCH_QUICK=1)")
@@ -151,7 +158,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         stores=stores, stores_explicit=a.stores is not None,
         duration=a.duration or mode["duration"], warmup=a.warmup if a.warmup is not None else mode["warmup"],
         concurrency=concurrency, clients=max(1, a.clients), workers=a.workers, gateway_workers=a.gateway_workers,
-        workloads=workloads, out=a.out, quick=a.quick, profile=a.profile, cassandra_url=a.cassandra_url,
+        cpu_policy=a.cpu_policy, workloads=workloads, out=a.out, quick=a.quick, profile=a.profile,
+        cassandra_url=a.cassandra_url,
         persons=persons, read_calls=a.read_calls or mode["read_calls"],
         raw_rows={"sqlite": mode["raw_rows"], "cassandra": mode["raw_rows_cassandra"]},
     )
@@ -338,7 +346,8 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
             asyncio.run(bs.load(url, rows))
             print(f"loaded the list_person persons ({', '.join(p.label for p in persons)} events: {len(rows):,} rows) "
                   f"through the store's append in {time.perf_counter() - t0:.1f} s", flush=True)
-        svc = service_proc.start(url, workers=s.workers, gateway_workers=s.gateway_workers)
+        svc = service_proc.start(url, workers=s.workers, gateway_workers=s.gateway_workers,
+                                    cpu_policy=s.cpu_policy)
         print(f"service up: gRPC {svc.grpc_target}, REST {svc.http_url}, store {url}", flush=True)
 
     if not run.attempt(store, "service start", start):
@@ -494,6 +503,8 @@ def meta_records(run: Run) -> None:
         ("grpc_client_processes", s.clients, "processes"),
         ("grpc_workers", s.workers, "processes"),
         ("gateway_workers", s.gateway_workers, "processes"),
+        ("service_cpu_policy", s.cpu_policy, "text"),
+        ("load_generator_cpu_policy", LOAD_GENERATOR_CPU_POLICY, "text"),
         ("list_person_calls", s.read_calls, "calls"),
         ("list_person_limit", reads.LIMIT, "events"),
         ("cpus", os.cpu_count(), "cores"),
@@ -531,11 +542,13 @@ def _mem_gib() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     s = parse_args(argv)
+    set_cpu_policy(LOAD_GENERATOR_CPU_POLICY)
     run = Run(s)
     started = time.monotonic()
     print(f"Flameup Events benchmark ({'QUICK: a few seconds per workload, persons of ' if s.quick else 'persons of '}"
           f"{', '.join(f'{n:,}' for n in s.persons)} events): duration {s.duration:g} s after {s.warmup:g} s warm-up, "
-          f"{s.clients} gRPC client processes, service with {s.workers} gRPC + {s.gateway_workers} gateway workers",
+          f"{s.clients} gRPC client processes, service with {s.workers} gRPC + {s.gateway_workers} gateway workers"
+          f" (CPU policy {s.cpu_policy})",
           flush=True)
     wrk = None
     if any(w.startswith("rest_") for w in s.workloads):

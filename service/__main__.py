@@ -2,8 +2,8 @@
 
 Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
 FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
-FLAMEUP_GATEWAY_WORKERS, FLAMEUP_KEY_CACHE_SECONDS); a flag wins over the
-environment.
+FLAMEUP_GATEWAY_WORKERS, FLAMEUP_KEY_CACHE_SECONDS, FLAMEUP_CPU_POLICY); a flag
+wins over the environment.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import uvloop
 
 from service.store import DEFAULT_STORE_URL, open_store
 from service.supervisor import (
+    CPU_POLICIES,
     default_gateway_workers,
     default_workers,
     exit_with_parent,
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="REST gateway processes (default: one per two CPUs, at least one)")
     serve.add_argument("--key-cache-seconds", type=float, default=_env("FLAMEUP_KEY_CACHE_SECONDS", 10.0),
                        help="how long a worker trusts a looked-up API key (revocations take this long)")
+    serve.add_argument("--cpu-policy", choices=CPU_POLICIES, default=_env("FLAMEUP_CPU_POLICY", "batch"),
+                       help="Linux scheduling policy of every service process (env FLAMEUP_CPU_POLICY;"
+                            " default %(default)s: SCHED_BATCH, fewer context switches under load)")
     _log_arg(serve)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema (serve runs this first);"
@@ -159,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from service.supervisor import ServeConfig, serve
 
+        if args.cpu_policy not in CPU_POLICIES:  # argparse checks a flag's value, not the environment's
+            build_parser().error(f"FLAMEUP_CPU_POLICY must be one of {', '.join(CPU_POLICIES)}, got {args.cpu_policy!r}")
+
         return serve(ServeConfig(
             store_url=args.store, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             workers=max(1, args.workers), gateway_workers=max(1, args.gateway_workers),
             bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
-            key_cache_seconds=args.key_cache_seconds, log_level=args.log_level,
+            key_cache_seconds=args.key_cache_seconds, log_level=args.log_level, cpu_policy=args.cpu_policy,
         ))
     if args.command == "migrate":
         from service.store import StoreUnavailable

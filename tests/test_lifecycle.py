@@ -197,3 +197,54 @@ def test_sqlite_writeback_hint_starts_and_leaves_no_descriptor_open(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before + (2 if sys.platform == "linux" else 0)
     writeback.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _service_threads(root: int) -> dict[int, str]:
+    """tid -> command line of every thread of ``root`` and of its descendants."""
+    threads, pids = {}, [root]
+    while pids:
+        pid = pids.pop()
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            threads.update((int(tid), cmd) for tid in os.listdir(f"/proc/{pid}/task"))
+            children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        pids += map(int, children)
+    return threads
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize(("policy", "expected", "started_as"), [
+    (None, "SCHED_BATCH", "SCHED_OTHER"),  # the default
+    ("normal", "SCHED_OTHER", "SCHED_BATCH"),  # asked for, even when started from a batch process
+])
+def test_every_service_thread_runs_the_cpu_policy(tmp_path, policy, expected, started_as):
+    own = os.sched_getscheduler(0)
+    os.sched_setscheduler(0, getattr(os, started_as), os.sched_param(0))
+    try:
+        svc = start_service(f"sqlite:///{tmp_path}/e.db", extra_env={"FLAMEUP_CPU_POLICY": policy} if policy else None)
+    finally:
+        os.sched_setscheduler(0, own, os.sched_param(0))
+    try:
+        threads = _service_threads(svc.proc.pid)
+        roles = " ".join(threads.values())
+        assert all(role in roles for role in ("sqlite-writer", "grpc-worker", "gateway"))
+        policies = {}
+        for tid in threads:
+            try:
+                policies[tid] = os.sched_getscheduler(tid)
+            except ProcessLookupError:
+                continue
+        wrong = {tid: threads[tid] for tid, p in policies.items() if p != getattr(os, expected)}
+        assert len(policies) > 10 and not wrong, f"threads not {expected}: {wrong}"
+    finally:
+        assert stop_service(svc) == 0
+
+
+def test_serve_refuses_an_unknown_cpu_policy(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--store", f"sqlite:///{tmp_path}/e.db",
+         "--grpc-port", "0", "--http-port", "0"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "FLAMEUP_CPU_POLICY": "fast"})
+    assert done.returncode == 2 and "FLAMEUP_CPU_POLICY must be one of batch, normal, got 'fast'" in done.stderr
