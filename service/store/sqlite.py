@@ -357,6 +357,11 @@ class SqliteStore(Store):
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # A statement's temporary data (the statement journal of the INSERT ... SELECT that
+        # stages a commit's timeline entries) in memory: on disk it cost every commit a
+        # temp file created, unlinked and closed in /var/tmp; the writer's CPU per event
+        # fell 10-15% (grpc_track, grpc_batch, rest_track, back to back, two pairs).
+        conn.execute("PRAGMA temp_store = MEMORY")
         page_bytes = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_SAFETY_BYTES // page_bytes}")
         with self._connections_lock:
