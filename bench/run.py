@@ -40,7 +40,13 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
 from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, SqliteBench  # noqa: E402
-from service.supervisor import CPU_POLICIES, default_gateway_workers, default_workers, set_cpu_policy  # noqa: E402
+from service.supervisor import (  # noqa: E402
+    CPU_POLICIES,
+    WORKER_CPU_AFFINITIES,
+    default_gateway_workers,
+    default_workers,
+    set_cpu_policy,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
@@ -72,6 +78,7 @@ class Settings:
     workers: int
     gateway_workers: int
     cpu_policy: str
+    worker_cpu_affinity: str
     workloads: list[str]
     out: Path
     quick: bool
@@ -125,6 +132,8 @@ def parse_args(argv: list[str] | None) -> Settings:
                    help="REST gateway processes (default: as serve, one per two CPUs)")
     p.add_argument("--cpu-policy", choices=CPU_POLICIES, default="batch",
                    help="the service's --cpu-policy (default batch, as serve); the load generators always run batch")
+    p.add_argument("--worker-cpu-affinity", choices=WORKER_CPU_AFFINITIES, default="auto",
+                   help="the service's --worker-cpu-affinity (default auto, as serve)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list, default all: " + ",".join(WORKLOADS))
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     p.add_argument("--quick", action="store_true", default=quick_env, help="short run (also BENCH_QUICK=1)")
@@ -158,8 +167,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         stores=stores, stores_explicit=a.stores is not None,
         duration=a.duration or mode["duration"], warmup=a.warmup if a.warmup is not None else mode["warmup"],
         concurrency=concurrency, clients=max(1, a.clients), workers=a.workers, gateway_workers=a.gateway_workers,
-        cpu_policy=a.cpu_policy, workloads=workloads, out=a.out, quick=a.quick, profile=a.profile,
-        cassandra_url=a.cassandra_url,
+        cpu_policy=a.cpu_policy, worker_cpu_affinity=a.worker_cpu_affinity, workloads=workloads, out=a.out,
+        quick=a.quick, profile=a.profile, cassandra_url=a.cassandra_url,
         persons=persons, read_calls=a.read_calls or mode["read_calls"],
         raw_rows={"sqlite": mode["raw_rows"], "cassandra": mode["raw_rows_cassandra"]},
     )
@@ -347,7 +356,7 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
             print(f"loaded the list_person persons ({', '.join(p.label for p in persons)} events: {len(rows):,} rows) "
                   f"through the store's append in {time.perf_counter() - t0:.1f} s", flush=True)
         svc = service_proc.start(url, workers=s.workers, gateway_workers=s.gateway_workers,
-                                    cpu_policy=s.cpu_policy)
+                                    cpu_policy=s.cpu_policy, worker_cpu_affinity=s.worker_cpu_affinity)
         print(f"service up: gRPC {svc.grpc_target}, REST {svc.http_url}, store {url}", flush=True)
 
     if not run.attempt(store, "service start", start):
@@ -504,6 +513,7 @@ def meta_records(run: Run) -> None:
         ("grpc_workers", s.workers, "processes"),
         ("gateway_workers", s.gateway_workers, "processes"),
         ("service_cpu_policy", s.cpu_policy, "text"),
+        ("worker_cpu_affinity", s.worker_cpu_affinity, "text"),
         ("load_generator_cpu_policy", LOAD_GENERATOR_CPU_POLICY, "text"),
         ("list_person_calls", s.read_calls, "calls"),
         ("list_person_limit", reads.LIMIT, "events"),
@@ -548,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Flameup Events benchmark ({'QUICK: a few seconds per workload, persons of ' if s.quick else 'persons of '}"
           f"{', '.join(f'{n:,}' for n in s.persons)} events): duration {s.duration:g} s after {s.warmup:g} s warm-up, "
           f"{s.clients} gRPC client processes, service with {s.workers} gRPC + {s.gateway_workers} gateway workers"
-          f" (CPU policy {s.cpu_policy})",
+          f" (CPU policy {s.cpu_policy}, worker CPU affinity {s.worker_cpu_affinity})",
           flush=True)
     wrk = None
     if any(w.startswith("rest_") for w in s.workloads):

@@ -48,12 +48,12 @@ class Service:
 
 
 def start(store_url: str, *, workers: int, gateway_workers: int, cpu_policy: str = "batch",
-          log_level: str = "warning") -> Service:
+          worker_cpu_affinity: str = "auto", log_level: str = "warning") -> Service:
     key = "bench_" + secrets.token_urlsafe(24)
     env = {**os.environ, "FLAMEUP_BOOTSTRAP_KEY": key, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "service", "serve", "--store", store_url, "--grpc-port", "0", "--http-port", "0",
            "--workers", str(workers), "--gateway-workers", str(gateway_workers), "--cpu-policy", cpu_policy,
-           "--log-level", log_level]
+           "--worker-cpu-affinity", worker_cpu_affinity, "--log-level", log_level]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     found: dict[str, str] = {}

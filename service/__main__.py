@@ -2,8 +2,8 @@
 
 Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
 FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
-FLAMEUP_GATEWAY_WORKERS, FLAMEUP_KEY_CACHE_SECONDS, FLAMEUP_CPU_POLICY); a flag
-wins over the environment.
+FLAMEUP_GATEWAY_WORKERS, FLAMEUP_KEY_CACHE_SECONDS, FLAMEUP_CPU_POLICY,
+FLAMEUP_WORKER_CPU_AFFINITY); a flag wins over the environment.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import uvloop
 from service.store import DEFAULT_STORE_URL, open_store
 from service.supervisor import (
     CPU_POLICIES,
+    WORKER_CPU_AFFINITIES,
     default_gateway_workers,
     default_workers,
     exit_with_parent,
     freeze_startup_heap,
+    keep_to_cpu,
     report_ready,
 )
 
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cpu-policy", choices=CPU_POLICIES, default=_env("FLAMEUP_CPU_POLICY", "batch"),
                        help="Linux scheduling policy of every service process (env FLAMEUP_CPU_POLICY;"
                             " default %(default)s: SCHED_BATCH, fewer context switches under load)")
+    serve.add_argument("--worker-cpu-affinity", choices=WORKER_CPU_AFFINITIES,
+                       default=_env("FLAMEUP_WORKER_CPU_AFFINITY", "auto"),
+                       help="auto: gRPC worker i runs on the i-th CPU (its threads hand calls to one another"
+                            " on one CPU); off: wherever the kernel puts it (env FLAMEUP_WORKER_CPU_AFFINITY)")
     _log_arg(serve)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema (serve runs this first);"
@@ -83,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--key-cache-seconds", type=float, default=10.0)
     worker.add_argument("--unix-socket", default=None,
                         help="also listen on this Unix socket (serve gives each worker one for the gateways)")
+    worker.add_argument("--cpu", type=int, default=None,
+                        help="run on this CPU only (serve gives worker i the i-th CPU)")
     _log_arg(worker)
 
     writer = sub.add_parser("sqlite-writer", help="the one process that commits appends to a SQLite file"
@@ -163,14 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from service.supervisor import ServeConfig, serve
 
-        if args.cpu_policy not in CPU_POLICIES:  # argparse checks a flag's value, not the environment's
-            build_parser().error(f"FLAMEUP_CPU_POLICY must be one of {', '.join(CPU_POLICIES)}, got {args.cpu_policy!r}")
+        # argparse checks a flag's value against its choices, not the environment's
+        for env, value, choices in (("FLAMEUP_CPU_POLICY", args.cpu_policy, CPU_POLICIES),
+                                    ("FLAMEUP_WORKER_CPU_AFFINITY", args.worker_cpu_affinity, WORKER_CPU_AFFINITIES)):
+            if value not in choices:
+                build_parser().error(f"{env} must be one of {', '.join(choices)}, got {value!r}")
 
         return serve(ServeConfig(
             store_url=args.store, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             workers=max(1, args.workers), gateway_workers=max(1, args.gateway_workers),
             bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
             key_cache_seconds=args.key_cache_seconds, log_level=args.log_level, cpu_policy=args.cpu_policy,
+            worker_cpu_affinity=args.worker_cpu_affinity,
         ))
     if args.command == "migrate":
         from service.store import StoreUnavailable
@@ -183,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "grpc-worker":
+        if args.cpu is not None:
+            keep_to_cpu(args.cpu)  # before gRPC starts a thread: each inherits the mask
         from service.server import GrpcConfig, serve
 
         exit_with_parent()

@@ -95,6 +95,43 @@ def set_cpu_policy(policy: str) -> None:
         log.warning("cannot set the CPU policy %s: %s", policy, exc)
 
 
+WORKER_CPU_AFFINITIES = ("auto", "off")
+
+
+def worker_cpus(count: int, affinity: str) -> list[int | None]:
+    """The CPU each of ``count`` gRPC workers keeps to: with "auto", worker i
+    runs on the i-th CPU this process may use (round robin past the last);
+    with "off", or where the platform cannot tell, each goes where the kernel
+    puts it (None).
+
+    A gRPC worker is an event loop thread plus grpc's own threads (its
+    completion-queue poller and EventEngine threads), which hand every call to
+    one another. On one CPU such a hand-off is a local wake-up with warm
+    caches; across CPUs it takes an inter-processor interrupt and moves the
+    call's data between caches. Back to back on 2 CPUs, every process batch,
+    four pairs of 10 s windows (two with the workers pinned from outside, two
+    with this code): grpc_track +10 to +30% (p99 14-17 -> 12-14 ms),
+    rest_track 0 to +33%, grpc_batch 0 to +12%, rest_batch -1 to -6%. The
+    gateways and the SQLite writer are left to the kernel: pinning the
+    gateway too added nothing that held up in a second pair.
+    """
+    if affinity not in WORKER_CPU_AFFINITIES:
+        raise ValueError(f"worker cpu affinity must be one of {', '.join(WORKER_CPU_AFFINITIES)}, got {affinity!r}")
+    if affinity == "off" or not hasattr(os, "sched_getaffinity"):
+        return [None] * count
+    cpus = sorted(os.sched_getaffinity(0))
+    return [cpus[i % len(cpus)] for i in range(count)]
+
+
+def keep_to_cpu(cpu: int) -> None:
+    """Run this process on ``cpu`` only: called by a worker before it starts any
+    thread, so that every thread it starts later inherits the same mask."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:  # the CPU went away, or a cgroup forbids it: run where the kernel says
+        log.warning("cannot keep to CPU %d: %s", cpu, exc)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     store_url: str
@@ -107,6 +144,7 @@ class ServeConfig:
     key_cache_seconds: float
     log_level: str
     cpu_policy: str = "batch"
+    worker_cpu_affinity: str = "auto"
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -268,9 +306,10 @@ def serve(config: ServeConfig) -> int:
         grpc_procs += [
             _spawn(["-m", "service", "grpc-worker", "--store", worker_store_url, "--host", config.host,
                     "--port", str(grpc_port), "--unix-socket", path,
-                    "--key-cache-seconds", str(config.key_cache_seconds), "--log-level", config.log_level],
+                    "--key-cache-seconds", str(config.key_cache_seconds), "--log-level", config.log_level,
+                    *(["--cpu", str(cpu)] if cpu is not None else [])],
                    reporting, (ready_w,))
-            for path in worker_sockets
+            for path, cpu in zip(worker_sockets, worker_cpus(config.workers, config.worker_cpu_affinity))
         ]
         _wait_ready(ready, config.workers, deadline, writer_procs + grpc_procs)
         # The gateways call each worker on its own socket, their channels spread evenly

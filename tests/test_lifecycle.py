@@ -242,9 +242,41 @@ def test_every_service_thread_runs_the_cpu_policy(tmp_path, policy, expected, st
         assert stop_service(svc) == 0
 
 
-def test_serve_refuses_an_unknown_cpu_policy(tmp_path):
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+@pytest.mark.parametrize("affinity", [None, "off"])  # None: the default, auto
+def test_each_grpc_worker_keeps_to_its_own_cpu(tmp_path, affinity):
+    allowed = sorted(os.sched_getaffinity(0))
+    svc = start_service(f"sqlite:///{tmp_path}/e.db", workers=2,
+                        extra_env={"FLAMEUP_WORKER_CPU_AFFINITY": affinity} if affinity else None)
+    try:
+        threads = _service_threads(svc.proc.pid)
+        workers: dict[int, tuple[str, set]] = {}  # tid -> (its process's command line, its CPUs)
+        for tid, cmd in threads.items():
+            if "grpc-worker" in cmd:
+                try:
+                    workers[tid] = (cmd, os.sched_getaffinity(tid))
+                except ProcessLookupError:
+                    continue
+        by_process = {cmd: {frozenset(cpus) for c, cpus in workers.values() if c == cmd} for cmd, _ in workers.values()}
+        assert len(by_process) == 2 and len(workers) > 10
+        if affinity == "off":
+            assert all(masks == {frozenset(allowed)} for masks in by_process.values()), by_process
+            assert all("--cpu" not in cmd for cmd in by_process)
+        else:
+            # worker i (serve passes --cpu i) and every one of its threads, on the i-th allowed CPU
+            expected = {frozenset({allowed[0]}), frozenset({allowed[1 % len(allowed)]})}
+            assert {mask for masks in by_process.values() for mask in masks} == expected, by_process
+            for cmd, masks in by_process.items():
+                assert masks == {frozenset({int(cmd.split("--cpu ")[1].split()[0])})}, (cmd, masks)
+    finally:
+        assert stop_service(svc) == 0
+
+
+@pytest.mark.parametrize(("env", "choices"), [("FLAMEUP_CPU_POLICY", "batch, normal"),
+                                             ("FLAMEUP_WORKER_CPU_AFFINITY", "auto, off")])
+def test_serve_refuses_an_unknown_cpu_setting(tmp_path, env, choices):
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--store", f"sqlite:///{tmp_path}/e.db",
          "--grpc-port", "0", "--http-port", "0"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "FLAMEUP_CPU_POLICY": "fast"})
-    assert done.returncode == 2 and "FLAMEUP_CPU_POLICY must be one of batch, normal, got 'fast'" in done.stderr
+        capture_output=True, text=True, timeout=60, env={**os.environ, env: "fast"})
+    assert done.returncode == 2 and f"{env} must be one of {choices}, got 'fast'" in done.stderr
