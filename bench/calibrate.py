@@ -4,12 +4,12 @@
 
 The gRPC clients of the benchmark (same processes, concurrency and prebuilt
 requests) call a do-nothing grpc.aio server (2 processes on one port, on uvloop
-like the service's workers) that answers every call with a prebuilt
-``success = true`` response; wrk posts the benchmark's bodies to a do-nothing
-asyncio HTTP/1.1 server (2 processes, on uvloop like the gateways). Client and
-server share the same 2 cores, exactly as in the benchmark, so the numbers are a
-floor on what the generators can drive: if they sit far above the service's
-results, the generator is not the bottleneck.
+and each kept to its own CPU, like the service's workers) that answers every
+call with a prebuilt ``success = true`` response; wrk posts the benchmark's
+bodies to a do-nothing asyncio HTTP/1.1 server (2 processes, on uvloop like the
+gateways). Client and server share the same 2 cores, exactly as in the
+benchmark, so the numbers are a floor on what the generators can drive: if they
+sit far above the service's results, the generator is not the bottleneck.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ from bench import data, grpc_load, rest_load  # noqa: E402
 from bench.metrics import percentile  # noqa: E402
 from bench.run import DEFAULT_CONCURRENCY, LOAD_GENERATOR_CPU_POLICY  # noqa: E402
 from bench.service_proc import cpu_seconds  # noqa: E402
-from service.supervisor import reserve_port, set_cpu_policy  # noqa: E402
+from service.supervisor import keep_to_cpu, reserve_port, set_cpu_policy, worker_cpus  # noqa: E402
 
 SUCCESS = b"\x08\x01"  # TrackResponse / TrackBatchResponse with success = true
 
 
-def _grpc_server(port: int) -> None:
+def _grpc_server(port: int, cpu: int | None) -> None:
+    if cpu is not None:
+        keep_to_cpu(cpu)  # as serve does with its gRPC workers, before gRPC starts a thread
     import grpc
 
     async def serve() -> None:
@@ -85,7 +87,8 @@ class _Http(asyncio.Protocol):
             self.transport.write(self.RESPONSE)
 
 
-def _http_server(port: int) -> None:
+def _http_server(port: int, cpu: int | None) -> None:
+    del cpu  # left to the kernel, like the gateways
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(_Http, "127.0.0.1", port, reuse_port=True)
@@ -101,7 +104,7 @@ def _servers(target, n: int) -> tuple[int, list]:
     held = reserve_port("127.0.0.1", 0)  # the port every server process binds, as serve does it
     port = held.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(port,), daemon=True) for _ in range(n)]
+    procs = [ctx.Process(target=target, args=(port, cpu), daemon=True) for cpu in worker_cpus(n, "auto")]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 30
