@@ -16,7 +16,9 @@ itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways first
 in-flight calls finish, the store commits and closes), then the SQLite writer
 (it commits what it holds). When a worker dies unexpectedly the supervisor
 stops the rest and exits non-zero, so a process manager can restart the whole
-unit.
+unit. Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
+otherwise), which every process inherits, and it gives gRPC worker i the i-th
+CPU to keep to (see set_cpu_policy and worker_cpus).
 """
 
 from __future__ import annotations
