@@ -76,8 +76,9 @@ def set_cpu_policy(policy: str) -> None:
     preempt the thread running on that CPU: it runs on an idle CPU, or when
     the running thread blocks or its slice ends. When every CPU is busy that
     saves context switches: under grpc_track a gRPC worker's event-loop thread
-    was preempted about twice per call (117k times in 15 s), and a third of
-    the worker's CPU samples (perf, cpu-clock) were in the scheduler. Back to
+    was preempted about twice per call (117k involuntary switches in about 12 s
+    of load), and a third of the worker's CPU samples (perf, cpu-clock) were in
+    the scheduler. Back to
     back against "normal" on 2 CPUs, the benchmark's load generators batch in
     both runs, two pairs: grpc_track +29% and +13% at p99 14-16 instead of
     19-20 ms, rest_track +10% and +13%, grpc_batch +2% and +10%, rest_batch
