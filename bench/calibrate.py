@@ -34,7 +34,13 @@ from bench import data, grpc_load, rest_load  # noqa: E402
 from bench.metrics import percentile  # noqa: E402
 from bench.run import DEFAULT_CONCURRENCY, LOAD_GENERATOR_CPU_POLICY  # noqa: E402
 from bench.service_proc import cpu_seconds  # noqa: E402
-from service.supervisor import keep_to_cpu, reserve_port, set_cpu_policy, worker_cpus  # noqa: E402
+from service.supervisor import (  # noqa: E402
+    DEFAULT_WORKER_CPU_AFFINITY,
+    keep_to_cpu,
+    reserve_port,
+    set_cpu_policy,
+    worker_cpus,
+)
 
 SUCCESS = b"\x08\x01"  # TrackResponse / TrackBatchResponse with success = true
 
@@ -104,7 +110,8 @@ def _servers(target, n: int) -> tuple[int, list]:
     held = reserve_port("127.0.0.1", 0)  # the port every server process binds, as serve does it
     port = held.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(port, cpu), daemon=True) for cpu in worker_cpus(n, "auto")]
+    cpus = worker_cpus(n, DEFAULT_WORKER_CPU_AFFINITY)  # as serve places its gRPC workers
+    procs = [ctx.Process(target=target, args=(port, cpu), daemon=True) for cpu in cpus]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 30

@@ -42,6 +42,8 @@ from bench.metrics import Record, percentile  # noqa: E402
 from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, SqliteBench  # noqa: E402
 from service.supervisor import (  # noqa: E402
     CPU_POLICIES,
+    DEFAULT_CPU_POLICY,
+    DEFAULT_WORKER_CPU_AFFINITY,
     WORKER_CPU_AFFINITIES,
     default_gateway_workers,
     default_workers,
@@ -130,9 +132,9 @@ def parse_args(argv: list[str] | None) -> Settings:
                    help="gRPC worker processes of the service (default: as serve, one per CPU)")
     p.add_argument("--gateway-workers", type=int, default=default_gateway_workers(),
                    help="REST gateway processes (default: as serve, one per two CPUs)")
-    p.add_argument("--cpu-policy", choices=CPU_POLICIES, default="batch",
+    p.add_argument("--cpu-policy", choices=CPU_POLICIES, default=DEFAULT_CPU_POLICY,
                    help="the service's --cpu-policy (default batch, as serve); the load generators always run batch")
-    p.add_argument("--worker-cpu-affinity", choices=WORKER_CPU_AFFINITIES, default="auto",
+    p.add_argument("--worker-cpu-affinity", choices=WORKER_CPU_AFFINITIES, default=DEFAULT_WORKER_CPU_AFFINITY,
                    help="the service's --worker-cpu-affinity (default auto, as serve)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list, default all: " + ",".join(WORKLOADS))
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")

@@ -47,8 +47,8 @@ class Service:
         return "".join(self.output[-lines:])
 
 
-def start(store_url: str, *, workers: int, gateway_workers: int, cpu_policy: str = "batch",
-          worker_cpu_affinity: str = "auto", log_level: str = "warning") -> Service:
+def start(store_url: str, *, workers: int, gateway_workers: int, cpu_policy: str, worker_cpu_affinity: str,
+          log_level: str = "warning") -> Service:
     key = "bench_" + secrets.token_urlsafe(24)
     env = {**os.environ, "FLAMEUP_BOOTSTRAP_KEY": key, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "service", "serve", "--store", store_url, "--grpc-port", "0", "--http-port", "0",

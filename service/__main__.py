@@ -20,6 +20,8 @@ import uvloop
 from service.store import DEFAULT_STORE_URL, open_store
 from service.supervisor import (
     CPU_POLICIES,
+    DEFAULT_CPU_POLICY,
+    DEFAULT_WORKER_CPU_AFFINITY,
     WORKER_CPU_AFFINITIES,
     default_gateway_workers,
     default_workers,
@@ -68,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="REST gateway processes (default: one per two CPUs, at least one)")
     serve.add_argument("--key-cache-seconds", type=float, default=_env("FLAMEUP_KEY_CACHE_SECONDS", 10.0),
                        help="how long a worker trusts a looked-up API key (revocations take this long)")
-    serve.add_argument("--cpu-policy", choices=CPU_POLICIES, default=_env("FLAMEUP_CPU_POLICY", "batch"),
+    serve.add_argument("--cpu-policy", choices=CPU_POLICIES, default=_env("FLAMEUP_CPU_POLICY", DEFAULT_CPU_POLICY),
                        help="Linux scheduling policy of every service process (env FLAMEUP_CPU_POLICY;"
                             " default %(default)s: SCHED_BATCH, fewer context switches under load)")
     serve.add_argument("--worker-cpu-affinity", choices=WORKER_CPU_AFFINITIES,
-                       default=_env("FLAMEUP_WORKER_CPU_AFFINITY", "auto"),
+                       default=_env("FLAMEUP_WORKER_CPU_AFFINITY", DEFAULT_WORKER_CPU_AFFINITY),
                        help="auto: gRPC worker i runs on the i-th CPU (its threads hand calls to one another"
                             " on one CPU); off: wherever the kernel puts it (env FLAMEUP_WORKER_CPU_AFFINITY)")
     _log_arg(serve)

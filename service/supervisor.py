@@ -65,6 +65,7 @@ def default_gateway_workers() -> int:
 
 
 CPU_POLICIES = ("batch", "normal")
+DEFAULT_CPU_POLICY = "batch"
 
 
 def set_cpu_policy(policy: str) -> None:
@@ -99,6 +100,7 @@ def set_cpu_policy(policy: str) -> None:
 
 
 WORKER_CPU_AFFINITIES = ("auto", "off")
+DEFAULT_WORKER_CPU_AFFINITY = "auto"
 
 
 def worker_cpus(count: int, affinity: str) -> list[int | None]:
@@ -146,8 +148,8 @@ class ServeConfig:
     bootstrap_key: str | None
     key_cache_seconds: float
     log_level: str
-    cpu_policy: str = "batch"
-    worker_cpu_affinity: str = "auto"
+    cpu_policy: str = DEFAULT_CPU_POLICY
+    worker_cpu_affinity: str = DEFAULT_WORKER_CPU_AFFINITY
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
