@@ -4,11 +4,12 @@
                                   [--concurrency N | workload=N,...] [--out bench/results.json]
     BENCH_QUICK=1 .venv/bin/python -m bench.run     # every workload briefly (CI)
 
-For each store: the raw bulk insert (no service), then the service started as
-`make run` starts it (one gRPC worker per CPU, one gateway per two CPUs: 2 and 1
-on the 2-CPU machine; ephemeral ports, a fresh database), the ingest workloads
-over gRPC and REST, the service's memory, list_person reads, and a check that
-every acknowledged event is stored. Prints a table with the targets of issue 4
+For each store: the service started as `make run` starts it (one gRPC worker
+per CPU, one gateway per two CPUs: 2 and 1 on the 2-CPU machine; ephemeral
+ports, a fresh database), the ingest workloads over gRPC and REST with the raw
+bulk insert (the store alone, the service idle) right before and right after
+grpc_batch, the service's memory, list_person reads, and a check that every
+acknowledged event is stored. Prints a table with the targets of issue 4
 and writes a flat list of records {"store", "workload", "metric", "value",
 "unit"}. Exits non-zero when a workload failed to run (errors in responses,
 wrong totals, a service that would not start or stop cleanly); it asserts
@@ -39,7 +40,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 
 from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
-from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, SqliteBench  # noqa: E402
+from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, RawResult, SqliteBench  # noqa: E402
 from service.supervisor import (  # noqa: E402
     CPU_POLICIES,
     DEFAULT_CPU_POLICY,
@@ -53,6 +54,8 @@ from service.supervisor import (  # noqa: E402
 BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
 WORKLOADS = ("raw_store_insert", *INGEST, "service_rss_mb", "list_person")
+# raw_store_insert runs right before and right after this workload, the one measured against it.
+RAW_BRACKETS = "grpc_batch"
 # The load generators (gRPC client processes, wrk, the list_person reader: this
 # process and what it starts) run SCHED_BATCH, so that on a shared machine their
 # wake-ups do not preempt the service they measure; the service sets its own policy.
@@ -327,23 +330,43 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
     store = bs.name
     wanted = set(s.workloads)
 
-    if "raw_store_insert" in wanted:
-        def raw() -> None:
-            rows = data.stored_rows(s.raw_rows[store])
-            result = bs.raw_insert(rows, max_seconds=s.duration)
-            run.add(store, "raw_store_insert", "events_per_s", round(result.events_per_s, 1), "events/s")
-            run.add(store, "raw_store_insert", "events", result.events, "events")
-            run.add(store, "raw_store_insert", "client_cpu", round(result.client_cpu_s / result.seconds, 2), "cores")
+    raws: list[RawResult] = []
+
+    def raw(when: str) -> None:
+        rows = data.stored_rows(s.raw_rows[store])
+        result = bs.raw_insert(rows, max_seconds=s.duration)
+        raws.append(result)
+        run.add(store, "raw_store_insert", f"events_per_s_{when}", round(result.events_per_s, 1), "events/s")
+        print(f"raw_store_insert {when}: {result.events:,} events ({result.events * result.rows_per_event:,} rows) in "
+              f"{result.seconds:.2f} s: {result.events_per_s:,.0f} events/s; loader "
+              f"{result.client_cpu_s / result.seconds:.2f} cores"
+              + (f", store server {result.store_cpu_s / result.seconds:.2f} cores" if bs.server_pids() else ""),
+              flush=True)
+
+    def raw_bracket(between: Callable[[], None]) -> None:
+        """The raw insert right before and right after ``between`` (RAW_BRACKETS' run), so that
+        the limit and the service see the store as it is then: a Cassandra node's own
+        rate moves over minutes (compactions, the commit log, the JVM). The limit is both
+        together: their events over their seconds."""
+        if "raw_store_insert" not in wanted:
+            between()
+            return
+        run.attempt(store, "raw_store_insert (before)", lambda: raw("before"))
+        between()
+        if run.attempt(store, "raw_store_insert (after)", lambda: raw("after")) and len(raws) == 2:
+            events, seconds = sum(r.events for r in raws), sum(r.seconds for r in raws)
+            run.add(store, "raw_store_insert", "events_per_s", round(events / seconds, 1), "events/s")
+            run.add(store, "raw_store_insert", "events", events, "events")
+            run.add(store, "raw_store_insert", "client_cpu", round(sum(r.client_cpu_s for r in raws) / seconds, 2),
+                    "cores")
             if bs.server_pids():
-                run.add(store, "raw_store_insert", "store_cpu", round(result.store_cpu_s / result.seconds, 2), "cores")
-            print(f"raw_store_insert: {result.events:,} events ({result.events * result.rows_per_event:,} rows) in "
-                  f"{result.seconds:.2f} s: {result.events_per_s:,.0f} events/s; loader {result.client_cpu_s / result.seconds:.2f}"
-                  f" cores" + (f", store server {result.store_cpu_s / result.seconds:.2f} cores" if bs.server_pids() else ""),
-                  flush=True)
-        run.attempt(store, "raw_store_insert", raw)
+                run.add(store, "raw_store_insert", "store_cpu", round(sum(r.store_cpu_s for r in raws) / seconds, 2),
+                        "cores")
+            print(f"raw_store_insert: {events / seconds:,.0f} events/s before and after together", flush=True)
 
     service_workloads = [w for w in WORKLOADS if w != "raw_store_insert" and w in wanted]
     if not service_workloads:
+        raw_bracket(lambda: None)
         return
     url = bs.service_url()
     persons = [data.person(n) for n in s.persons] if "list_person" in wanted else []
@@ -369,14 +392,20 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
     acknowledged: list[int] = []
     try:
         with tempfile.TemporaryDirectory(prefix="flameup-bench-load-") as workdir:
-            for workload in INGEST:
-                if workload not in wanted:
-                    continue
+            def ingest(workload: str) -> None:
                 if workload.startswith("grpc"):
-                    run.attempt(store, workload, lambda w=workload: grpc_workload(run, bs, svc, w, Path(workdir), acknowledged))
+                    run.attempt(store, workload, lambda: grpc_workload(run, bs, svc, workload, Path(workdir),
+                                                                       acknowledged))
                 else:
-                    run.attempt(store, workload, lambda w=workload: rest_workload(
-                        run, bs, svc, w, wrk, Path(workdir), acknowledged))
+                    run.attempt(store, workload, lambda: rest_workload(run, bs, svc, workload, wrk, Path(workdir),
+                                                                       acknowledged))
+
+            for workload in INGEST:
+                step = (lambda w=workload: ingest(w)) if workload in wanted else (lambda: None)
+                if workload == RAW_BRACKETS:
+                    raw_bracket(step)
+                else:
+                    step()
 
         if "service_rss_mb" in wanted:
             def rss() -> None:

@@ -2,9 +2,10 @@
 
 The raw insert is the store's own fastest bulk path with the store's own
 statements (imported, never copied), on its own fresh database, with no service
-running: SQLite ``executemany`` in transactions of the store's group-commit
-size; Cassandra ``execute_concurrent_with_args`` with the store's prepared
-inserts. The rows are the ones the service would write for the same requests.
+in the path (bench.run runs it while the service is idle): SQLite
+``executemany`` in transactions of the store's group-commit size; Cassandra
+``execute_concurrent_with_args`` with the store's prepared inserts. The rows are
+the ones the service would write for the same requests.
 """
 
 from __future__ import annotations
