@@ -15,6 +15,7 @@ from flameup.events.v1 import events_pb2 as pb
 from service import domain
 from service.auth import BOOTSTRAP_WORKSPACE
 from service.domain import StoredEvent
+from service.store.base import BUCKET_US, bucket_of
 
 WORKSPACE = BOOTSTRAP_WORKSPACE  # FLAMEUP_BOOTSTRAP_KEY's workspace: the key the bench sends
 USERS = 5_000
@@ -107,7 +108,7 @@ class Person:
     external_id: str
     person_id: str
     rows: list[StoredEvent]
-    window: tuple[int, int]  # [since_us, until_us), not aligned to days: exercises the edge counts
+    window: tuple[int, int]  # [since_us, until_us), edges mid-day: exercises the edge counts
     filter_event: str  # 10% of the person's events
     rare_event: str  # 0.1%: the event filter has to pass about 1,000 other events per match
     expected_total: int
@@ -126,7 +127,7 @@ def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Perso
     external_id = f"bench_person_{label}"
     pid = domain.person_id_for(workspace_id, external_id)
     end = domain.now_us() - 3_600_000_000
-    span = days * 86_400_000_000
+    span = days * BUCKET_US
     created = domain.now_us()
     params = domain.canonical_parameters("parameters", item(0).parameters)
     rows = []
@@ -136,8 +137,12 @@ def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Perso
         name = rare_event if i % 1000 == 500 else EVENT_NAMES[i % len(EVENT_NAMES)]
         rows.append(StoredEvent(domain.new_event_id(created), workspace_id, pid, external_id, name, params, ts,
                                 created))
-    since = end - span * 2 // 3 + 1_234_567_891  # about 20 days ago, mid-day
-    until = end - span // 3 - 987_654_321  # about 10 days ago, mid-day
+    # About 20 and 10 days ago, each edge near the middle of its day (the stores' bucket), whatever the
+    # time of the run: a store that counts the part of an edge day inside the window (Cassandra) then
+    # has about half a day of rows on either side of each edge, its worst case. Edges taken from the
+    # clock moved that cost with the hour of the run.
+    since = bucket_of(end - span * 2 // 3) * BUCKET_US + BUCKET_US // 2 + 1_234_567_891
+    until = bucket_of(end - span // 3) * BUCKET_US + BUCKET_US // 2 - 987_654_321
     filter_event = "purchase_completed"
     return Person(
         label, size, external_id, pid, rows, (since, until), filter_event, rare_event,
