@@ -108,7 +108,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items[:] = [item for item in items if not item.get_closest_marker("runs_last")] + last
 
 
-def _drop_keyspace(host: str, port: int, keyspace: str) -> None:
+def drop_keyspace(host: str, port: int, keyspace: str) -> None:
     from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import RoundRobinPolicy
 
@@ -134,7 +134,7 @@ def cassandra_url() -> Iterator[str]:
     keyspace = f"flameup_test_{os.getpid()}_{secrets.token_hex(3)}"
     yield f"cassandra://{host}:{port}/{keyspace}?protocol_version=3"
     try:
-        _drop_keyspace(host, port, keyspace)
+        drop_keyspace(host, port, keyspace)
     except Exception as exc:  # a node stopped by a test, say: not worth failing the run for
         print(f"could not drop test keyspace {keyspace}: {exc}")
 

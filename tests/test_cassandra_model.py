@@ -13,6 +13,7 @@ import bisect
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -141,14 +142,20 @@ async def test_event_filter_reads_the_by_name_table(model):
 
 
 @pytest.mark.parametrize("event", [None, "signed_in"])
-@pytest.mark.parametrize("since_hour, until_hour", [(8, 20), (20, 4)])
-async def test_time_window_counts_only_its_two_edge_days(model, event, since_hour, until_hour):
+@pytest.mark.parametrize("since_at, until_at, cut_hours", [
+    ((8, 0), (20, 0), 0),
+    ((20, 0), (4, 0), 0),
+    ((8, 20), (19, 45), 2),
+])
+async def test_time_window_counts_only_the_cut_hours_of_its_edge_days(model, event, since_at, until_at, cut_hours):
     """Each edge day is counted from its smaller side: the part inside the window
     (20:00 to midnight, midnight to 04:00), or the part outside it, subtracted
-    from the day's count (08:00 and 20:00 cut off the shorter part)."""
+    from the day's count (08:00 and 20:00 cut off the shorter part). The first
+    list counts that side's whole hours and stores them; after it, only an hour
+    the window cuts is counted row by row."""
     store, heavy, _ = model
-    since = END_US - 200 * BUCKET_US + (since_hour - 13) * 3_600_000_000  # END_US is 13:00
-    until = END_US - 100 * BUCKET_US + (until_hour - 13) * 3_600_000_000
+    since = END_US - 200 * BUCKET_US + _minutes_after_end(*since_at)
+    until = END_US - 100 * BUCKET_US + _minutes_after_end(*until_at)
     wanted = heavy.expected(event=event, since=since, until=until)
     page, seconds, stats = await warm_list(store, heavy.query(limit=50, offset=10, event=event,
                                                               since_us=since, until_us=until))
@@ -156,10 +163,49 @@ async def test_time_window_counts_only_its_two_edge_days(model, event, since_hou
     assert page.total == len(wanted) > 10_000 // (4 if event else 1)
     assert page.events == wanted[10:60]
     days_in_window = bucket_of(until) - bucket_of(since) + 1
-    assert stats["counts"] == 2  # the partial first and last day, row by row
+    assert stats["counts"] == cut_hours
+    assert stats["count_writebacks"] == 0  # the whole hours were stored by the first list
     assert stats["index_rows"] <= days_in_window
+    assert 0 < stats["hour_rows"] <= 2 * 24
     assert stats["event_rows"] <= 60  # the 10 skipped rows of the newest day, then the page
-    assert stats["statements"] <= 1 + 2 + 2
+    assert stats["statements"] <= 1 + 2 + cut_hours + 2  # index, both days' hours, the cut hours, the page
+
+
+def _minutes_after_end(hour: int, minute: int) -> int:
+    """From END_US (13:00) to hour:minute of the same day, in microseconds."""
+    return ((hour - 13) * 60 + minute) * 60_000_000
+
+
+async def test_stored_hour_counts_give_way_to_a_later_write(model):
+    """A write into an edge day makes its stored hour counts untrusted (the
+    day's written_at is after them): the next window counts those hours again,
+    exactly, the new row included, and stores them anew."""
+    store, heavy, _ = model
+    person = make_person(heavy.workspace_id, "hours", 2_000, step_us=150_000_000)  # about 3.5 days
+    await load(store, person)
+    since = END_US - 2 * BUCKET_US + _minutes_after_end(5, 30)  # cuts the day before yesterday
+    until = END_US - BUCKET_US + _minutes_after_end(18, 10)  # and yesterday
+    query = person.query(limit=10, since_us=since, until_us=until)
+    page, _, stats = await warm_list(store, query)
+    assert page.total == len(person.expected(since=since, until=until)) and stats["count_writebacks"] == 0
+    counts_when_warm = stats["counts"]
+
+    # one new row inside the window and one outside it, both on the first edge day
+    for ts in (since + 3_600_000_000, since - 3_600_000_000):
+        extra = StoredEvent(new_event_id(END_US), person.workspace_id, person.person_id, "hours", "searched",
+                            "{}", ts, END_US)
+        await store.append([extra])
+        person.events.insert(bisect.bisect_left([(-e.timestamp_us, e.event_id) for e in person.events],
+                                                (-extra.timestamp_us, extra.event_id)), extra)
+    store.stats.reset()
+    page = await store.list_events(query)
+    wanted = person.expected(since=since, until=until)
+    assert page.total == len(wanted) and page.events == wanted[:10]
+    assert store.stats.counts > counts_when_warm and store.stats.count_writebacks > 0
+    await store.wait_for_writebacks()
+    store.stats.reset()
+    page = await store.list_events(query)
+    assert page.total == len(wanted) and store.stats.counts == counts_when_warm
 
 
 async def test_deep_offset_skips_whole_days_by_their_counts(model):
@@ -225,3 +271,40 @@ async def test_a_batch_of_many_people_costs_a_few_requests(model):
     for p in people:
         page = await store.list_events(p.query())
         assert page.total == 1 and page.events == p.events
+
+
+async def test_a_keyspace_of_schema_1_gains_the_hour_counts_on_open(cassandra_url):
+    """A keyspace made by the code before person_hours (schema 1) is migrated
+    when the store opens: its events stay, and windows store hour counts."""
+    import service.store.cassandra as cassandra_store
+    from cassandra_support import drop_keyspace
+
+    keyspace = f"flameup_upgrade_{secrets.token_hex(3)}"
+    address = urlsplit(cassandra_url)
+    url = address._replace(path=f"/{keyspace}").geturl()
+    person = make_person("ws_upgrade", "upgraded", 500, step_us=600_000_000)  # about 3.5 days
+    try:
+        old = CassandraStore.from_url(url)
+        await old.open()
+        await load(old, person)
+        # what the code before person_hours left: no such table, schema version 1 only
+        old._session.execute("DROP TABLE person_hours", timeout=60)
+        old._session.execute("DELETE FROM schema_version WHERE scope = %s AND version = 2",
+                             (cassandra_store.SCHEMA_SCOPE,))
+        await old.close()
+        store = CassandraStore.from_url(url)
+        await store.open()
+        try:
+            versions = {row.version for row in store._session.execute(
+                "SELECT version FROM schema_version WHERE scope = %s", (cassandra_store.SCHEMA_SCOPE,))}
+            assert versions == {1, 2}
+            since = END_US - 2 * BUCKET_US + _minutes_after_end(9, 15)
+            until = END_US - BUCKET_US + _minutes_after_end(16, 40)
+            page, _, stats = await warm_list(store, person.query(limit=5, since_us=since, until_us=until))
+            wanted = person.expected(since=since, until=until)
+            assert page.total == len(wanted) and page.events == wanted[:5]
+            assert stats["hour_rows"] > 0 and stats["count_writebacks"] == 0
+        finally:
+            await store.close()
+    finally:
+        await asyncio.to_thread(drop_keyspace, address.hostname, address.port, keyspace)

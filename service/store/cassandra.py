@@ -32,6 +32,10 @@ Data model (docs/cassandra.md has the why):
   the time ``written_at`` of the last write into that day. The row with
   bucket = SUMMARY_BUCKET sorts first and carries the same three values for the
   person's whole history.
+- ``person_hours``: PRIMARY KEY ((workspace_id, person_id, event_key, bucket), hour):
+  exact counts of the hours of a past day, ``n`` valid as of ``counted_at``, stored
+  by readers that counted a window's edge day hour by hour. They are trusted under
+  the day's ``written_at``, by the same rule as the day's own count.
 
 How ``total`` stays exact without counters (which are not idempotent under
 retries): a write marks every day it touches (and the summary) dirty *before*
@@ -43,6 +47,14 @@ timestamp S, so the latest-started count wins. A reader trusts ``n`` only when
 (COUNT(*)) and, when the count started after ``written_at``, writes it back in
 the background, coalesced per bucket. A write that failed half way leaves its
 days dirty for at least SETTLE, longer than any of its rows can still land.
+
+A since/until window cuts its first and last day: only the part of such an edge
+day inside the window counts (or, when shorter, the part outside it, taken from
+the day's trusted count). On a past day that is not dirty that part is counted
+hour by hour, whole hours from ``person_hours`` where their count is trusted
+(``counted_at >= written_at`` of the day) and otherwise counted and written
+back, so the next window with an edge on that day counts at most an hour's rows
+at each end. Today is counted in one piece: it is still being written.
 """
 
 from __future__ import annotations
@@ -104,6 +116,7 @@ MAX_RECONNECT_DELAY = 2.0
 ALL_EVENTS = ""  # event_key of the counts over every event name
 SUMMARY_BUCKET = 2**62  # the whole-history row; sorts before every day (bucket DESC)
 MIN_BUCKET = -(2**62)
+HOUR_US = 3_600_000_000  # the grain of person_hours
 # How long a day stays dirty after a write that may have failed half way: longer
 # than any server write timeout plus the client timeout, after which no row of
 # that write can still land.
@@ -184,6 +197,20 @@ CREATE TABLE IF NOT EXISTS person_buckets (
 ) WITH CLUSTERING ORDER BY (event_key ASC, bucket DESC)
   AND compaction = {'class': 'LeveledCompactionStrategy'}"""
 
+# Exact counts of the hours of a past day, for the edges of since/until windows
+# (written by readers, once per hour and day until a write into that day).
+CREATE_PERSON_HOURS = """
+CREATE TABLE IF NOT EXISTS person_hours (
+    workspace_id text,
+    person_id text,
+    event_key text,
+    bucket bigint,
+    hour int,
+    n bigint,
+    counted_at bigint,
+    PRIMARY KEY ((workspace_id, person_id, event_key, bucket), hour)
+) WITH compaction = {'class': 'LeveledCompactionStrategy'}"""
+
 # Workspaces and keys are few: one partition each lists them in one read.
 CREATE_WORKSPACES = """
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -226,10 +253,12 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         CREATE_API_KEYS,
         CREATE_API_KEYS_BY_HASH,
     )),
+    (2, "hour counts of past days, for the edges of time windows", (CREATE_PERSON_HOURS,)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Tables holding data (what tests truncate between cases).
-DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "workspaces", "api_keys", "api_keys_by_hash")
+DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "workspaces", "api_keys",
+               "api_keys_by_hash")
 
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
@@ -264,6 +293,14 @@ MARK_WRITTEN = (
 SAVE_COUNT = (
     "UPDATE person_buckets USING TIMESTAMP ? SET n = ?, counted_at = ?"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
+)
+SELECT_HOURS = (
+    "SELECT hour, n, counted_at FROM person_hours"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
+)
+SAVE_HOUR_COUNT = (
+    "UPDATE person_hours USING TIMESTAMP ? SET n = ?, counted_at = ?"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ? AND hour = ?"
 )
 SELECT_BUCKETS = (
     "SELECT bucket, n, counted_at, written_at FROM person_buckets"
@@ -306,7 +343,8 @@ class CassandraStats:
     statements: int = 0  # requests sent, every page and every batch counted once
     event_rows: int = 0  # event rows fetched (including rows skipped inside a bucket for an offset)
     index_rows: int = 0  # person_buckets rows fetched
-    counts: int = 0  # COUNT(*) of one bucket: a dirty day, or a window's partial edge
+    hour_rows: int = 0  # person_hours rows fetched (a window's past edge days)
+    counts: int = 0  # COUNT(*) of one bucket: a dirty day, or (part of) a window's edge day
     count_writebacks: int = 0  # recounts stored for the next reader
     rows_written: int = 0  # event rows written (two per event: both tables)
 
@@ -346,6 +384,9 @@ class _Bucket:
     end_us: int
     whole: bool = True
     day_n: int | None = None  # a window's edge day: the trusted count of the whole day
+    # a window's past edge day: the stored hour counts (hour -> (n, counted_at)), to be
+    # trusted under written_at; None when the day is counted in one piece
+    hours: dict[int, tuple[int, int]] | None = None
 
     def outside(self) -> list[tuple[int, int]]:
         """The parts of the day outside the window."""
@@ -575,6 +616,7 @@ class CassandraStore(Store):
             "select_events": SELECT_EVENTS, "select_events_by_name": SELECT_EVENTS_BY_NAME,
             "count_events": COUNT_EVENTS, "count_events_by_name": COUNT_EVENTS_BY_NAME,
             "mark_written": MARK_WRITTEN, "save_count": SAVE_COUNT,
+            "select_hours": SELECT_HOURS, "save_hour_count": SAVE_HOUR_COUNT,
             "select_buckets": SELECT_BUCKETS, "select_bucket_range": SELECT_BUCKET_RANGE,
             "select_workspaces": SELECT_WORKSPACES, "select_workspace": SELECT_WORKSPACE,
             "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
@@ -853,9 +895,17 @@ class CassandraStore(Store):
         since_us, until_us = q.since_us, q.until_us
         lo = MIN_BUCKET if since_us is None else bucket_of(since_us)
         hi = SUMMARY_BUCKET - 1 if until_us is None else bucket_of(until_us - 1)
-        rows = await self._all(self._ps["select_bucket_range"], (*pk, lo, hi), fetch_size=INDEX_PAGE)
+        # The past days the window cuts: their hour counts are read alongside the index.
+        today = bucket_of(now_us())
+        edges = sorted({day for day, edge in ((lo, since_us), (hi, until_us))
+                        if edge is not None and edge % BUCKET_US and day < today})
+        rows, *edge_hours = await self._gather([
+            self._all(self._ps["select_bucket_range"], (*pk, lo, hi), fetch_size=INDEX_PAGE),
+            *(self._hours(pk, day) for day in edges),
+        ])
         self.stats.index_rows += len(rows)
-        days = [self._day(r, since_us, until_us) for r in rows]
+        hours = dict(zip(edges, edge_hours))
+        days = [self._day(r, since_us, until_us, hours.get(r.bucket)) for r in rows]
         if days and q.offset == 0:
             _, newest_page = await self._gather([self._count_dirty(pk, days), self._read_day(q, days[0], 0, q.limit)])
             prefetched = (days[0], newest_page)
@@ -864,8 +914,15 @@ class CassandraStore(Store):
             prefetched = None
         return sum(d.n for d in days), days, prefetched  # type: ignore[misc]
 
+    async def _hours(self, pk: tuple[str, str, str], bucket: int) -> dict[int, tuple[int, int]]:
+        """The stored hour counts of a day: hour -> (n, counted_at), trusted or not."""
+        rows = await self._execute("select_hours", (*pk, bucket))
+        self.stats.hour_rows += len(rows)
+        return {r.hour: (r.n, r.counted_at) for r in rows if r.n is not None and r.counted_at is not None}
+
     @staticmethod
-    def _day(row: Any, since_us: int | None, until_us: int | None) -> _Bucket:
+    def _day(row: Any, since_us: int | None, until_us: int | None,
+             hours: dict[int, tuple[int, int]] | None = None) -> _Bucket:
         start, end = row.bucket * BUCKET_US, (row.bucket + 1) * BUCKET_US
         whole = (since_us is None or since_us <= start) and (until_us is None or until_us >= end)
         if not whole:
@@ -873,7 +930,8 @@ class CassandraStore(Store):
             end = end if until_us is None else min(end, until_us)
         clean = _clean(row)
         n = row.n if whole and clean else None
-        return _Bucket(row.bucket, n, row.written_at or 0, start, end, whole, None if whole or not clean else row.n)
+        return _Bucket(row.bucket, n, row.written_at or 0, start, end, whole, None if whole or not clean else row.n,
+                       None if whole else hours)
 
     async def _count_dirty(self, pk: tuple[str, str, str], days: list[_Bucket], *,
                            until_covered: int | None = None) -> None:
@@ -908,9 +966,38 @@ class CassandraStore(Store):
         started = now_us()
         outside = d.outside()
         if d.day_n is not None and sum(b - a for a, b in outside) < d.end_us - d.start_us:
-            excluded = await self._gather(self._count_range(pk, d.bucket, a, b) for a, b in outside)
+            excluded = await self._gather(self._count_part(pk, d, a, b, started) for a, b in outside)
             return d.day_n - sum(excluded), started
-        return await self._count_range(pk, d.bucket, d.start_us, d.end_us), started
+        return await self._count_part(pk, d, d.start_us, d.end_us, started), started
+
+    async def _count_part(self, pk: tuple[str, str, str], d: _Bucket, start_us: int, end_us: int,
+                          started: int) -> int:
+        """The exact count of [start_us, end_us) within day ``d``. On a past edge day
+        that is not dirty, whole hours come from their stored counts where trusted
+        (or are counted and stored), and only the cut hours at either end are
+        counted row by row."""
+        first, last = -(-start_us // HOUR_US), end_us // HOUR_US  # the whole hours inside: [first, last)
+        if d.hours is None or d.written_at > started or first >= last:
+            return await self._count_range(pk, d.bucket, start_us, end_us)
+        counts = [self._count_range(pk, d.bucket, a, b)
+                  for a, b in ((start_us, first * HOUR_US), (last * HOUR_US, end_us)) if a < b]
+        known = 0
+        midnight = d.bucket * (BUCKET_US // HOUR_US)  # in hours since the epoch
+        for hour in range(first - midnight, last - midnight):
+            n, counted_at = d.hours.get(hour, (None, 0))
+            if n is not None and counted_at >= d.written_at:
+                known += n
+            else:
+                counts.append(self._count_hour(pk, d, hour))
+        return known + sum(await self._gather(counts))
+
+    async def _count_hour(self, pk: tuple[str, str, str], d: _Bucket, hour: int) -> int:
+        started = now_us()
+        start = d.bucket * BUCKET_US + hour * HOUR_US
+        n = await self._count_range(pk, d.bucket, start, start + HOUR_US)
+        if started >= d.written_at:
+            self._write_back(pk, d.bucket, n, started, hour=hour)
+        return n
 
     async def _count_range(self, pk: tuple[str, str, str], bucket: int, start_us: int, end_us: int) -> int:
         workspace_id, person_id, event_key = pk
@@ -922,16 +1009,21 @@ class CassandraStore(Store):
                                        (workspace_id, person_id, event_key, bucket, start_us, end_us))
         return rows[0][0]
 
-    def _write_back(self, pk: tuple[str, str, str], bucket: int, n: int, started: int) -> None:
-        """Store a count for the next reader, in the background; one per bucket at a time."""
+    def _write_back(self, pk: tuple[str, str, str], bucket: int, n: int, started: int, *,
+                    hour: int | None = None) -> None:
+        """Store a count (of a day, or of one hour of it) for the next reader, in the
+        background; one per bucket and hour at a time."""
         session = self._session
         if session is None:
             return
-        key = (*pk, bucket)
+        key = (*pk, bucket, hour)
         with self._writebacks_lock:
             if key in self._writebacks:
                 return
-            bound = self._ps["save_count"].bind((started, n, started, *pk, bucket))
+            if hour is None:
+                bound = self._ps["save_count"].bind((started, n, started, *pk, bucket))
+            else:
+                bound = self._ps["save_hour_count"].bind((started, n, started, *pk, bucket, hour))
             try:
                 future = session.execute_async(bound)
             except Exception:
