@@ -427,9 +427,11 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
                 for r in reads.measure(svc.grpc_target, svc.key, p, s.read_calls):
                     run.add(store, r.workload, "p50_ms", round(r.p50_ms, 2), "ms")
                     run.add(store, r.workload, "p99_ms", round(r.p99_ms, 2), "ms")
+                    run.add(store, r.workload, "first_ms", round(r.first_ms, 2), "ms")
                     run.add(store, r.workload, "total", r.total, "events")
                     print(f"{r.workload}: p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms "
-                          f"({r.calls} sequential calls, total {r.total:,})", flush=True)
+                          f"({r.calls} sequential calls, total {r.total:,}); the first call {r.first_ms:.2f} ms",
+                          flush=True)
             run.attempt(store, f"list_person_{p.label}", read)
     finally:
         code = service_proc.stop(svc)
