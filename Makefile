@@ -31,19 +31,27 @@ $(BUF): package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $@
 
-# google/api/{annotations,http}.proto ship inside the googleapis-common-protos
-# wheel; copy them out so protoc and buf see the same files without a network.
-$(PROTODEPS)/.stamp: $(VENV)/.installed
-	rm -rf $(PROTODEPS) && mkdir -p $(PROTODEPS)/google/api
-	$(PY) -c 'import google.api, pathlib, shutil, sys; src = pathlib.Path(google.api.__path__[0]); [shutil.copy(src / f, sys.argv[1]) for f in ("annotations.proto", "http.proto")]' $(PROTODEPS)/google/api
+# The protos that proto/ imports come out of installed wheels (google/api from
+# googleapis-common-protos, buf/validate from protovalidate), so protoc and buf
+# need no network: see scripts/protodeps.py.
+$(PROTODEPS)/.stamp: $(VENV)/.installed scripts/protodeps.py
+	rm -rf $(PROTODEPS) && mkdir -p $(PROTODEPS)
+	$(PY) scripts/protodeps.py $(PROTODEPS)
 	touch $@
 
+PROTOC := $(PY) -m grpc_tools.protoc -I proto -I $(PROTODEPS) --descriptor_set_in=$(PROTODEPS)/protovalidate.binpb
+DESCRIPTORS := build/descriptors.binpb
+
+# The descriptors with comments and imports: input of the OpenAPI generator and of buf lint.
+$(DESCRIPTORS): $(PROTODEPS)/.stamp $(PROTO_FILES)
+	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=$@ $(PROTO_FILES)
+
 .PHONY: generate
-generate: $(PROTODEPS)/.stamp ## regenerate generated/ from proto/ (offline)
-	rm -rf generated/flameup
-	mkdir -p generated
-	$(PY) -m grpc_tools.protoc -I proto -I $(PROTODEPS) \
-	  --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTO_FILES)
+generate: $(PROTODEPS)/.stamp $(DESCRIPTORS) ## regenerate generated/ from proto/ (offline)
+	rm -rf generated/flameup generated/buf generated/openapi
+	mkdir -p generated/openapi
+	$(PROTOC) --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTO_FILES)
+	$(PROTOC) --python_out=generated --pyi_out=generated buf/validate/validate.proto
 
 .PHONY: check-generated
 check-generated: generate ## fail when generated/ is stale
@@ -51,8 +59,8 @@ check-generated: generate ## fail when generated/ is stale
 	@test -z "$$(git status --porcelain -- generated)" || { git status --porcelain -- generated; echo 'untracked generated files'; exit 1; }
 
 .PHONY: lint
-lint: $(BUF) $(PROTODEPS)/.stamp ## buf lint and buf format check
-	$(BUF) lint
+lint: $(BUF) $(DESCRIPTORS) ## buf lint and buf format check
+	$(BUF) lint $(DESCRIPTORS) --config buf.yaml $(addprefix --path ,$(PROTO_FILES:proto/%=%))
 	$(BUF) format --diff --exit-code proto
 
 .PHONY: run
