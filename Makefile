@@ -52,6 +52,7 @@ generate: $(PROTODEPS)/.stamp $(DESCRIPTORS) ## regenerate generated/ from proto
 	mkdir -p generated/openapi
 	$(PROTOC) --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTO_FILES)
 	$(PROTOC) --python_out=generated --pyi_out=generated buf/validate/validate.proto
+	$(PY) scripts/gen_openapi.py $(DESCRIPTORS) generated/openapi/events.openapi.json
 
 .PHONY: check-generated
 check-generated: generate ## fail when generated/ is stale

@@ -61,7 +61,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import transcode
-from gateway.openapi import build_openapi
+from gateway.openapi import openapi_document
 from gateway.rules import Binding, bindings_for
 from gateway.transcode import CodecRegistry, MessageCodec, TranscodeError
 
@@ -370,11 +370,12 @@ def create_app(
     targets = [grpc_target] if isinstance(grpc_target, str) else list(grpc_target)
     if not targets:
         raise ValueError("create_app needs at least one gRPC target")
+    # The generated document describes the default files; other files get no /openapi.json.
+    openapi_body = openapi_document() if files is None else None
     files = list(files) if files is not None else default_files()
     codecs = CodecRegistry()
     bindings = bindings_for(files)
     errors = ErrorRenderer(codecs)
-    openapi_body = orjson.dumps(build_openapi(files, bindings))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[GatewayState]:
@@ -445,7 +446,7 @@ def create_app(
     routes: list[BaseRoute] = [
         *build_routes(bindings, codecs, timeout, max_body_bytes),
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        *([Route("/openapi.json", openapi, methods=["GET"])] if openapi_body is not None else []),
     ]
     app = Starlette(
         routes=routes,
