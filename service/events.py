@@ -39,8 +39,10 @@ class ListInput:
     limit: int | None = None
     offset: int | None = None
     event: str = ""
-    since_us: int | None = None
-    until_us: int | None = None
+    # Nanoseconds since the epoch, as the caller sent them: since < until is
+    # checked on these, the store is asked in (rounded up) microseconds.
+    since_ns: int | None = None
+    until_ns: int | None = None
 
 
 class EventsCore:
@@ -143,7 +145,7 @@ class EventsCore:
                 domain.check_name("event", req.event)
             except ValidationError as exc:
                 violations.extend(exc.violations)
-        if req.since_us is not None and req.until_us is not None and req.since_us >= req.until_us:
+        if req.since_ns is not None and req.until_ns is not None and req.since_ns >= req.until_ns:
             violations.append(FieldViolation("since", "must be before until"))
         if violations:
             raise ValidationError(*violations)
@@ -153,6 +155,11 @@ class EventsCore:
             limit=limit,
             offset=offset,
             event=req.event or None,
-            since_us=req.since_us,
-            until_us=req.until_us,
+            since_us=_micros_ceil(req.since_ns),
+            until_us=_micros_ceil(req.until_ns),
         )
+
+
+def _micros_ceil(ns: int | None) -> int | None:
+    """Rounded up, so that `since` and `until` keep their meaning at the store's precision."""
+    return None if ns is None else -(-ns // 1000)

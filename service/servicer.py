@@ -138,12 +138,12 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def Track(self, request: events_pb2.TrackRequest, context) -> events_pb2.TrackResponse:
-        stored = await self._core.track(_principal.get().workspace_id, _track_input(request))
+        stored = await self._core.track(_principal.get().workspace_id, track_input(request))
         return events_pb2.TrackResponse(success=True, event_id=stored.event_id, person_id=stored.person_id)
 
     @_grpc_errors
     async def TrackBatch(self, request: events_pb2.TrackBatchRequest, context) -> events_pb2.TrackBatchResponse:
-        items = [_track_input(item) for item in request.events]
+        items = [track_input(item) for item in request.events]
         result = await self._core.track_batch(_principal.get().workspace_id, items)
         return events_pb2.TrackBatchResponse(
             success=not result.errors,
@@ -155,24 +155,25 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def ListPersonEvents(self, request: events_pb2.ListPersonEventsRequest, context):
-        page = await self._core.list_person_events(
-            _principal.get().workspace_id,
-            ListInput(
-                person_ref=request.person_id,
-                id_type=request.id_type,
-                limit=request.limit if request.HasField("limit") else None,
-                offset=request.offset if request.HasField("offset") else None,
-                event=request.event,
-                since_us=_micros_ceil(request.since) if request.HasField("since") else None,
-                until_us=_micros_ceil(request.until) if request.HasField("until") else None,
-            ),
-        )
+        page = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
         return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in page.events], total=page.total)
 
 
-def _track_input(request: events_pb2.TrackRequest) -> TrackInput:
+def track_input(request: events_pb2.TrackRequest) -> TrackInput:
     parameters = _struct_to_python(request.parameters) if request.HasField("parameters") else None
     return TrackInput(request.external_id, request.event, parameters, request.timestamp)
+
+
+def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
+    return ListInput(
+        person_ref=request.person_id,
+        id_type=request.id_type,
+        limit=request.limit if request.HasField("limit") else None,
+        offset=request.offset if request.HasField("offset") else None,
+        event=request.event,
+        since_ns=request.since.ToNanoseconds() if request.HasField("since") else None,
+        until_ns=request.until.ToNanoseconds() if request.HasField("until") else None,
+    )
 
 
 def _struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -199,11 +200,6 @@ def _value_to_python(value: struct_pb2.Value) -> Any:
     if kind == "list_value":
         return [_value_to_python(v) for v in value.list_value.values]
     return None  # null_value, or no kind set
-
-
-def _micros_ceil(ts) -> int:
-    """A Timestamp to microseconds, rounded up: `since` and `until` keep their meaning."""
-    return ts.seconds * 1_000_000 + -(-ts.nanos // 1000)
 
 
 def _event(e: StoredEvent) -> events_pb2.Event:

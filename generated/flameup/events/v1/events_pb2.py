@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66lameup/events/v1/events.proto\x12\x11\x66lameup.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x02\n\x0cTrackRequest\x12<\n\x0b\x65xternal_id\x18\x01 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12\x36\n\x05\x65vent\x18\x02 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x83\x01\n\ttimestamp\x18\x04 \x01(\tBp\xbaHmrk2i^$|^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$\"E\n\rTrackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\"P\n\x11TrackBatchRequest\x12;\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.flameup.events.v1.TrackRequestB\n\xbaH\x07\x92\x01\x04\x08\x01\x10\x64\"g\n\x12TrackBatchResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12-\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x1d.flameup.events.v1.BatchError\";\n\nBatchError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xd3\x05\n\x17ListPersonEventsRequest\x12:\n\tperson_id\x18\x01 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12\x30\n\x07id_type\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1aR\x00R\tperson_idR\x0b\x65xternal_id\x12\x1e\n\x05limit\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x01H\x00\x88\x01\x01\x12\x1c\n\x06offset\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00H\x01\x88\x01\x01\x12\x31\n\x05\x65vent\x18\x05 \x01(\tB\"\xbaH\x1fr\x1d\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:\xed\x02\xbaH\xe9\x02\x1a\xf3\x01\n\x0eperson_id.uuid\x12Vperson_id must be a UUID (pass id_type=external_id to look a person up by your own id)\x1a\x88\x01this.id_type == \'external_id\' || this.person_id.matches(\'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\')\x1aq\n\x12since.before_until\x12\x1asince must be before until\x1a?!has(this.since) || !has(this.until) || this.since < this.untilB\x08\n\x06_limitB\t\n\x07_offset\"S\n\x18ListPersonEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.flameup.events.v1.Event\x12\r\n\x05total\x18\x02 \x01(\x05\"\xec\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x89\x03\n\rEventsService\x12\x64\n\x05Track\x12\x1f.flameup.events.v1.TrackRequest\x1a .flameup.events.v1.TrackResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/track:\x01*\x12y\n\nTrackBatch\x12$.flameup.events.v1.TrackBatchRequest\x1a%.flameup.events.v1.TrackBatchResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/track/batch:\x01*\x12\x96\x01\n\x10ListPersonEvents\x12*.flameup.events.v1.ListPersonEventsRequest\x1a+.flameup.events.v1.ListPersonEventsResponse\")\x82\xd3\xe4\x93\x02#\x12!/api/v1/people/{person_id}/eventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66lameup/events/v1/events.proto\x12\x11\x66lameup.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x02\n\x0cTrackRequest\x12<\n\x0b\x65xternal_id\x18\x01 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12\x36\n\x05\x65vent\x18\x02 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\xbd\x01\n\ttimestamp\x18\x04 \x01(\tB\xa9\x01\xbaH\xa5\x01r\xa2\x01\x32\x9f\x01^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$\"E\n\rTrackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\"P\n\x11TrackBatchRequest\x12;\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.flameup.events.v1.TrackRequestB\n\xbaH\x07\x92\x01\x04\x08\x01\x10\x64\"g\n\x12TrackBatchResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12-\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x1d.flameup.events.v1.BatchError\";\n\nBatchError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xd3\x05\n\x17ListPersonEventsRequest\x12:\n\tperson_id\x18\x01 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12\x30\n\x07id_type\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1aR\x00R\tperson_idR\x0b\x65xternal_id\x12\x1e\n\x05limit\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x01H\x00\x88\x01\x01\x12\x1c\n\x06offset\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00H\x01\x88\x01\x01\x12\x31\n\x05\x65vent\x18\x05 \x01(\tB\"\xbaH\x1fr\x1d\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:\xed\x02\xbaH\xe9\x02\x1a\xf3\x01\n\x0eperson_id.uuid\x12Vperson_id must be a UUID (pass id_type=external_id to look a person up by your own id)\x1a\x88\x01this.id_type == \'external_id\' || this.person_id.matches(\'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\')\x1aq\n\x12since.before_until\x12\x1asince must be before until\x1a?!has(this.since) || !has(this.until) || this.since < this.untilB\x08\n\x06_limitB\t\n\x07_offset\"S\n\x18ListPersonEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.flameup.events.v1.Event\x12\r\n\x05total\x18\x02 \x01(\x05\"\xec\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x89\x03\n\rEventsService\x12\x64\n\x05Track\x12\x1f.flameup.events.v1.TrackRequest\x1a .flameup.events.v1.TrackResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/track:\x01*\x12y\n\nTrackBatch\x12$.flameup.events.v1.TrackBatchRequest\x1a%.flameup.events.v1.TrackBatchResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/track/batch:\x01*\x12\x96\x01\n\x10ListPersonEvents\x12*.flameup.events.v1.ListPersonEventsRequest\x1a+.flameup.events.v1.ListPersonEventsResponse\")\x82\xd3\xe4\x93\x02#\x12!/api/v1/people/{person_id}/eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRACKREQUEST'].fields_by_name['event']._loaded_options = None
   _globals['_TRACKREQUEST'].fields_by_name['event']._serialized_options = b'\272H$r\037\020\001\030\377\0012\030^[^\\x00-\\x1F\\x7F-\\x9F]*$\310\001\001'
   _globals['_TRACKREQUEST'].fields_by_name['timestamp']._loaded_options = None
-  _globals['_TRACKREQUEST'].fields_by_name['timestamp']._serialized_options = b'\272Hmrk2i^$|^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$'
+  _globals['_TRACKREQUEST'].fields_by_name['timestamp']._serialized_options = b'\272H\245\001r\242\0012\237\001^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$'
   _globals['_TRACKBATCHREQUEST'].fields_by_name['events']._loaded_options = None
   _globals['_TRACKBATCHREQUEST'].fields_by_name['events']._serialized_options = b'\272H\007\222\001\004\010\001\020d'
   _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['person_id']._loaded_options = None
@@ -62,21 +62,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTSSERVICE'].methods_by_name['ListPersonEvents']._loaded_options = None
   _globals['_EVENTSSERVICE'].methods_by_name['ListPersonEvents']._serialized_options = b'\202\323\344\223\002#\022!/api/v1/people/{person_id}/events'
   _globals['_TRACKREQUEST']._serialized_start=176
-  _globals['_TRACKREQUEST']._serialized_end=487
-  _globals['_TRACKRESPONSE']._serialized_start=489
-  _globals['_TRACKRESPONSE']._serialized_end=558
-  _globals['_TRACKBATCHREQUEST']._serialized_start=560
-  _globals['_TRACKBATCHREQUEST']._serialized_end=640
-  _globals['_TRACKBATCHRESPONSE']._serialized_start=642
-  _globals['_TRACKBATCHRESPONSE']._serialized_end=745
-  _globals['_BATCHERROR']._serialized_start=747
-  _globals['_BATCHERROR']._serialized_end=806
-  _globals['_LISTPERSONEVENTSREQUEST']._serialized_start=809
-  _globals['_LISTPERSONEVENTSREQUEST']._serialized_end=1532
-  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_start=1534
-  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_end=1617
-  _globals['_EVENT']._serialized_start=1620
-  _globals['_EVENT']._serialized_end=1856
-  _globals['_EVENTSSERVICE']._serialized_start=1859
-  _globals['_EVENTSSERVICE']._serialized_end=2252
+  _globals['_TRACKREQUEST']._serialized_end=545
+  _globals['_TRACKRESPONSE']._serialized_start=547
+  _globals['_TRACKRESPONSE']._serialized_end=616
+  _globals['_TRACKBATCHREQUEST']._serialized_start=618
+  _globals['_TRACKBATCHREQUEST']._serialized_end=698
+  _globals['_TRACKBATCHRESPONSE']._serialized_start=700
+  _globals['_TRACKBATCHRESPONSE']._serialized_end=803
+  _globals['_BATCHERROR']._serialized_start=805
+  _globals['_BATCHERROR']._serialized_end=864
+  _globals['_LISTPERSONEVENTSREQUEST']._serialized_start=867
+  _globals['_LISTPERSONEVENTSREQUEST']._serialized_end=1590
+  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_start=1592
+  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_end=1675
+  _globals['_EVENT']._serialized_start=1678
+  _globals['_EVENT']._serialized_end=1914
+  _globals['_EVENTSSERVICE']._serialized_start=1917
+  _globals['_EVENTSSERVICE']._serialized_end=2310
 # @@protoc_insertion_point(module_scope)
