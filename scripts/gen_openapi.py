@@ -206,47 +206,57 @@ class _Builder:
         assert field.message_type is None or field.message_type.full_name in _WELL_KNOWN, field.full_name
         schema = self._field_schema(field)
         description = schema.pop("description", "")
-        return {
+        parameter = {
             "name": field.name,
             "in": where,
             "required": where == "path" or _required(field),
             "description": description,
             "schema": schema,
         }
+        if where == "query":
+            parameter["allowEmptyValue"] = True  # `?since=` leaves the field unset, as in grpc-gateway
+        return parameter
 
-    def _ref(self, message: Descriptor) -> dict[str, Any]:
+    def _ref(self, message: Descriptor, checked: bool = True) -> dict[str, Any]:
+        """A reference to the message's schema; ``checked=False``: its shape
+        without the validation rules, for items the service checks one by one."""
         if message.full_name in _WELL_KNOWN:
             return dict(_WELL_KNOWN[message.full_name])
-        if message.full_name not in self.schemas:
-            self.schemas[message.full_name] = {}  # placeholder: recursion ends here
-            self.schemas[message.full_name] = self._message_schema(message)
-        return {"$ref": f"#/components/schemas/{message.full_name}"}
+        name = message.full_name if checked else f"{message.full_name}.unchecked"
+        if name not in self.schemas:
+            self.schemas[name] = {}  # placeholder: recursion ends here
+            self.schemas[name] = self._message_schema(message, checked)
+        return {"$ref": f"#/components/schemas/{name}"}
 
-    def _message_schema(self, message: Descriptor) -> dict[str, Any]:
+    def _message_schema(self, message: Descriptor, checked: bool) -> dict[str, Any]:
         request = message.full_name in self.requests
+        fields = message.fields
         schema: dict[str, Any] = {
             "type": "object",
-            "properties": {f.name: self._field_schema(f, nullable=request) for f in message.fields},
+            "properties": {f.name: self._field_schema(f, nullable=request, checked=checked) for f in fields},
             # Responses carry every field; requests need what their rules require.
-            "required": [f.name for f in message.fields if not request or _required(f)],
+            "required": [f.name for f in fields if not request or (checked and _required(f))],
         }
         if not schema["required"]:
             del schema["required"]
-        rules = [r.message for r in message.GetOptions().Extensions[validate_pb2.message].cel]
-        description = "\n\n".join(filter(None, [self.comments.get(message.full_name, ""), *rules]))
+        notes = [r.message for r in message.GetOptions().Extensions[validate_pb2.message].cel] if checked else [
+            "Its rules are checked one item at a time: a bad item is reported in the response, not refused "
+            "with the request."
+        ]
+        description = "\n\n".join(filter(None, [self.comments.get(message.full_name, ""), *notes]))
         if description:
             schema["description"] = description
         return schema
 
-    def _field_schema(self, field: FieldDescriptor, nullable: bool = False) -> dict[str, Any]:
+    def _field_schema(self, field: FieldDescriptor, *, nullable: bool = False, checked: bool = True) -> dict[str, Any]:
+        rules = _rules(field) if checked else validate_pb2.FieldRules()
         message = field.message_type
         if message is not None:
-            item = self._ref(message)
+            item = self._ref(message, checked and rules.repeated.items.ignore != validate_pb2.IGNORE_ALWAYS)
         else:
             item = dict(_SCALARS[field.type]) if field.type != FD.TYPE_ENUM else {
                 "type": "string", "enum": [v.name for v in field.enum_type.values]
             }
-        rules = _rules(field)
         if field.is_repeated:
             schema = {"type": "array", "items": item}
             if rules.repeated.HasField("min_items"):
@@ -258,7 +268,7 @@ class _Builder:
         description = self.comments.get(field.full_name)
         if "$ref" in schema and (description or nullable):
             schema = {"allOf": [schema]}
-        if nullable and not _required(field):
+        if nullable and not (checked and _required(field)):
             schema["nullable"] = True  # a request's null leaves the field unset
         if description:
             schema["description"] = description

@@ -6,7 +6,9 @@ import json
 
 import pytest
 import schemathesis
+from starlette.testclient import TestClient
 
+from gateway.app import create_app
 from gateway.openapi import openapi_document
 
 
@@ -73,7 +75,12 @@ def test_validation_rules_become_constraints(doc):
     assert track["properties"]["parameters"]["type"] == "object"
     batch = schemas["flameup.events.v1.TrackBatchRequest"]
     assert batch["required"] == ["events"]
-    assert (batch["properties"]["events"]["minItems"], batch["properties"]["events"]["maxItems"]) == (1, 100)
+    events = batch["properties"]["events"]
+    assert (events["minItems"], events["maxItems"]) == (1, 100)
+    # A bad event of a batch is reported in the 200 response: the items' schema has no rules.
+    assert events["items"] == {"$ref": "#/components/schemas/flameup.events.v1.TrackRequest.unchecked"}
+    item = schemas["flameup.events.v1.TrackRequest.unchecked"]
+    assert "required" not in item and set(item["properties"]["event"]) == {"type", "nullable", "description"}
     params = {p["name"]: p for p in doc["paths"]["/api/v1/people/{person_id}/events"]["get"]["parameters"]}
     assert params["limit"]["schema"] == {"type": "integer", "format": "int32", "minimum": 1, "maximum": 500}
     assert params["offset"]["schema"]["minimum"] == 0
@@ -93,3 +100,9 @@ def test_responses_list_every_field_with_its_json_type(doc):
     assert page["required"] == ["events", "total"]
     assert page["properties"]["total"]["type"] == "integer"
     assert schemas["flameup.events.v1.TrackBatchResponse"]["required"] == ["success", "event_ids", "errors"]
+
+
+def test_the_gateway_serves_the_generated_document():
+    reply = TestClient(create_app("127.0.0.1:1")).get("/openapi.json")
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+    assert reply.content == openapi_document()
