@@ -70,7 +70,7 @@ def main(descriptor_set: Path, out: Path) -> None:
         pool.Add(file)
     comments = {name: text for file in files for name, text in _comments(file)}
     ours = [pool.FindFileByName(f.name) for f in files if f.service]
-    document = build(ours and bindings_for(ours), comments)
+    document = build(bindings_for(ours), comments)
     out.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -174,7 +174,7 @@ class _Builder:
             "summary": re.split(r"(?<=\.)\s", description, maxsplit=1)[0].replace("\n", " ") or method.name,
             "description": description,
         }
-        taken = {v.field_path for v in binding.variables}
+        taken = [v.field_path for v in binding.variables]
         parameters = [self._parameter(method.input_type.fields_by_name[name], "path") for name in taken]
         if binding.body != "*":
             parameters += [
