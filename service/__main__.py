@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
         exit_with_parent()
         # The long-running processes run on uvloop, as the gateways do under uvicorn (and
-        # as gRPC's own benchmark worker can): about 4% less CPU per call than asyncio's
-        # loop in back-to-back benchmark runs, the same behaviour otherwise.
+        # as gRPC's own benchmark worker can): a few percent less CPU per call than
+        # asyncio's own loop, the same behaviour otherwise (docs/decisions/worker-runtime.md).
         uvloop.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds,
                                     unix_socket=args.unix_socket),
                          on_ready=_serving))

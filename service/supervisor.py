@@ -54,12 +54,11 @@ def default_workers() -> int:
 def default_gateway_workers() -> int:
     """REST gateway processes, unless told otherwise: one per two CPUs, at least one.
 
-    A gateway does about a third of a REST call's CPU (under rest_track on 2
-    CPUs: gateways 0.6 cores, gRPC workers and the SQLite writer 1.1). With
-    one gateway per CPU the 2-CPU box ran 5 busy processes on 2 cores: one
-    gateway instead of two gave the same rest_batch rate, rest_track 0-10%
-    fewer events/s, and rest_track p99 25-30 ms instead of 36-79 ms (two pairs
-    of back-to-back windows each), with one process, about 50 MB, less.
+    A gateway does about a third of a REST call's CPU; the gRPC workers and
+    the SQLite writer do the rest. One gateway per CPU would put more busy
+    processes than cores on the machine, and the scheduler's turns would show
+    in the tail latency for little more throughput.
+    See docs/decisions/gateway-processes.md.
     """
     return max(1, (os.cpu_count() or 1) // 2)
 
@@ -76,17 +75,13 @@ def set_cpu_policy(policy: str) -> None:
     completion-queue poller thread has work for the event loop) does not
     preempt the thread running on that CPU: it runs on an idle CPU, or when
     the running thread blocks or its slice ends. When every CPU is busy that
-    saves context switches: under grpc_track a gRPC worker's event-loop thread
-    was preempted about twice per call (117k involuntary switches in about 12 s
-    of load), and a third of the worker's CPU samples (perf, cpu-clock) were in
-    the scheduler. Back to
-    back against "normal" on 2 CPUs, the benchmark's load generators batch in
-    both runs, two pairs: grpc_track +29% and +13% at p99 14-16 instead of
-    19-20 ms, rest_track +10% and +13%, grpc_batch +2% and +10%, rest_batch
-    +11% and 0%. With an idle CPU at hand a woken thread runs at once, as
-    before. "normal" (SCHED_OTHER) is every process's default: choose it when
-    the service shares its CPUs with interactive work that must not wait
-    behind it. Where the platform has no such policy this does nothing.
+    saves context switches: under SCHED_OTHER a gRPC worker's event-loop
+    thread is preempted about twice per single-event call. With an idle CPU
+    at hand a woken thread runs at once, under either policy. "normal"
+    (SCHED_OTHER) is every process's default: choose it when the service
+    shares its CPUs with interactive work that must not wait behind it. Where
+    the platform has no such policy this does nothing.
+    See docs/decisions/cpu-scheduling-policy.md.
     """
     if policy not in CPU_POLICIES:
         raise ValueError(f"cpu policy must be one of {', '.join(CPU_POLICIES)}, got {policy!r}")
@@ -113,12 +108,9 @@ def worker_cpus(count: int, affinity: str) -> list[int | None]:
     completion-queue poller and EventEngine threads), which hand every call to
     one another. On one CPU such a hand-off is a local wake-up with warm
     caches; across CPUs it takes an inter-processor interrupt and moves the
-    call's data between caches. Back to back on 2 CPUs, every process batch,
-    four pairs of 10 s windows (two with the workers pinned from outside, two
-    with this code): grpc_track +10 to +30% (p99 14-17 -> 12-14 ms),
-    rest_track 0 to +33%, grpc_batch 0 to +12%, rest_batch -1 to -6%. The
-    gateways and the SQLite writer are left to the kernel: pinning the
-    gateway too added nothing that held up in a second pair.
+    call's data between caches. The gateways and the SQLite writer are left
+    to the kernel: pinning the gateway as well gains nothing measurable.
+    See docs/decisions/worker-cpu-affinity.md.
     """
     if affinity not in WORKER_CPU_AFFINITIES:
         raise ValueError(f"worker cpu affinity must be one of {', '.join(WORKER_CPU_AFFINITIES)}, got {affinity!r}")
@@ -214,12 +206,13 @@ def freeze_startup_heap() -> None:
     """For a worker that starts to serve: what start-up built (modules, protobuf
     descriptors, the app) leaves the garbage collector's view.
 
-    A full collection walks every object the collector tracks. In a 20 s
-    rest_track window each gateway (about 35k objects) ran 3 or 4 of them and
-    each gRPC worker 3, pausing the process for 12 to 65 ms each while its
-    requests in flight waited. Frozen, those objects are skipped, and the same
-    collections took 0.2 to 4 ms. (The collector does keep running: grpc.aio's
-    server leaves a reference cycle of 6 objects behind on every call.)
+    A full collection walks every object the collector tracks, and a gateway
+    or gRPC worker holds tens of thousands of them after start-up: unfrozen,
+    each full collection pauses the process for tens of milliseconds while
+    its requests in flight wait; frozen, those objects are skipped and a
+    collection takes a few milliseconds at most. (The collector does keep
+    running: grpc.aio's server leaves a reference cycle of 6 objects behind on
+    every call.) See docs/decisions/worker-runtime.md.
     """
     gc.collect()  # start-up's own garbage is freed, not frozen
     gc.freeze()
@@ -319,8 +312,8 @@ def serve(config: ServeConfig) -> int:
         _wait_ready(ready, config.workers, deadline, writer_procs + grpc_procs)
         # The gateways call each worker on its own socket, their channels spread evenly
         # over them: SO_REUSEPORT places a connection on the shared port by a hash, and a
-        # gateway holds few connections, so one worker often took most or all of the
-        # REST traffic while the other idled.
+        # gateway holds few connections, so on the shared port one worker could take most
+        # or all of the REST traffic while another idles (docs/decisions/gateway-processes.md).
         targets = [arg for path in worker_sockets for arg in ("--grpc-target", f"unix:{path}")]
         http_procs += [
             _spawn(["-m", "gateway", *targets, "--host", config.host,
