@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from service.store.sqlite import SqliteClientStore, SqliteStore
+from service.store import open_store
+from service.store.sqlite import SqliteStore
 from service.store.sqlite_engine import Tuning
 from service.store.sqlite_writer import serve_writer
 
@@ -89,7 +90,7 @@ async def sqlite_writer(tmp_path):
 async def sqlite_writer_store(sqlite_writer):
     """A store that sends its appends to a writer process (reads stay local), as serve's workers do."""
     writer = await sqlite_writer()
-    store = SqliteClientStore.from_url(writer.store_url, writer.socket_path)
+    store = open_store(writer.store_url, sqlite_writer=writer.socket_path)
     await store.open()
     yield store
     await store.close()

@@ -14,7 +14,7 @@ import struct
 import pytest
 
 from service.domain import EventQuery, StoredEvent, new_event_id, now_us, person_id_for
-from service.store import StoreUnavailable
+from service.store import StoreUnavailable, open_store
 from service.store.sqlite import SqliteClientStore
 from service.store.sqlite_engine import GroupCommitter, Tuning
 from service.store.sqlite_wire import MAX_FRAME_BYTES
@@ -146,3 +146,22 @@ async def test_a_group_of_a_whole_batch_does_not_wait_for_the_gap(sqlite_writer)
         await asyncio.wait_for(store.append([event("big2") for _ in range(tuning.small_group_rows)]), 10)
         await asyncio.wait_for(small, 10)
         assert (await store.list_events(EventQuery("ws_w", person_id_for("ws_w", "big")))).total == len(batch)
+
+
+async def test_open_store_with_a_writer_socket_sends_appends_there(sqlite_writer):
+    writer = await sqlite_writer()
+    store = open_store(writer.store_url, sqlite_writer=writer.socket_path)
+    await store.open()
+    try:
+        await writer.close()
+        with pytest.raises(StoreUnavailable, match="writer"):  # an embedded store would commit it itself
+            await store.append([event("u5")])
+    finally:
+        await store.close()
+
+
+def test_a_writer_socket_is_only_for_sqlite_and_never_part_of_the_url():
+    with pytest.raises(ValueError, match="only sqlite"):
+        open_store("cassandra://127.0.0.1:9042/ks", sqlite_writer="/tmp/appends.sock")
+    with pytest.raises(ValueError, match="unknown parameter writer"):
+        open_store("sqlite:///./data/events.db?writer=/tmp/appends.sock")

@@ -40,7 +40,6 @@ class _SqliteReads(Store):
 
     def __init__(self, db: SqliteFile) -> None:
         self.db = db
-        self.path = db.path
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
