@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("grpc-worker", help="one gRPC worker process (serve starts these)")
     _store_arg(worker)
+    worker.add_argument("--sqlite-writer", default=None, metavar="SOCKET",
+                        help="send appends to the SQLite writer process on this Unix socket (serve passes it)")
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=50051)
     worker.add_argument("--key-cache-seconds", type=float, default=10.0)
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         # as gRPC's own benchmark worker can): a few percent less CPU per call than
         # asyncio's own loop, the same behaviour otherwise (docs/decisions/worker-runtime.md).
         uvloop.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds,
-                                    unix_socket=args.unix_socket),
+                                    unix_socket=args.unix_socket, sqlite_writer=args.sqlite_writer),
                          on_ready=_serving))
         return 0
     if args.command == "sqlite-writer":

@@ -10,7 +10,8 @@ reports on a pipe once it serves, and the gateways start only after every
 gRPC worker does; they call the workers on those sockets, in equal shares. On a
 SQLite store it first starts the one process that commits appends
 (`python -m service sqlite-writer`, see service/store/sqlite_writer.py) on a
-Unix socket in a private directory. It imports neither gRPC nor a store driver
+Unix socket in a private directory and passes that socket to each gRPC worker
+(`--sqlite-writer`). It imports neither gRPC nor a store driver
 itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways first
 (they finish in-flight requests), then the gRPC workers (health NOT_SERVING,
 in-flight calls finish, the store commits and closes), then the SQLite writer
@@ -37,7 +38,7 @@ import tempfile
 import time
 from contextlib import closing
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 log = logging.getLogger("flameup.supervisor")
 
@@ -230,11 +231,6 @@ def report_ready() -> None:
         os.close(int(fd))
 
 
-def _with_writer(store_url: str, socket_path: str) -> str:
-    """The store URL the workers get: the same file, appends sent to the writer."""
-    return f"{store_url}{'&' if urlsplit(store_url).query else '?'}writer={quote(socket_path, safe='/')}"
-
-
 def _check_alive(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is not None:
@@ -286,7 +282,7 @@ def serve(config: ServeConfig) -> int:
     writer_procs: list[subprocess.Popen] = []
     grpc_procs: list[subprocess.Popen] = []
     http_procs: list[subprocess.Popen] = []
-    worker_store_url = config.store_url
+    writer_args: list[str] = []  # the workers' --sqlite-writer, when there is a writer process
     # mode 0700: only this user reaches the sockets in it (the writer's, the workers' own)
     run_dir = tempfile.mkdtemp(prefix="flameup-")
     worker_sockets = [os.path.join(run_dir, f"grpc-{i}.sock") for i in range(config.workers)]
@@ -300,9 +296,9 @@ def serve(config: ServeConfig) -> int:
                                         "--socket", socket_path, "--log-level", config.log_level],
                                        reporting, (ready_w,)))
             _wait_ready(ready, 1, deadline, writer_procs)
-            worker_store_url = _with_writer(config.store_url, socket_path)
+            writer_args = ["--sqlite-writer", socket_path]
         grpc_procs += [
-            _spawn(["-m", "service", "grpc-worker", "--store", worker_store_url, "--host", config.host,
+            _spawn(["-m", "service", "grpc-worker", "--store", config.store_url, *writer_args, "--host", config.host,
                     "--port", str(grpc_port), "--unix-socket", path,
                     "--key-cache-seconds", str(config.key_cache_seconds), "--log-level", config.log_level,
                     *(["--cpu", str(cpu)] if cpu is not None else [])],

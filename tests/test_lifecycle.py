@@ -144,7 +144,7 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
 
     from service.domain import new_event_id, now_us
     from service.store.base import bucket_of
-    from service.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+    from service.store.sqlite_engine import MIGRATIONS, SCHEMA_VERSION
 
     path = str(tmp_path / "v1.db")
     conn = sqlite3.connect(path, isolation_level=None)
@@ -184,7 +184,7 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
 
 
 def test_sqlite_writeback_hint_starts_and_leaves_no_descriptor_open(tmp_path):
-    from service.store.sqlite import _Writeback
+    from service.store.sqlite_engine import _Writeback
 
     data, missing = tmp_path / "db", tmp_path / "db-wal"
     data.write_bytes(b"x" * 65536)
