@@ -82,11 +82,21 @@ class ServeConfig:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Hold the port for the workers: fail now if something else has it, and
-    turn port 0 into a concrete port every worker can bind with SO_REUSEPORT."""
+    turn port 0 into a concrete port every worker can bind with SO_REUSEPORT.
+
+    The probe binds with SO_REUSEADDR and without SO_REUSEPORT. On Linux that
+    fails on a listening socket of any other process, whatever its options,
+    and on the held socket of another ``serve`` starting up; it passes over
+    the connections a stopped instance left behind (TIME_WAIT, FIN_WAIT), so
+    ``serve`` starts again at once on the same ports. The held socket sets
+    SO_REUSEPORT alone: with SO_REUSEADDR, another ``serve``'s probe would
+    bind next to it. See docs/decisions/port-reservation.md.
+    """
     if port:
         with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host, port))  # without SO_REUSEPORT: any current user of the port makes this fail
+                probe.bind((host, port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise SystemExit(f"port {host}:{port} is already in use") from exc
