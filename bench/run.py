@@ -41,15 +41,14 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
 from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, RawResult, SqliteBench  # noqa: E402
-from service.supervisor import (  # noqa: E402
+from procutil.cpu import (  # noqa: E402
     CPU_POLICIES,
     DEFAULT_CPU_POLICY,
     DEFAULT_WORKER_CPU_AFFINITY,
     WORKER_CPU_AFFINITIES,
-    default_gateway_workers,
-    default_workers,
     set_cpu_policy,
 )
+from service.supervisor import default_gateway_workers, default_workers  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")

@@ -17,19 +17,16 @@ from datetime import datetime, timezone
 
 import uvloop
 
-from service.store import DEFAULT_STORE_URL, open_store
-from service.supervisor import (
+from procutil.cpu import (
     CPU_POLICIES,
     DEFAULT_CPU_POLICY,
     DEFAULT_WORKER_CPU_AFFINITY,
     WORKER_CPU_AFFINITIES,
-    default_gateway_workers,
-    default_workers,
-    exit_with_parent,
-    freeze_startup_heap,
     keep_to_cpu,
-    report_ready,
 )
+from procutil.process import exit_with_parent, freeze_startup_heap
+from service.store import DEFAULT_STORE_URL, open_store
+from service.supervisor import default_gateway_workers, default_workers, report_ready
 
 
 def _env(name: str, default):

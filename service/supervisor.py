@@ -19,13 +19,12 @@ in-flight calls finish, the store commits and closes), then the SQLite writer
 stops the rest and exits non-zero, so a process manager can restart the whole
 unit. Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
 otherwise), which every process inherits, and it gives gRPC worker i the i-th
-CPU to keep to (see set_cpu_policy and worker_cpus).
+CPU to keep to (see procutil.cpu).
 """
 
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import select
@@ -39,6 +38,9 @@ import time
 from contextlib import closing
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from procutil.cpu import DEFAULT_CPU_POLICY, DEFAULT_WORKER_CPU_AFFINITY, set_cpu_policy, worker_cpus
+from procutil.process import PARENT_PID_ENV
 
 log = logging.getLogger("flameup.supervisor")
 
@@ -64,72 +66,6 @@ def default_gateway_workers() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
-CPU_POLICIES = ("batch", "normal")
-DEFAULT_CPU_POLICY = "batch"
-
-
-def set_cpu_policy(policy: str) -> None:
-    """The Linux scheduling policy of this process, which every process it starts inherits.
-
-    "batch" is SCHED_BATCH: the kernel shares the CPUs as fairly as for any
-    process, but a thread of ours that wakes up (an answer arrived; grpc.aio's
-    completion-queue poller thread has work for the event loop) does not
-    preempt the thread running on that CPU: it runs on an idle CPU, or when
-    the running thread blocks or its slice ends. When every CPU is busy that
-    saves context switches: under SCHED_OTHER a gRPC worker's event-loop
-    thread is preempted about twice per single-event call. With an idle CPU
-    at hand a woken thread runs at once, under either policy. "normal"
-    (SCHED_OTHER) is every process's default: choose it when the service
-    shares its CPUs with interactive work that must not wait behind it. Where
-    the platform has no such policy this does nothing.
-    See docs/decisions/cpu-scheduling-policy.md.
-    """
-    if policy not in CPU_POLICIES:
-        raise ValueError(f"cpu policy must be one of {', '.join(CPU_POLICIES)}, got {policy!r}")
-    if not hasattr(os, "SCHED_BATCH"):
-        return
-    try:
-        # pid 0: the calling thread; the supervisor has no other, and children inherit it
-        os.sched_setscheduler(0, os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER, os.sched_param(0))
-    except OSError as exc:  # e.g. a seccomp profile that forbids it: run as we are
-        log.warning("cannot set the CPU policy %s: %s", policy, exc)
-
-
-WORKER_CPU_AFFINITIES = ("auto", "off")
-DEFAULT_WORKER_CPU_AFFINITY = "auto"
-
-
-def worker_cpus(count: int, affinity: str) -> list[int | None]:
-    """The CPU each of ``count`` gRPC workers keeps to: with "auto", worker i
-    runs on the i-th CPU this process may use (round robin past the last);
-    with "off", or where the platform cannot tell, each goes where the kernel
-    puts it (None).
-
-    A gRPC worker is an event loop thread plus grpc's own threads (its
-    completion-queue poller and EventEngine threads), which hand every call to
-    one another. On one CPU such a hand-off is a local wake-up with warm
-    caches; across CPUs it takes an inter-processor interrupt and moves the
-    call's data between caches. The gateways and the SQLite writer are left
-    to the kernel: pinning the gateway as well gains nothing measurable.
-    See docs/decisions/worker-cpu-affinity.md.
-    """
-    if affinity not in WORKER_CPU_AFFINITIES:
-        raise ValueError(f"worker cpu affinity must be one of {', '.join(WORKER_CPU_AFFINITIES)}, got {affinity!r}")
-    if affinity == "off" or not hasattr(os, "sched_getaffinity"):
-        return [None] * count
-    cpus = sorted(os.sched_getaffinity(0))
-    return [cpus[i % len(cpus)] for i in range(count)]
-
-
-def keep_to_cpu(cpu: int) -> None:
-    """Run this process on ``cpu`` only: called by a worker before it starts any
-    thread, so that every thread it starts later inherits the same mask."""
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError as exc:  # the CPU went away, or a cgroup forbids it: run where the kernel says
-        log.warning("cannot keep to CPU %d: %s", cpu, exc)
-
-
 @dataclass(frozen=True)
 class ServeConfig:
     store_url: str
@@ -147,11 +83,21 @@ class ServeConfig:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Hold the port for the workers: fail now if something else has it, and
-    turn port 0 into a concrete port every worker can bind with SO_REUSEPORT."""
+    turn port 0 into a concrete port every worker can bind with SO_REUSEPORT.
+
+    The probe binds with SO_REUSEADDR and without SO_REUSEPORT. On Linux that
+    fails on a listening socket of any other process, whatever its options,
+    and on the held socket of another ``serve`` starting up; it passes over
+    the connections a stopped instance left behind (TIME_WAIT, FIN_WAIT), so
+    ``serve`` starts again at once on the same ports. The held socket sets
+    SO_REUSEPORT alone: with SO_REUSEADDR, another ``serve``'s probe would
+    bind next to it. See docs/decisions/port-reservation.md.
+    """
     if port:
         with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host, port))  # without SO_REUSEPORT: any current user of the port makes this fail
+                probe.bind((host, port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise SystemExit(f"port {host}:{port} is already in use") from exc
@@ -203,22 +149,6 @@ def _wait_ready(ready: int, count: int, deadline: float, procs: list[subprocess.
             seen += len(os.read(ready, count - seen))
 
 
-def freeze_startup_heap() -> None:
-    """For a worker that starts to serve: what start-up built (modules, protobuf
-    descriptors, the app) leaves the garbage collector's view.
-
-    A full collection walks every object the collector tracks, and a gateway
-    or gRPC worker holds tens of thousands of them after start-up: unfrozen,
-    each full collection pauses the process for tens of milliseconds while
-    its requests in flight wait; frozen, those objects are skipped and a
-    collection takes a few milliseconds at most. (The collector does keep
-    running: grpc.aio's server leaves a reference cycle of 6 objects behind on
-    every call.) See docs/decisions/worker-runtime.md.
-    """
-    gc.collect()  # start-up's own garbage is freed, not frozen
-    gc.freeze()
-
-
 def _processes(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
 
@@ -267,7 +197,7 @@ def serve(config: ServeConfig) -> int:
     http_sock = reserve_port(config.host, config.http_port)
     grpc_port, http_port = grpc_sock.getsockname()[1], http_sock.getsockname()[1]
     grpc_target = f"{config.host}:{grpc_port}"
-    env = {**os.environ, "FLAMEUP_PARENT_PID": str(os.getpid())}
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
     env.pop("FLAMEUP_BOOTSTRAP_KEY", None)  # workers need no key; keep it out of their environment
 
     stopping = False
@@ -347,15 +277,3 @@ def serve(config: ServeConfig) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         grpc_sock.close()
         http_sock.close()
-
-
-def exit_with_parent() -> None:
-    """Workers die with the supervisor even when it is killed with SIGKILL."""
-    if sys.platform != "linux" or "FLAMEUP_PARENT_PID" not in os.environ:
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != int(os.environ["FLAMEUP_PARENT_PID"]):  # the parent died before prctl
-        os.kill(os.getpid(), signal.SIGTERM)
