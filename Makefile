@@ -69,7 +69,7 @@ lint: $(BUF) $(PROTODEPS)/.stamp breaking ## buf lint, buf format check and buf 
 # main itself (or a branch with no commit of its own), main's previous commit.
 # BREAKING_BASE=<rev> overrides. Its proto/ is laid out from git next to the
 # same build/protodeps: buf's own git input cannot see build/, which git does
-# not hold. The rule set (FILE) is in buf.yaml; docs/polyglot-stubs.md says why.
+# not hold. The rule set (FILE) is in buf.yaml; docs/decisions/polyglot-stubs.md says why.
 BREAKING_BASE ?= $(shell base=$$(git merge-base HEAD main 2>/dev/null); \
   if [ -n "$$base" ] && [ "$$base" != "$$(git rev-parse HEAD)" ]; then echo $$base; else git rev-parse -q --verify HEAD~1; fi)
 BREAKING_DIR := build/breaking-base
