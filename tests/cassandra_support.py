@@ -15,9 +15,9 @@
 
 Every test that needs Cassandra carries the ``cassandra`` marker by the time
 ``-m`` selects tests (so ``-m "not cassandra"`` runs without it): the tests
-that use ``cassandra_url`` or ``cassandra_store``, and the cases of any
-fixture parametrized with a ``"cassandra"`` value (``store``, ``service``),
-which request Cassandra only while they run. Tests marked ``runs_last`` (the
+that use its fixtures, and the cases of a test whose parameter (or a
+fixture's) is ``"cassandra"`` (the ``store`` and ``service`` fixtures, which
+request Cassandra only while they run). Tests marked ``runs_last`` (the
 fault tests, which stop the node) are moved after every other test.
 
 Env: ``FLAMEUP_TEST_CASSANDRA=host:port`` uses a Cassandra that is already
@@ -106,11 +106,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "runs_last: stops shared services (Cassandra); ordered after every other test")
 
 
-CASSANDRA_FIXTURES = {"cassandra_url", "cassandra_store"}
+CASSANDRA_FIXTURES = {"cassandra_url", "cassandra_session_store", "cassandra_store"}
 
 
 def needs_cassandra(item: pytest.Item) -> bool:
-    """Whether the test uses Cassandra: directly, or as a ``"cassandra"`` fixture parameter."""
+    """Whether the test uses Cassandra: its fixtures, or a ``"cassandra"`` parameter (its own or a fixture's)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     return bool(CASSANDRA_FIXTURES & set(getattr(item, "fixturenames", ()))) or "cassandra" in params.values()
 
