@@ -106,6 +106,10 @@ run: $(VENV)/.installed ## start gRPC (:50051) and REST (:8080) on the embedded 
 test: $(VENV)/.installed typescript-client ## run the whole test suite (starts Cassandra when needed)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: test-fast
+test-fast: $(VENV)/.installed ## the suite without the tests that need Cassandra (never starts it)
+	$(PY) -m pytest -m 'not cassandra' $(PYTEST_ARGS)
+
 .PHONY: clean
 clean: ## remove the virtualenv, build output and local data
 	rm -rf $(VENV) build node_modules data $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/src/gen

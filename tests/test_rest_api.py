@@ -232,8 +232,8 @@ def test_401_carries_www_authenticate(service):
             assert resp.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_403_without_scope_and_401_after_revocation(service):
-    reader = service.create_key("ws_rest_scopes", "events:read")
+def test_403_without_scope_and_401_after_revocation(service, workspace):
+    reader = service.create_key(workspace, "events:read")
     with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {reader}"}) as client:
         assert_status(client.post("/api/v1/track", json={"external_id": "u", "event": "x"}), 403, 7)
         assert client.get(f"/api/v1/people/{uuid.uuid4()}/events").status_code == 200
@@ -241,9 +241,9 @@ def test_403_without_scope_and_401_after_revocation(service):
         assert_status(client.get(f"/api/v1/people/{uuid.uuid4()}/events"), 401, 16)
 
 
-def test_another_workspace_person_is_invisible(service, http):
+def test_another_workspace_person_is_invisible(service, http, workspace):
     person = http.post("/api/v1/track", json={"external_id": uid(), "event": "private"}).json()["person_id"]
-    other = service.create_key("ws_rest_other")
+    other = service.create_key(workspace)
     resp = httpx.get(f"{service.http_url}/api/v1/people/{person}/events",
                      headers={"Authorization": f"Bearer {other}"})
     assert resp.json() == {"events": [], "total": 0}
