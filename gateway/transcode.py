@@ -334,6 +334,10 @@ class FieldCodec:
                 f"{descriptor.full_name}: field type {_type_name(descriptor)} is not supported by the gateway "
                 "(supported: string, bool, int32, messages, google.protobuf.Struct and Timestamp)"
             )
+        if message_type is not None and message_type.full_name.startswith("google.protobuf.") and (
+            message_type.full_name not in _WELL_KNOWN_OUT
+        ):
+            raise UnsupportedTypeError(f"{descriptor.full_name}: {message_type.full_name} is not supported by the gateway")
         if message_type is not None and message_type.GetOptions().map_entry:
             raise UnsupportedTypeError(f"{descriptor.full_name}: map fields are not supported by the gateway")
         oneof = descriptor.containing_oneof
