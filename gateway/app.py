@@ -31,6 +31,7 @@ Choices where grpc-gateway and the API contract leave room:
   the running count passes the limit.
 - An empty body where the rule takes one is a 400 (not JSON), where
   grpc-gateway would send an empty message.
+- A GET route also answers HEAD (grpc-gateway: 501).
 - 401 carries ``WWW-Authenticate: Bearer`` (grpc-gateway puts the status
   message there, which is not a valid challenge).
 - An ``Authorization`` value that cannot travel as gRPC metadata (not
@@ -367,7 +368,10 @@ def create_app(
 ) -> Starlette:
     """The gateway for the services in ``files`` (default: flameup.events.v1),
     calling the gRPC server at ``grpc_target`` ("host:port", "unix:/path", or a
-    list of them: at least ``channels`` channels, the same number to each)."""
+    list of them: at least ``channels`` channels, the same number to each).
+
+    Raises :class:`gateway.transcode.UnsupportedTypeError` when a bound method's
+    request or response uses a type the gateway does not transcode."""
     targets = [grpc_target] if isinstance(grpc_target, str) else list(grpc_target)
     if not targets:
         raise ValueError("create_app needs at least one gRPC target")

@@ -329,25 +329,12 @@ class FieldCodec:
         self.json_name = descriptor.json_name
         self.repeated = descriptor.is_repeated
         message_type = descriptor.message_type
-        if message_type is None and descriptor.type not in _SCALARS:
-            raise UnsupportedTypeError(
-                f"{descriptor.full_name}: field type {_type_name(descriptor)} is not supported by the gateway "
-                "(supported: string, bool, int32, messages, google.protobuf.Struct and Timestamp)"
-            )
-        if message_type is not None and message_type.full_name.startswith("google.protobuf.") and (
-            message_type.full_name not in _WELL_KNOWN_OUT
-        ):
-            raise UnsupportedTypeError(f"{descriptor.full_name}: {message_type.full_name} is not supported by the gateway")
-        if message_type is not None and message_type.GetOptions().map_entry:
-            raise UnsupportedTypeError(f"{descriptor.full_name}: map fields are not supported by the gateway")
-        oneof = descriptor.containing_oneof
-        if oneof is not None and not (len(oneof.fields) == 1 and oneof.name == "_" + self.name):
-            raise UnsupportedTypeError(f"{descriptor.full_name}: oneof fields are not supported by the gateway")
+        _check_supported(descriptor)
         self.message_codec = codecs.get(message_type) if message_type is not None else None
         self.set: Setter = self._make_setter()
         # Singular string and bool fields take the JSON value as it is: the
         # message walk sets them inline (a fast path; `set` handles the rest).
-        self.plain_type = {FD.TYPE_STRING: str, FD.TYPE_BOOL: bool}.get(descriptor.type) if not self.repeated else None
+        self.plain_type = None if self.repeated else {FD.TYPE_STRING: str, FD.TYPE_BOOL: bool}.get(descriptor.type)
         self._set_text: Callable[[Any, list[str]], None] | None = None  # built on first use
 
     def _make_setter(self) -> Setter:
@@ -415,6 +402,27 @@ class FieldCodec:
             raise TranscodeError(f"a {codec.full_name} cannot be set from a query parameter")
 
         return unsupported
+
+
+def _check_supported(field: FieldDescriptor) -> None:
+    """Raise :class:`UnsupportedTypeError`, naming the field, for a type the gateway does not transcode."""
+    message_type = field.message_type
+    problem = ""
+    if message_type is None and field.type not in _SCALARS:
+        problem = f"field type {_type_name(field)}"
+    elif message_type is not None and message_type.GetOptions().map_entry:
+        problem = "a map"
+    elif message_type is not None and message_type.full_name.startswith("google.protobuf."):
+        if message_type.full_name not in _WELL_KNOWN_OUT:
+            problem = message_type.full_name
+    oneof = field.containing_oneof
+    if oneof is not None and not (len(oneof.fields) == 1 and oneof.name == "_" + field.name):  # not `optional`
+        problem = "a oneof member"
+    if problem:
+        raise UnsupportedTypeError(
+            f"{field.full_name}: {problem} is not supported by the gateway (supported: string, bool, int32, "
+            "optional and repeated fields, messages, google.protobuf.Struct and Timestamp)"
+        )
 
 
 def _single(values: list[str]) -> str:

@@ -292,6 +292,8 @@ def test_wrong_method_on_a_known_path_is_405_with_allow(http):
     resp = http.delete(f"/api/v1/people/{uuid.uuid4()}/events")
     assert_status(resp, 405, 12)
     assert set(resp.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    resp = http.head(f"/api/v1/people/{uuid.uuid4()}/events")  # grpc-gateway: 501
+    assert resp.status_code == 200 and resp.content == b""
 
 
 def test_unknown_path_is_404_code_5_without_redirects(http):
