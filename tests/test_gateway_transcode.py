@@ -151,80 +151,55 @@ def _nested(levels: int) -> dict:
 # Protos the gateway does not transcode are refused when the app is created
 
 _FILE_NUMBERS = itertools.count()
-
-_UNSUPPORTED_FIELDS = {
-    "int64": 'type: TYPE_INT64 label: LABEL_OPTIONAL',
-    "uint32": 'type: TYPE_UINT32 label: LABEL_OPTIONAL',
-    "double": 'type: TYPE_DOUBLE label: LABEL_OPTIONAL',
-    "bytes": 'type: TYPE_BYTES label: LABEL_REPEATED',
-    "enum": 'type: TYPE_ENUM type_name: ".google.protobuf.NullValue" label: LABEL_OPTIONAL',
-    "map": 'type: TYPE_MESSAGE type_name: ".{pkg}.Bad.XEntry" label: LABEL_REPEATED',
-    "oneof": 'type: TYPE_STRING label: LABEL_OPTIONAL oneof_index: 0',
-    "wrapper": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Int32Value" label: LABEL_OPTIONAL',
-    "value": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Value" label: LABEL_OPTIONAL',
-    "duration": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Duration" label: LABEL_OPTIONAL',
+_UNSUPPORTED = {  # the field `x` of a message `Bad`
+    "int64": "type: TYPE_INT64",
+    "uint32": "type: TYPE_UINT32",
+    "double": "type: TYPE_DOUBLE",
+    "bytes": "type: TYPE_BYTES label: LABEL_REPEATED",
+    "enum": 'type: TYPE_ENUM type_name: ".google.protobuf.NullValue"',
+    "map": 'type: TYPE_MESSAGE type_name: "Bad.XEntry" label: LABEL_REPEATED',
+    "oneof": "type: TYPE_STRING oneof_index: 0",
+    "wrapper": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Int32Value"',
+    "value": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Value"',
+    "duration": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Duration"',
 }
 
 
-def _file_with(field: str, *, in_response: bool = False):
-    """A file whose one GET method takes (or, ``in_response``, returns) a
-    message ``Bad`` with one field ``x`` as ``field`` says."""
-    pkg = f"gateway_bad{next(_FILE_NUMBERS)}.v1"
-    request, response = (".%s.Ok" % pkg, ".%s.Bad" % pkg) if in_response else (".%s.Bad" % pkg, ".%s.Ok" % pkg)
+def _file_with(kind: str, side: str):
+    """A file whose one GET method takes (side "request") or returns ("response") ``Bad``."""
+    pkg = f"gateway_bad{next(_FILE_NUMBERS)}"
+    types = {"request": ("Bad", "Ok"), "response": ("Ok", "Bad")}[side]
     return _add_file(f"""
-name: "{pkg.replace('.', '/')}/bad.proto"
-package: "{pkg}"
-syntax: "proto3"
-dependency: "google/api/annotations.proto"
-dependency: "google/protobuf/struct.proto"
-dependency: "google/protobuf/duration.proto"
-dependency: "google/protobuf/wrappers.proto"
-message_type {{ name: "Ok" field {{ name: "id" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }} }}
+name: "{pkg}/bad.proto" package: "{pkg}" syntax: "proto3"
+dependency: ["google/api/annotations.proto", "google/protobuf/struct.proto", "google/protobuf/duration.proto",
+             "google/protobuf/wrappers.proto"]
+message_type {{ name: "Ok" field {{ name: "id" number: 1 type: TYPE_STRING }} }}
 message_type {{
-  name: "Bad"
-  field {{ name: "id" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }}
-  field {{ name: "x" number: 2 {field.format(pkg=pkg)} }}
-  {'oneof_decl { name: "choice" }' if "oneof_index" in field else ""}
-  nested_type {{
-    name: "XEntry"
-    field {{ name: "key" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }}
-    field {{ name: "value" number: 2 type: TYPE_STRING label: LABEL_OPTIONAL }}
-    options {{ map_entry: true }}
-  }}
+  name: "Bad" field {{ name: "id" number: 1 type: TYPE_STRING }} field {{ name: "x" number: 2 {_UNSUPPORTED[kind]} }}
+  {'oneof_decl { name: "choice" }' if kind == "oneof" else ""}
+  nested_type {{ name: "XEntry" options {{ map_entry: true }}
+                field {{ name: "key" number: 1 type: TYPE_STRING }} field {{ name: "value" number: 2 type: TYPE_STRING }} }}
 }}
-service {{
-  name: "BadService"
-  method {{
-    name: "Get" input_type: "{request}" output_type: "{response}"
-    options {{ [google.api.http] {{ get: "/v1/bad/{{id}}" }} }}
-  }}
-}}
+service {{ name: "BadService" method {{ name: "Get" input_type: "{types[0]}" output_type: "{types[1]}"
+                                       options {{ [google.api.http] {{ get: "/v1/bad/{{id}}" }} }} }} }}
 """)
 
 
-@pytest.mark.parametrize("kind", sorted(_UNSUPPORTED_FIELDS))
-def test_the_app_refuses_at_startup_a_request_type_it_cannot_transcode(kind):
-    bad = _file_with(_UNSUPPORTED_FIELDS[kind])
+@pytest.mark.parametrize(("kind", "side"), [(k, s) for k in _UNSUPPORTED for s in ("request", "response")
+                                            if (k, s) != ("duration", "response")])
+def test_the_app_refuses_at_startup_a_type_it_cannot_transcode_naming_the_field(kind, side):
+    bad = _file_with(kind, side)
     with pytest.raises(UnsupportedTypeError) as info:
         create_app("127.0.0.1:1", files=[bad])
-    assert "Bad" in str(info.value)
-
-
-@pytest.mark.parametrize("kind", sorted(set(_UNSUPPORTED_FIELDS) - {"duration"}))
-def test_the_app_refuses_at_startup_a_response_type_it_cannot_transcode(kind):
-    with pytest.raises(UnsupportedTypeError):
-        create_app("127.0.0.1:1", files=[_file_with(_UNSUPPORTED_FIELDS[kind], in_response=True)])
+    assert str(info.value).startswith(f"{bad.package}.Bad.x: ")
 
 
 def test_duration_is_written_in_responses_but_refused_in_requests():
-    assert create_app("127.0.0.1:1", files=[_file_with(_UNSUPPORTED_FIELDS["duration"], in_response=True)])
-    with pytest.raises(UnsupportedTypeError, match="supported in responses only"):
-        create_app("127.0.0.1:1", files=[_file_with(_UNSUPPORTED_FIELDS["duration"])])
-
-
-def test_error_messages_name_the_field_and_its_type():
+    assert create_app("127.0.0.1:1", files=[_file_with("duration", "response")])
+    with pytest.raises(UnsupportedTypeError, match="Duration is supported in responses only"):
+        create_app("127.0.0.1:1", files=[_file_with("duration", "request")])
     with pytest.raises(UnsupportedTypeError, match=r"\.Bad\.x: field type int64 is not supported"):
-        CodecRegistry().get(_file_with(_UNSUPPORTED_FIELDS["int64"]).message_types_by_name["Bad"])
+        CodecRegistry().get(_file_with("int64", "request").message_types_by_name["Bad"])
 
 
 # --------------------------------------------------------------------------
@@ -314,8 +289,7 @@ def test_type_errors_name_the_field(codec, body, message):
     assert message.startswith(error.field + ": ")
 
 
-@pytest.mark.parametrize("text", ["noon", "2024-01-15", "2024-01-15T10:30:00", "2024-02-30T00:00:00Z",
-                                  "2024-01-15T25:00:00Z", "10000-01-01T00:00:00Z"])
+@pytest.mark.parametrize("text", ["noon", "2024-01-15T10:30:00", "2024-02-30T00:00:00Z"])
 def test_timestamps_are_read_by_protobuf_and_bad_ones_name_the_field(text):
     error = _error(THING, {"at": text})
     assert error.field == "at"
@@ -899,17 +873,6 @@ def test_app_limits_the_body_to_one_mebibyte(client, stand_in):
     assert len(just_fits) <= 1024 * 1024
     assert client.post("/api/v1/track/batch", headers=AUTH, content=just_fits).status_code == 200
     assert len(stand_in.seen) == calls + 1
-
-
-def test_app_unknown_paths_and_methods(client):
-    reply = client.get("/api/v1/nope")
-    assert reply.status_code == 404 and reply.json() == {"code": 5, "message": "Not Found", "details": []}
-    assert client.get("/api/v1/track/").status_code == 404  # no slash redirects
-    reply = client.get("/api/v1/track")
-    assert reply.status_code == 405 and reply.headers["allow"] == "POST"
-    assert reply.json() == {"code": 12, "message": "Method Not Allowed", "details": []}
-    reply = client.post("/api/v1/people/u/events")
-    assert reply.status_code == 405 and set(reply.headers["allow"].split(", ")) == {"GET", "HEAD"}
 
 
 def test_app_serves_openapi(client):
