@@ -16,7 +16,7 @@ walks the message by its descriptor and fills ``parameters`` with protobuf's
 ``Struct.update``; the ``by hand`` row fills the Struct with a hand-written walk
 instead, to show what that choice costs. For responses the gateway writes Struct
 numbers as protojson does (``2``, where json_format writes ``2.0``), so the two
-outputs differ in those numbers only. See docs/gateway-transcoding.md.
+outputs differ in those numbers only. See docs/decisions/gateway-transcoding.md.
 """
 
 from __future__ import annotations

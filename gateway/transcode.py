@@ -18,7 +18,7 @@ a proto that would transcode wrongly stops the gateway at startup.
 
 The well-known types use protobuf's own JSON: ``Timestamp.FromJsonString`` /
 ``ToJsonString`` and ``Struct.update``. Struct output is the one hand-written
-piece (see ``docs/gateway-transcoding.md``): protobuf's Python ``json_format``
+piece (see ``docs/decisions/gateway-transcoding.md``): protobuf's Python ``json_format``
 writes every number of a Struct as a float (``2.0``), where protojson, and so
 grpc-gateway, writes ``2``.
 
