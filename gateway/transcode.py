@@ -61,9 +61,11 @@ from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
 
-from google.protobuf import descriptor_pool, json_format, message_factory, struct_pb2
+from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+
+from protoconv import struct_to_python
 
 MAX_DEPTH = 64
 """Deepest JSON nesting accepted in a request; the top-level object is level 1.
@@ -83,7 +85,6 @@ STRUCT = "google.protobuf.Struct"
 TIMESTAMP = "google.protobuf.Timestamp"
 DURATION = "google.protobuf.Duration"
 _INT32 = (-(2**31), 2**31 - 1)
-_MAX_SAFE = 2**53
 _INT_TEXT = re.compile(r"[+-]?\d+")
 _FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
@@ -268,38 +269,10 @@ def _fill_struct(msg: Any, value: Any, depth: int, level: int) -> None:
     msg.update(value)
 
 
-_VALUE_FIELDS = struct_pb2.Value.DESCRIPTOR.fields_by_name
-_STRING_VALUE = _VALUE_FIELDS["string_value"]
-_NUMBER_VALUE = _VALUE_FIELDS["number_value"]
-_BOOL_VALUE = _VALUE_FIELDS["bool_value"]
-_STRUCT_VALUE = _VALUE_FIELDS["struct_value"]
-_LIST_VALUE = _VALUE_FIELDS["list_value"]
-
-
 def struct_to_json(struct_msg: Any) -> dict[str, Any]:
     """A Struct as protojson writes it: keys sorted, integral numbers within
     +-2**53 as integers."""
-    return {key: _value_out(value) for key, value in sorted(struct_msg.fields.items())}
-
-
-def _value_out(value: Any) -> Any:
-    # ListFields() is one C call that yields the set member of the `kind`
-    # oneof; it is cheaper than WhichOneof() followed by getattr().
-    members = value.ListFields()
-    if not members:
-        return None
-    field, item = members[0]
-    if field is _STRING_VALUE or field is _BOOL_VALUE:
-        return item
-    if field is _NUMBER_VALUE:
-        if item.is_integer() and -_MAX_SAFE <= item <= _MAX_SAFE:
-            return int(item)
-        return item
-    if field is _STRUCT_VALUE:
-        return struct_to_json(item)
-    if field is _LIST_VALUE:
-        return [_value_out(inner) for inner in item.values]
-    return None  # null_value
+    return struct_to_python(struct_msg, sort_keys=True)
 
 
 _WELL_KNOWN_OUT: dict[str, Callable[[Any], Any]] = {
