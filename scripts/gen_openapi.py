@@ -206,16 +206,13 @@ class _Builder:
         assert field.message_type is None or field.message_type.full_name in _WELL_KNOWN, field.full_name
         schema = self._field_schema(field)
         description = schema.pop("description", "")
-        parameter = {
+        return {
             "name": field.name,
             "in": where,
             "required": where == "path" or _required(field),
             "description": description,
             "schema": schema,
         }
-        if where == "query":
-            parameter["allowEmptyValue"] = True  # `?since=` leaves the field unset, as in grpc-gateway
-        return parameter
 
     def _ref(self, message: Descriptor, checked: bool = True) -> dict[str, Any]:
         """A reference to the message's schema; ``checked=False``: its shape
