@@ -69,10 +69,21 @@ check-generated: generate ## fail when generated/ is stale
 	git diff --exit-code -- generated
 	@test -z "$$(git status --porcelain -- generated)" || { git status --porcelain -- generated; echo 'untracked generated files'; exit 1; }
 
+PY_PACKAGES := service gateway procutil protoconv
+
 .PHONY: lint
-lint: $(BUF) $(PROTODEPS)/.stamp breaking ## buf lint, buf format check and buf breaking
+lint: $(VENV)/.installed $(BUF) $(PROTODEPS)/.stamp breaking ## ruff, mypy, buf lint, buf format check and buf breaking
+	$(VENV)/bin/ruff check $(PY_PACKAGES)
+	$(VENV)/bin/ruff format --check $(PY_PACKAGES)
+	$(VENV)/bin/mypy
 	$(BUF) lint
 	$(BUF) format --diff --exit-code proto
+
+.PHONY: format
+format: $(VENV)/.installed ## format the Python packages (ruff) and the protos (buf)
+	$(VENV)/bin/ruff check --fix $(PY_PACKAGES)
+	$(VENV)/bin/ruff format $(PY_PACKAGES)
+	$(BUF) format --write proto
 
 # The baseline of `buf breaking`: the commit where this branch left main; on
 # main itself (or a branch with no commit of its own), main's previous commit.

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl
@@ -135,7 +135,7 @@ class GatewayState(TypedDict):
     """What the lifespan hands to every request (``request.state``)."""
 
     channels: list[grpc.aio.Channel]
-    calls: dict[str, Iterator[grpc.aio.UnaryUnaryMultiCallable]]  # endless round-robin per method
+    calls: Mapping[str, Iterator[grpc.aio.UnaryUnaryMultiCallable]]  # endless round-robin per method
     health_check: grpc.aio.UnaryUnaryMultiCallable
 
 
@@ -164,9 +164,7 @@ def bad_request(exc: TranscodeError) -> GatewayError:
     status = status_pb2.Status()
     status.details.add().Pack(
         error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
-            ]
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]
         )
     )
     return GatewayError(code_pb2.INVALID_ARGUMENT, str(exc), details=status.details)
@@ -238,9 +236,7 @@ class Operation:
         taken = {v.field_path.split(".")[0] for v in binding.variables}
         if binding.body and binding.body != "*":
             taken.add(binding.body.split(".")[0])
-        self.query_skip = frozenset(
-            key for name in taken for key in (name, self.request_codec.by_key[name].json_name)
-        )
+        self.query_skip = frozenset(key for name in taken for key in (name, self.request_codec.by_key[name].json_name))
 
     async def __call__(self, request: Request[GatewayState]) -> Response:
         scope = request.scope
@@ -392,22 +388,28 @@ def create_app(
         pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(per_target) for target in targets]
         try:
             calls = {
-                binding.grpc_path: itertools.cycle([
-                    _unary_unary(
-                        channel,
-                        binding.grpc_path,
-                        codecs.get(binding.method.input_type).cls,
-                        codecs.get(binding.method.output_type).cls,
-                    )
-                    for channel in pool
-                ])
+                binding.grpc_path: itertools.cycle(
+                    [
+                        _unary_unary(
+                            channel,
+                            binding.grpc_path,
+                            codecs.get(binding.method.input_type).cls,
+                            codecs.get(binding.method.output_type).cls,
+                        )
+                        for channel in pool
+                    ]
+                )
                 for binding in bindings
             }
             health_check = _unary_unary(
                 pool[0], "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
             )
-            log.info("REST gateway calls gRPC at %s over %d channels (%d routes)", ", ".join(targets), len(pool),
-                     len(bindings))
+            log.info(
+                "REST gateway calls gRPC at %s over %d channels (%d routes)",
+                ", ".join(targets),
+                len(pool),
+                len(bindings),
+            )
             yield {"channels": pool, "calls": calls, "health_check": health_check}
         finally:
             for channel in pool:
