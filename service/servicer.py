@@ -7,6 +7,7 @@ import functools
 import logging
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -15,8 +16,10 @@ from flameup.events.v1 import events_pb2, events_pb2_grpc
 from protoconv import struct_to_python
 from service import domain
 from service.auth import READ, WRITE, AuthError, Authenticator, Principal
-from service.domain import StoredEvent, ValidationError
+from service.domain import ValidationError
 from service.events import EventsCore, ListInput, TrackInput
+from service.feed.consumer import CursorError, Feed, FeedUnavailable
+from service.messages import event_message
 from service.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -24,7 +27,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 # Every RPC of EventsService needs a key with this scope. An RPC missing here
 # is refused (fail closed); a test checks the table covers the proto.
-REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ}
+REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "StreamEvents": READ}
+
+MAX_STREAM_EVENTS = 100
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
@@ -46,7 +51,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return checked
         handler = await continuation(handler_call_details)
         service, _, method = path.lstrip("/").partition("/")
-        if service != SERVICE_NAME or handler is None or handler.unary_unary is None:
+        if service != SERVICE_NAME or handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         checked = self._handlers[path] = self._checking(method, handler)
         return checked
@@ -54,7 +59,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _checking(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler with the key and scope checked before the servicer runs."""
         scope = REQUIRED_SCOPE.get(method)
-        inner, deserialize = handler.unary_unary, handler.request_deserializer
+        deserialize = handler.request_deserializer
 
         def tolerant_deserialize(data: bytes):
             # A message protobuf cannot decode (e.g. parameters nested past its
@@ -64,7 +69,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             except DecodeError as exc:
                 return _Undecodable(str(exc))
 
-        async def authenticated(request, context):
+        async def authenticate(request, context) -> None:
             if isinstance(request, _Undecodable):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -82,7 +87,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             except StoreUnavailable as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the API key now: {exc}")
             _principal.set(principal)
-            return await inner(request, context)
+
+        if handler.unary_stream is not None:
+            streaming = handler.unary_stream
+
+            async def authenticated_stream(request, context):
+                await authenticate(request, context)
+                return await streaming(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                authenticated_stream,
+                request_deserializer=tolerant_deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        unary = handler.unary_unary
+
+        async def authenticated(request, context):
+            await authenticate(request, context)
+            return await unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             authenticated,
@@ -119,21 +141,27 @@ def _grpc_errors(method):
     return wrapper
 
 
-def _bad_request(exc: ValidationError) -> status_pb2.Status:
+def _field_status(code: int, field: str, message: str) -> status_pb2.Status:
+    """A status with a BadRequest detail naming one field."""
+    return _bad_request(ValidationError(domain.FieldViolation(field, message)), code, message)
+
+
+def _bad_request(exc: ValidationError, code: int = code_pb2.INVALID_ARGUMENT, message: str = "") -> status_pb2.Status:
     detail = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.message)
             for v in exc.violations
         ]
     )
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc))
+    status = status_pb2.Status(code=code, message=message or str(exc))
     status.details.add().Pack(detail)
     return status
 
 
 class EventsServicer(events_pb2_grpc.EventsServiceServicer):
-    def __init__(self, core: EventsCore) -> None:
+    def __init__(self, core: EventsCore, feed: Feed | None = None) -> None:
         self._core = core
+        self._feed = feed  # None: the feed is off
 
     @_grpc_errors
     async def Track(self, request: events_pb2.TrackRequest, context) -> events_pb2.TrackResponse:
@@ -155,7 +183,29 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     @_grpc_errors
     async def ListPersonEvents(self, request: events_pb2.ListPersonEventsRequest, context):
         page = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
-        return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in page.events], total=page.total)
+        return events_pb2.ListPersonEventsResponse(events=[event_message(e) for e in page.events], total=page.total)
+
+    @_grpc_errors
+    async def StreamEvents(self, request: events_pb2.StreamEventsRequest, context) -> None:
+        """Checks the request, finds where to start, sends the headers (the call is accepted:
+        every event stored from now on is in it), then the events as they reach the stream."""
+        workspace_id = _principal.get().workspace_id
+        events = stream_filters(request)
+        if self._feed is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the real-time feed is off on this service")
+        try:
+            start = await self._feed.start_sequence(
+                workspace_id, request.after, request.since.ToJsonString() if request.HasField("since") else None)
+            await context.send_initial_metadata(())
+            async for message in self._feed.messages(workspace_id, events, start):
+                response = events_pb2.StreamEventsResponse(cursor=message.cursor)
+                json_format.Parse(message.body, response.event, ignore_unknown_fields=True)
+                await context.write(response)
+        except CursorError as exc:
+            code = code_pb2.OUT_OF_RANGE if exc.out_of_range else code_pb2.INVALID_ARGUMENT
+            await context.abort_with_status(rpc_status.to_status(_field_status(code, "after", str(exc))))
+        except FeedUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
 
 def track_input(request: events_pb2.TrackRequest) -> TrackInput:
@@ -175,20 +225,20 @@ def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
     )
 
 
-def _event(e: StoredEvent) -> events_pb2.Event:
-    msg = events_pb2.Event(
-        id=e.event_id,
-        workspace_id=e.workspace_id,
-        person_id=e.person_id,
-        external_id=e.external_id,
-        event=e.event,
-    )
-    msg.parameters.update(domain.parse_parameters(e.parameters))
-    _set_micros(msg.timestamp, e.timestamp_us)
-    _set_micros(msg.created_at, e.created_at_us)
-    return msg
-
-
-def _set_micros(ts, micros: int) -> None:
-    seconds, rest = divmod(micros, 1_000_000)
-    ts.seconds, ts.nanos = seconds, rest * 1000
+def stream_filters(request: events_pb2.StreamEventsRequest) -> list[str]:
+    """The event names of a StreamEvents request, checked (ValidationError naming the field)."""
+    violations: list[domain.FieldViolation] = []
+    if request.after and request.HasField("since"):
+        violations.append(domain.FieldViolation("after", "give after or since, not both"))
+    if len(request.events) > MAX_STREAM_EVENTS:
+        violations.append(domain.FieldViolation("events", f"at most {MAX_STREAM_EVENTS} event names"))
+    if len(request.after) > 255:
+        violations.append(domain.FieldViolation("after", "not a cursor of this feed"))
+    for i, name in enumerate(request.events):
+        try:
+            domain.check_name(f"events[{i}]", name)
+        except ValidationError as exc:
+            violations.extend(exc.violations)
+    if violations:
+        raise ValidationError(*violations)
+    return list(request.events)
