@@ -143,17 +143,17 @@ def _grpc_errors(method):
 
 def _field_status(code: int, field: str, message: str) -> status_pb2.Status:
     """A status with a BadRequest detail naming one field."""
-    return _bad_request(ValidationError(domain.FieldViolation(field, message)), code, message)
+    return _bad_request(ValidationError(domain.FieldViolation(field, message)), code)
 
 
-def _bad_request(exc: ValidationError, code: int = code_pb2.INVALID_ARGUMENT, message: str = "") -> status_pb2.Status:
+def _bad_request(exc: ValidationError, code: int = code_pb2.INVALID_ARGUMENT) -> status_pb2.Status:
     detail = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.message)
             for v in exc.violations
         ]
     )
-    status = status_pb2.Status(code=code, message=message or str(exc))
+    status = status_pb2.Status(code=code, message=str(exc))
     status.details.add().Pack(detail)
     return status
 

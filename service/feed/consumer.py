@@ -67,7 +67,7 @@ def make_cursor(stream_seq: int, event_id: str) -> str:
 def parse_cursor(cursor: str) -> tuple[int, str]:
     m = _CURSOR.fullmatch(cursor)
     if m is None:
-        raise CursorError("after: not a cursor of this feed (use the cursor of a StreamEvents response)")
+        raise CursorError("not a cursor of this feed (use the cursor of a StreamEvents response)")
     return int(m.group(1)), m.group(2)
 
 
@@ -113,10 +113,10 @@ class Feed:
                 return info.state.last_seq + 1
             seq, check = parse_cursor(after)
             if seq + 1 < (info.state.first_seq or 1):
-                raise CursorError("after: the cursor is older than the feed keeps (its retention); start from a"
+                raise CursorError("the cursor is older than the feed keeps (its retention); start from a"
                                   " time with since, or from now", out_of_range=True)
             if seq > info.state.last_seq:
-                raise CursorError("after: the cursor is ahead of the feed stream (not one of its cursors)")
+                raise CursorError("the cursor is ahead of the feed stream (not one of its cursors)")
             try:
                 msg = await js.get_msg(self.settings.name, seq)
             except NotFoundError:
@@ -125,7 +125,7 @@ class Feed:
             raise FeedUnavailable(f"the feed's NATS server is unreachable ({exc}); retry later") from exc
         event_id = (msg.headers or {}).get("Nats-Msg-Id", "")
         if not event_id.endswith(check) or not msg.subject.startswith(f"{SUBJECT_PREFIX}.{workspace_id}."):
-            raise CursorError("after: not a cursor of this workspace's feed")
+            raise CursorError("not a cursor of this workspace's feed")
         return seq + 1
 
     async def messages(self, workspace_id: str, events: list[str], start: int | str
