@@ -5,6 +5,8 @@ publishes them, and moves the checkpoint once JetStream acknowledged every one
 of them. The checkpoint lives in the store itself, so a publisher that starts
 again (after a crash, on another instance) goes on where the last one stopped.
 
+- Cassandra (cassandra_outbox.py): ``feed_outbox``, written with the events,
+  read by one elected publisher.
 - SQLite: the ``events`` table keeps commit order in its INTEGER PRIMARY KEY
   ``seq`` and one writer commits at a time, so ``seq > checkpoint`` is exactly
   what was committed since; the checkpoint is a row of ``feed_checkpoint`` in
@@ -16,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import sqlite3
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from service.domain import StoredEvent
@@ -24,12 +27,16 @@ from service.store.sqlite_engine import SqliteFile
 OUTBOX_BATCH = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A stored event the feed has to publish; ``position`` orders the outbox."""
+Position = Hashable
+"""Where a publisher is in the outbox; only the outbox knows what it holds."""
 
-    position: int
-    event: StoredEvent
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Stored events to publish, in store order, and the position after them."""
+
+    events: list[StoredEvent]
+    position: Position
 
 
 class Outbox(abc.ABC):
@@ -48,15 +55,19 @@ class Outbox(abc.ABC):
         return True
 
     @abc.abstractmethod
-    async def checkpoint(self) -> int:
-        """The position of the last event known published (0: none)."""
+    async def checkpoint(self) -> Position:
+        """The saved position: every event before it is known published."""
 
     @abc.abstractmethod
-    async def save_checkpoint(self, position: int) -> None: ...
+    async def save_checkpoint(self, position: Position) -> None: ...
 
     @abc.abstractmethod
-    async def after(self, position: int, limit: int = OUTBOX_BATCH) -> list[Pending]:
-        """Up to ``limit`` stored events after ``position``, in store order."""
+    async def after(self, position: Position, limit: int = OUTBOX_BATCH) -> Window:
+        """About ``limit`` stored events after ``position``, in store order (the same
+        window again for the same position, plus what was stored meanwhile)."""
+
+    def published(self, window: Window) -> None:
+        """JetStream acknowledged every event of ``window``."""
 
     @abc.abstractmethod
     async def wait_for_more(self, timeout: float) -> None:
@@ -112,22 +123,22 @@ class SqliteOutbox(Outbox):
             raise RuntimeError("the outbox is closed")
         return self._conn
 
-    async def checkpoint(self) -> int:
+    async def checkpoint(self) -> Position:
         row = await asyncio.to_thread(lambda: self._c().execute(SELECT_CHECKPOINT, (self.name,)).fetchone())
         return row[0] if row else 0
 
-    async def save_checkpoint(self, position: int) -> None:
+    async def save_checkpoint(self, position: Position) -> None:
         await asyncio.to_thread(lambda: self._c().execute(SAVE_CHECKPOINT, (self.name, position)))
 
-    async def after(self, position: int, limit: int = OUTBOX_BATCH) -> list[Pending]:
-        def read() -> list[Pending]:
+    async def after(self, position: Position, limit: int = OUTBOX_BATCH) -> Window:
+        def read() -> Window:
             conn = self._c()
             self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
             rows = conn.execute(SELECT_AFTER, (position, limit)).fetchall()
-            return [Pending(seq, StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts,
-                                             created_at))
-                    for seq, event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at
-                    in rows]
+            events = [StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at)
+                      for _, event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at
+                      in rows]
+            return Window(events, rows[-1][0] if rows else position)
 
         return await asyncio.to_thread(read)
 

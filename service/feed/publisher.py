@@ -28,7 +28,8 @@ import nats
 from nats.js import api
 from nats.js.errors import BadRequestError
 
-from service.feed.outbox import Outbox, Pending, open_outbox
+from service.domain import StoredEvent
+from service.feed.outbox import Outbox, open_outbox
 from service.feed.render import event_json
 from service.feed.subjects import StreamSettings, deletion_subject, event_subject
 
@@ -102,12 +103,11 @@ class Publisher:
         self.settings = settings
         self.published = 0
 
-    async def publish(self, window: list[Pending]) -> None:
-        """Every event of the window on the stream, or an exception."""
+    async def publish(self, events: list[StoredEvent]) -> None:
+        """Every event on the stream, or an exception."""
         acks: list[asyncio.Future] = []
         try:
-            for item in window:
-                e = item.event
+            for e in events:
                 acks.append(await self.js.publish_async(
                     event_subject(e.workspace_id, e.event), event_json(e), headers={"Nats-Msg-Id": e.event_id}))
             await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT)
@@ -134,19 +134,30 @@ class Publisher:
                     await self.outbox.save_checkpoint(durable)
                     saved = durable
                 saved_at = now
-            window = await self.outbox.after(position)
-            if not window:
-                await self.outbox.wait_for_more(CHECKPOINT_EVERY if acked else IDLE_WAIT)
-                continue
             try:
-                await self.publish(window)
-            except Exception as exc:  # noqa: BLE001 - unreachable, timeout, stream error: retry the window
-                log.warning("publishing %d events failed (%s: %s); retrying", len(window), type(exc).__name__, exc)
+                window = await self.outbox.after(position)
+            except Exception as exc:  # noqa: BLE001 - the store is unreachable: try again
+                log.warning("reading the outbox failed (%s: %s); retrying", type(exc).__name__, exc)
                 await _wait(stop, RETRY_SECONDS)
                 continue
-            position = window[-1].position
+            if not window.events:  # nothing new; the outbox may still have moved past empty ground
+                if window.position == position:
+                    await self.outbox.wait_for_more(CHECKPOINT_EVERY if acked else IDLE_WAIT)
+                else:
+                    position = window.position
+                    acked.append((time.monotonic(), position))
+                continue
+            try:
+                await self.publish(window.events)
+            except Exception as exc:  # noqa: BLE001 - unreachable, timeout, stream error: retry the window
+                log.warning("publishing %d events failed (%s: %s); retrying", len(window.events),
+                            type(exc).__name__, exc)
+                await _wait(stop, RETRY_SECONDS)
+                continue
+            self.outbox.published(window)
+            position = window.position
             acked.append((time.monotonic(), position))
-            self.published += len(window)
+            self.published += len(window.events)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -158,7 +169,7 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 async def serve_publisher(store_url: str, nats_url: str, settings: StreamSettings,
                           stop: asyncio.Event | None = None, on_ready: Callable[[], None] | None = None) -> None:
-    """Publish until SIGTERM/SIGINT (or ``stop``); the checkpoint is saved on the way out."""
+    """Publish until SIGTERM/SIGINT (or ``stop``)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
