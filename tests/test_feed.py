@@ -94,12 +94,13 @@ def _rest_json(event: pb.Event) -> dict:
 
 def test_resume_after_a_cursor_has_no_gap_and_no_duplicate(service, ws):
     reader = ws.reader()
+    person = uid()  # the order holds per person
     try:
-        ids = [ws.track("signup") for _ in range(5)]
+        ids = [ws.track("signup", person) for _ in range(5)]
         first = reader.take(2)
     finally:
         reader.close()
-    more = [ws.track("signup") for _ in range(3)]
+    more = [ws.track("signup", person) for _ in range(3)]
     again = ws.reader(after=first[-1].cursor)
     try:
         rest = again.take(6)
@@ -197,7 +198,8 @@ def _lines(response, n: int) -> list[dict]:
 
 
 def test_rest_streams_json_lines_as_grpc_gateway_does(service, ws):
-    ids = [ws.track("signup") for _ in range(2)]
+    person = uid()
+    ids = [ws.track("signup", person) for _ in range(2)]
     with ws.http.stream("GET", "/api/v1/events/stream", params={"since": "2000-01-01T00:00:00Z"}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
         got = _lines(response, 2)
@@ -215,7 +217,8 @@ def test_rest_errors_before_the_first_message_are_ordinary_responses(service, ws
 
 
 def test_server_sent_events_carry_the_cursor_as_id_and_resume_with_last_event_id(service, ws):
-    ids = [ws.track("signup") for _ in range(3)]
+    person = uid()
+    ids = [ws.track("signup", person) for _ in range(3)]
     sse = {"Accept": "text/event-stream"}
     with ws.http.stream("GET", "/api/v1/events/stream", params={"since": "2000-01-01T00:00:00Z"},
                         headers=sse) as response:
