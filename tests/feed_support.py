@@ -73,12 +73,13 @@ def stream_ids(nats_url: str, stream: str = DEFAULT_STREAM, subject: str = "flam
                 seq = info.state.first_seq
                 sub = await js.subscribe(subject, ordered_consumer=True, stream=stream)
                 try:
-                    while seq <= info.state.last_seq and len(ids) < info.state.messages:
-                        msg = await sub.next_msg(timeout=10)
+                    while seq <= info.state.last_seq:
+                        try:
+                            msg = await sub.next_msg(timeout=2)
+                        except nats.errors.TimeoutError:
+                            break  # no more of this subject
                         ids.append(msg.headers["Nats-Msg-Id"])
                         seq = msg.metadata.sequence.stream + 1
-                        if seq > info.state.last_seq:
-                            break
                 finally:
                     await sub.unsubscribe()
                 if expect is None or expect <= set(ids) or time.monotonic() > deadline:

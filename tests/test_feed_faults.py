@@ -109,8 +109,9 @@ def test_sigkill_of_any_process_loses_no_acknowledged_event(store_url, kind):
     env = {"FLAMEUP_NATS_DATA_DIR": nats_dir, "FLAMEUP_FEED_STREAM": stream}
     svc = start_service(store_url, extra_env=env)
     restarted = None
+    workspace = f"ws_fault_{uuid.uuid4().hex[:8]}"  # the keyspace may hold other tests' events
     try:
-        ingest = Ingest(svc.grpc_target, svc.key)
+        ingest = Ingest(svc.grpc_target, svc.create_key(workspace))
         time.sleep(INGEST_SECONDS / 2)
         victim = _children(svc.proc.pid)[kind]
         os.kill(victim, signal.SIGKILL)
@@ -127,7 +128,7 @@ def test_sigkill_of_any_process_loses_no_acknowledged_event(store_url, kind):
             restarted = start_service(store_url, extra_env=env)
             nats_url = restarted.nats_url
         assert acked
-        on_stream = stream_ids(nats_url, stream, expect=acked)
+        on_stream = stream_ids(nats_url, stream, f"flameup.events.{workspace}.>", expect=acked)
         assert acked - set(on_stream) == set()
         if kind in ("feed-publisher", "nats-server"):
             assert set(on_stream) == acked
@@ -151,8 +152,9 @@ def test_nats_away_for_30_seconds_then_back_loses_nothing(store_url):
     nats_proc, nats_url = natsd.start(binary, run_dir, port, data_dir, natsd.DEFAULT_SYNC_INTERVAL)
     stream = f"OUTAGE_{uuid.uuid4().hex[:8].upper()}"
     svc = start_service(store_url, extra_args=("--nats-url", nats_url, "--feed-stream", stream))
+    workspace = f"ws_outage_{uuid.uuid4().hex[:8]}"
     try:
-        ingest = Ingest(svc.grpc_target, svc.key)
+        ingest = Ingest(svc.grpc_target, svc.create_key(workspace))
         time.sleep(2)
         nats_proc.terminate()
         nats_proc.wait(30)
@@ -161,7 +163,7 @@ def test_nats_away_for_30_seconds_then_back_loses_nothing(store_url):
         time.sleep(2)
         acked = ingest.stop()
         assert ingest.failures == 0
-        on_stream = stream_ids(nats_url, stream, expect=acked, timeout=120)
+        on_stream = stream_ids(nats_url, stream, f"flameup.events.{workspace}.>", expect=acked, timeout=120)
         assert set(on_stream) == acked
     finally:
         stop_service(svc)
