@@ -5,7 +5,8 @@
 survives a crash or kill of the process; FULL also survives power loss, at the
 cost of an fsync per commit), ``busy_timeout_ms`` (default 10000) and
 ``writer=<socket>``: send appends to the writer process on that Unix socket
-instead of committing them here (``serve`` sets it; see sqlite_writer.py).
+instead of committing them here (``serve`` sets it; see sqlite_writer.py),
+``dedup_window_days`` (default 7): how long a message_id is remembered.
 
 Layout: each (workspace, person) gets a small integer ``person_key``. Events
 are stored in commit order (``events``, keyed by ``seq``, so inserts append) and
@@ -37,7 +38,14 @@ SQLite is synchronous: appends go to one writer thread that commits whatever
 has queued up in one transaction (group commit) with multi-row statements
 (the GIL is taken back once per statement, not once per row), and a
 checkpointer thread moves the WAL into the database outside the commits.
-Reads run on a small thread pool with a connection per thread. The asyncio
+Reads run on a small thread pool with a connection per thread.
+
+Idempotent ingest (docs/idempotent-ingest.md): ``dedup`` maps (workspace,
+message_id) to the event that claimed it. A commit looks its events' ids up in
+the same transaction that inserts them, under SQLite's write lock, so no two
+commits, of any process, can both claim one message_id; a duplicate is never
+inserted and so counts nowhere. Each commit also deletes at most
+DEDUP_CLEANUP_ROWS expired entries, oldest first by the ``created_at`` index. The asyncio
 loop never blocks on the file, except in the writer process, whose loop does
 nothing but commit (``open(caller_commits=True)``, see sqlite_writer.py).
 """
@@ -59,14 +67,22 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import EventPage, EventQuery, StoredEvent
-from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, settle, split_window
+from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
+from service.store.base import (
+    BUCKET_US,
+    ApiKeyRecord,
+    Store,
+    StoreUnavailable,
+    dedup_window_s,
+    settle,
+    split_window,
+)
 from service.store.sqlite_writer import WriterClient
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Each version is a list of statements, applied in order in one transaction.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -151,6 +167,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """INSERT INTO timeline (person_key, ts, event_id, event, seq)
             SELECT person_key, ts, event_id, event, seq FROM events ORDER BY person_key, ts, event_id""",
     ),
+    # Idempotent ingest: the event that claimed each message_id, while the dedup
+    # window lasts (created_at: when that event was received).
+    4: (
+        """CREATE TABLE dedup (
+            workspace_id TEXT NOT NULL,
+            message_id   TEXT NOT NULL,
+            event_id     TEXT NOT NULL,
+            person_id    TEXT NOT NULL,
+            created_at   INTEGER NOT NULL,
+            PRIMARY KEY (workspace_id, message_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX dedup_expiry ON dedup (created_at)",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
@@ -172,6 +201,20 @@ STAGE_ENTRIES = (
     " SELECT person_key, ts, event_id, event, seq FROM events WHERE seq > ?"
 )
 COUNT_RECENT = "SELECT count(*) FROM recent"
+SELECT_CLAIMS = (
+    "SELECT workspace_id, message_id, event_id, person_id, created_at FROM dedup"
+    " WHERE (workspace_id, message_id) IN (VALUES {values})"
+)
+# A claim replaces an expired one that the cleanup has not reached yet.
+INSERT_CLAIMS = "INSERT INTO dedup (workspace_id, message_id, event_id, person_id, created_at) VALUES "
+INSERT_CLAIMS_END = (
+    " ON CONFLICT (workspace_id, message_id) DO UPDATE SET event_id = excluded.event_id,"
+    " person_id = excluded.person_id, created_at = excluded.created_at"
+)
+EXPIRE_CLAIMS = (
+    "DELETE FROM dedup WHERE (workspace_id, message_id) IN"
+    " (SELECT workspace_id, message_id FROM dedup WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+)
 # A merge step: the persons after the cursor up to the one holding the n-th entry.
 MERGE_BOUNDARY = "SELECT person_key FROM recent WHERE person_key > ? ORDER BY person_key LIMIT 1 OFFSET ?"
 MERGE_ENTRIES = (
@@ -240,6 +283,9 @@ WAL_SAFETY_BYTES = 80 * 1024 * 1024
 MERGE_FROM_ROWS = 50_000
 MERGE_STEP_ROWS = 2_000
 MAX_PERSON_KEY_CACHE = 100_000
+# Expired dedup entries one commit deletes at most: more than a group inserts, so
+# the table shrinks back to the window's entries; bounded, so no commit stalls.
+DEDUP_CLEANUP_ROWS = 2 * MAX_GROUP_ROWS
 _MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
 _MAX_KEY = 2**63 - 1
 
@@ -290,9 +336,9 @@ class _Writeback:
         self._fds = []
 
 
-def _settle_all(waiters: list[asyncio.Future], error: BaseException | None) -> None:
-    for done in waiters:
-        settle(done, None, error)
+def _settle_all(waiters: list[tuple[asyncio.Future, list[Original | None]]], error: BaseException | None) -> None:
+    for done, results in waiters:
+        settle(done, results, error)
 
 
 def _values(rows: int, columns: int) -> str:
@@ -306,12 +352,13 @@ def _chunks(items: list, size: int = ROWS_PER_STATEMENT):
 
 class SqliteStore(Store):
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
-                 writer: str | None = None) -> None:
+                 writer: str | None = None, dedup_window_s: int = dedup_window_s(None)) -> None:
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         self.path = path
         self._synchronous = synchronous.upper()
         self._busy_timeout_ms = busy_timeout_ms
+        self._dedup_window_us = dedup_window_s * 1_000_000
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -342,6 +389,7 @@ class SqliteStore(Store):
             synchronous=params.get("synchronous", "NORMAL"),
             busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)),
             writer=params.get("writer") or None,
+            dedup_window_s=dedup_window_s(params.get("dedup_window_days")),
         )
 
     # Connections ----------------------------------------------------------
@@ -451,9 +499,9 @@ class SqliteStore(Store):
 
     # Events ---------------------------------------------------------------
 
-    async def append(self, events: Sequence[StoredEvent]) -> None:
+    async def append(self, events: Sequence[StoredEvent]) -> list[Original | None]:
         if not events:
-            return
+            return []
         if self._writer_client is not None:
             return await self._writer_client.append(events)
         if self._writer is None:
@@ -462,18 +510,20 @@ class SqliteStore(Store):
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._writes.put((events, loop, done))
-        await asyncio.shield(done)  # a cancelled caller must not abandon a commit in flight
+        return await asyncio.shield(done)  # a cancelled caller must not abandon a commit in flight
 
-    def commit_group(self, events: list[StoredEvent]) -> None:
-        """Commit one group of appends on the calling thread (open(caller_commits=True)).
+    def commit_group(self, events: list[StoredEvent]) -> list[Original | None]:
+        """Commit one group of appends on the calling thread (open(caller_commits=True));
+        per event, what append() answers.
 
         Raises StoreUnavailable when SQLite fails; nothing of the group is then stored.
         """
         if self._caller_conn is None:
             raise StoreUnavailable("the store is closed or commits on its own thread")
-        error = self._commit_or_error(self._caller_conn, events)
-        if error is not None:
-            raise error
+        results = self._commit_or_error(self._caller_conn, events)
+        if isinstance(results, BaseException):
+            raise results
+        return results
 
     def merge_if_due(self) -> None:
         """The timeline merge step, when one is due (open(caller_commits=True)):
@@ -486,12 +536,12 @@ class SqliteStore(Store):
         conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
         return conn
 
-    def _commit_or_error(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> BaseException | None:
+    def _commit_or_error(self, conn: sqlite3.Connection,
+                         events: list[StoredEvent]) -> list[Original | None] | BaseException:
         try:
-            self._commit(conn, events)
+            return self._commit(conn, events)
         except Exception as exc:  # every waiter gets an answer, whatever went wrong
             return StoreUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
-        return None
 
     def _write_loop(self) -> None:
         conn = self._writer_connection()
@@ -511,11 +561,15 @@ class SqliteStore(Store):
                     break
                 group.append(nxt)
                 rows += len(nxt[0])
-            error = self._commit_or_error(conn, [e for events, _, _ in group for e in events])
+            results = self._commit_or_error(conn, [e for events, _, _ in group for e in events])
+            error = results if isinstance(results, BaseException) else None
             # One wake-up per event loop for the whole group, not one per waiter.
-            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-            for _, loop, done in group:
-                by_loop.setdefault(loop, []).append(done)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, list[Original | None]]]] = {}
+            start = 0
+            for events, loop, done in group:
+                mine = [] if error is not None else results[start:start + len(events)]
+                start += len(events)
+                by_loop.setdefault(loop, []).append((done, mine))
             for loop, waiters in by_loop.items():
                 try:
                     loop.call_soon_threadsafe(_settle_all, waiters, error)
@@ -544,18 +598,28 @@ class SqliteStore(Store):
         finally:
             writeback.close()
 
-    def _commit(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> None:
-        """One transaction for a group of appends: persons, rows, day counts.
+    def _commit(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> list[Original | None]:
+        """One transaction for a group of appends: message claims, persons, rows.
 
         While the transaction is open every other writer process waits, so the
         statements' values are built before it starts whenever every person
-        already has a key (the usual case); only new persons need it first.
+        already has a key (the usual case); only new persons (or duplicates,
+        which leave the group) need it first.
         """
         cached = self._person_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
         statements = None if missing else self._statements(events, cached)
+        claims = any(e.message_id is not None for e in events)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            results: list[Original | None] = [None] * len(events)
+            if claims:
+                results = self._claim_messages(conn, events)
+                if any(results):
+                    events = [e for e, original in zip(events, results) if original is None]
+                    missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+                    statements = None
+            conn.execute(EXPIRE_CLAIMS, (now_us() - self._dedup_window_us, DEDUP_CLEANUP_ROWS))
             new_keys = self._assign_person_keys(conn, missing) if missing else {}
             (last_seq,) = conn.execute(MAX_SEQ).fetchone()
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
@@ -571,6 +635,38 @@ class SqliteStore(Store):
             cached.update(new_keys)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
+        return results
+
+    def _claim_messages(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> list[Original | None]:
+        """Per event, None when it claims its message_id (or has none), else the
+        original it duplicates: a live claim from before this group, or an
+        earlier event of this group. Inside the commit's transaction."""
+        wanted = list({(e.workspace_id, e.message_id) for e in events if e.message_id is not None})
+        claims: dict[tuple[str, str], tuple[str, str, int]] = {}
+        for chunk in _chunks(wanted):
+            flat = [v for key in chunk for v in key]
+            for workspace_id, message_id, event_id, person_id, created_at in conn.execute(
+                    SELECT_CLAIMS.format(values=_values(len(chunk), 2)), flat):
+                claims[(workspace_id, message_id)] = (event_id, person_id, created_at)
+        results: list[Original | None] = []
+        new: dict[tuple[str, str], StoredEvent] = {}
+        for e in events:
+            if e.message_id is None:
+                results.append(None)
+                continue
+            key = (e.workspace_id, e.message_id)
+            claim = claims.get(key)
+            if claim is not None and claim[2] + self._dedup_window_us > e.created_at_us:
+                results.append(claim[:2])
+                continue
+            claims[key] = (e.event_id, e.person_id, e.created_at_us)
+            new[key] = e
+            results.append(None)
+        rows = [v for e in new.values() for v in (e.workspace_id, e.message_id, e.event_id, e.person_id,
+                                                   e.created_at_us)]
+        for chunk in _chunks(rows, ROWS_PER_STATEMENT * 5):
+            conn.execute(INSERT_CLAIMS + _values(len(chunk) // 5, 5) + INSERT_CLAIMS_END, chunk)
+        return results
 
     def _merge_if_due(self, conn: sqlite3.Connection) -> None:
         """One merge step when ``recent`` has grown past MERGE_FROM_ROWS.
@@ -649,6 +745,8 @@ class SqliteStore(Store):
                 return EventPage([], 0)
             args = {"person": row[0], "event": q.event, "since": q.since_us, "until": q.until_us,
                     "limit": q.limit, "offset": q.offset}
+            if q.after is not None:  # keyset paging: one row more tells whether more follow
+                args.update(after_ts=q.after[0], after_id=q.after[1], limit=q.limit + 1)
             filters = "" if q.event is None else " AND event = :event"
             range_filters = ("" if q.since_us is None else " AND ts >= :since") + (
                 "" if q.until_us is None else " AND ts < :until")
@@ -669,15 +767,16 @@ class SqliteStore(Store):
                                   args).fetchone()[0]
             # The total is exact, so an offset past it (or an event that never occurred)
             # needs no walk of the timeline.
+            after = "" if q.after is None else " AND (ts, event_id) < (:after_ts, :after_id)"
             rows = [] if q.offset >= total else conn.execute(
-                SELECT_EVENTS.format(filters=filters + range_filters), args).fetchall()
+                SELECT_EVENTS.format(filters=filters + range_filters + after), args).fetchall()
         finally:
             conn.execute("COMMIT")
         events = [
             StoredEvent(event_id, q.workspace_id, q.person_id, external_id, event, parameters, ts, created_at)
-            for event_id, external_id, event, parameters, ts, created_at in rows
+            for event_id, external_id, event, parameters, ts, created_at in rows[:q.limit]
         ]
-        return EventPage(events, total)
+        return EventPage(events, total, more=len(rows) > q.limit)
 
     # Workspaces and keys ----------------------------------------------------
 

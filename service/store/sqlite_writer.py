@@ -15,8 +15,10 @@ A worker's store URL names the socket: ``sqlite:///./data/events.db?writer=/tmp/
 
 Frames on the socket: a 4-byte big-endian length, then JSON.
 
-- request: ``[id, [[workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us], ...]]``
-- response: ``[id, null]`` once committed, or ``[id, "why not"]``
+- request: ``[id, [[workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us,
+  message_id or null], ...]]``
+- response: ``[id, null, [[index, event_id, person_id], ...]]`` once committed, listing the
+  request's duplicates (by message_id) with their originals; or ``[id, "why not", []]``
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
-from service.domain import StoredEvent
+from service.domain import Original, StoredEvent
 from service.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,20 @@ async def _read_frame(reader: asyncio.StreamReader) -> object:
 
 def _row(e: StoredEvent) -> tuple:
     return (e.workspace_id, e.person_id, e.event_id, e.external_id, e.event, e.parameters, e.timestamp_us,
-            e.created_at_us)
+            e.created_at_us, e.message_id)
 
 
 def _event(row: Sequence) -> StoredEvent:
-    workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us = row
-    if not (all(isinstance(v, str) for v in row[:6]) and all(type(v) is int for v in row[6:])):
-        raise ValueError("a row is not six strings and two integers")
-    return StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us)
+    workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us, message_id = row
+    if not (all(isinstance(v, str) for v in row[:6]) and all(type(v) is int for v in row[6:8])
+            and (message_id is None or isinstance(message_id, str))):
+        raise ValueError("a row is not six strings, two integers and a message_id (string or null)")
+    return StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us,
+                       message_id)
+
+
+def _duplicates(results: Sequence[Original | None]) -> list[list]:
+    return [[i, *original] for i, original in enumerate(results) if original is not None]
 
 
 class _Frames:
@@ -108,16 +116,20 @@ class WriterClient:
         self._reading: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
 
-    async def append(self, events: Sequence[StoredEvent]) -> None:
+    async def append(self, events: Sequence[StoredEvent]) -> list[Original | None]:
         frames = await self._connection()
         request_id = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
         frames.send([request_id, [_row(e) for e in events]])
         # A cancelled caller must not lose track of a commit in flight: it completes anyway.
-        error = await asyncio.shield(answer)
+        error, duplicates = await asyncio.shield(answer)
         if error is not None:
             raise StoreUnavailable(f"sqlite writer: {error}")
+        results: list[Original | None] = [None] * len(events)
+        for i, event_id, person_id in duplicates:
+            results[i] = (event_id, person_id)
+        return results
 
     async def _connection(self) -> _Frames:
         async with self._connecting:
@@ -134,10 +146,10 @@ class WriterClient:
         reason = "closed the connection"
         try:
             while True:
-                request_id, error = await _read_frame(reader)
+                request_id, error, duplicates = await _read_frame(reader)
                 answer = self._pending.pop(request_id, None)
                 if answer is not None and not answer.done():
-                    answer.set_result(error)
+                    answer.set_result((error, duplicates))
         except asyncio.IncompleteReadError:
             pass
         except Exception as exc:  # a broken frame or socket: nothing more can be trusted on it
@@ -148,7 +160,7 @@ class WriterClient:
             pending, self._pending = self._pending, {}
             for answer in pending.values():
                 if not answer.done():
-                    answer.set_result(f"the writer process {reason} before answering")
+                    answer.set_result((f"the writer process {reason} before answering", []))
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -203,16 +215,19 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
             group.append(pending.popleft())
             rows += len(group[-1][2])
         pending_rows -= rows
-        error = None
+        error, results = None, []
         try:
-            store.commit_group([e for _, _, events in group for e in events])
+            results = store.commit_group([e for _, _, events in group for e in events])
         except StoreUnavailable as exc:
             error = str(exc)
         except Exception as exc:
             log.exception("sqlite writer: commit failed")
             error = f"{type(exc).__name__}: {exc}"
-        for answers, request_id, _ in group:
-            answers.send([request_id, error])
+        start = 0
+        for answers, request_id, events in group:
+            mine = results[start:start + len(events)]
+            start += len(events)
+            answers.send([request_id, error, [] if error is not None else _duplicates(mine)])
         loop.call_soon(after_group)  # after the answers' writes, which are queued before it
 
     def after_group() -> None:

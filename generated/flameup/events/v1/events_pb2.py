@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66lameup/events/v1/events.proto\x12\x11\x66lameup.events.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x0cTrackRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttimestamp\x18\x04 \x01(\t\"E\n\rTrackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\"D\n\x11TrackBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.flameup.events.v1.TrackRequest\"g\n\x12TrackBatchResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12-\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x1d.flameup.events.v1.BatchError\";\n\nBatchError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xe0\x01\n\x17ListPersonEventsRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0f\n\x07id_type\x18\x02 \x01(\t\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06_limitB\t\n\x07_offset\"S\n\x18ListPersonEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.flameup.events.v1.Event\x12\r\n\x05total\x18\x02 \x01(\x05\"\xec\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x89\x03\n\rEventsService\x12\x64\n\x05Track\x12\x1f.flameup.events.v1.TrackRequest\x1a .flameup.events.v1.TrackResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/track:\x01*\x12y\n\nTrackBatch\x12$.flameup.events.v1.TrackBatchRequest\x1a%.flameup.events.v1.TrackBatchResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/track/batch:\x01*\x12\x96\x01\n\x10ListPersonEvents\x12*.flameup.events.v1.ListPersonEventsRequest\x1a+.flameup.events.v1.ListPersonEventsResponse\")\x82\xd3\xe4\x93\x02#\x12!/api/v1/people/{person_id}/eventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66lameup/events/v1/events.proto\x12\x11\x66lameup.events.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x0cTrackRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttimestamp\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0f\n\x07sent_at\x18\x06 \x01(\t\"X\n\rTrackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"U\n\x11TrackBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.flameup.events.v1.TrackRequest\x12\x0f\n\x07sent_at\x18\x02 \x01(\t\"{\n\x12TrackBatchResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12-\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x1d.flameup.events.v1.BatchError\x12\x12\n\nduplicates\x18\x04 \x03(\x05\";\n\nBatchError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xf4\x01\n\x17ListPersonEventsRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0f\n\x07id_type\x18\x02 \x01(\t\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\npage_token\x18\x08 \x01(\tB\x08\n\x06_limitB\t\n\x07_offset\"l\n\x18ListPersonEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.flameup.events.v1.Event\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xec\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x89\x03\n\rEventsService\x12\x64\n\x05Track\x12\x1f.flameup.events.v1.TrackRequest\x1a .flameup.events.v1.TrackResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/track:\x01*\x12y\n\nTrackBatch\x12$.flameup.events.v1.TrackBatchRequest\x1a%.flameup.events.v1.TrackBatchResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/track/batch:\x01*\x12\x96\x01\n\x10ListPersonEvents\x12*.flameup.events.v1.ListPersonEventsRequest\x1a+.flameup.events.v1.ListPersonEventsResponse\")\x82\xd3\xe4\x93\x02#\x12!/api/v1/people/{person_id}/eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,22 +40,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTSSERVICE'].methods_by_name['TrackBatch']._serialized_options = b'\202\323\344\223\002\030\"\023/api/v1/track/batch:\001*'
   _globals['_EVENTSSERVICE'].methods_by_name['ListPersonEvents']._loaded_options = None
   _globals['_EVENTSSERVICE'].methods_by_name['ListPersonEvents']._serialized_options = b'\202\323\344\223\002#\022!/api/v1/people/{person_id}/events'
-  _globals['_TRACKREQUEST']._serialized_start=146
-  _globals['_TRACKREQUEST']._serialized_end=260
-  _globals['_TRACKRESPONSE']._serialized_start=262
-  _globals['_TRACKRESPONSE']._serialized_end=331
-  _globals['_TRACKBATCHREQUEST']._serialized_start=333
-  _globals['_TRACKBATCHREQUEST']._serialized_end=401
-  _globals['_TRACKBATCHRESPONSE']._serialized_start=403
-  _globals['_TRACKBATCHRESPONSE']._serialized_end=506
-  _globals['_BATCHERROR']._serialized_start=508
-  _globals['_BATCHERROR']._serialized_end=567
-  _globals['_LISTPERSONEVENTSREQUEST']._serialized_start=570
-  _globals['_LISTPERSONEVENTSREQUEST']._serialized_end=794
-  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_start=796
-  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_end=879
-  _globals['_EVENT']._serialized_start=882
-  _globals['_EVENT']._serialized_end=1118
-  _globals['_EVENTSSERVICE']._serialized_start=1121
-  _globals['_EVENTSSERVICE']._serialized_end=1514
+  _globals['_TRACKREQUEST']._serialized_start=147
+  _globals['_TRACKREQUEST']._serialized_end=298
+  _globals['_TRACKRESPONSE']._serialized_start=300
+  _globals['_TRACKRESPONSE']._serialized_end=388
+  _globals['_TRACKBATCHREQUEST']._serialized_start=390
+  _globals['_TRACKBATCHREQUEST']._serialized_end=475
+  _globals['_TRACKBATCHRESPONSE']._serialized_start=477
+  _globals['_TRACKBATCHRESPONSE']._serialized_end=600
+  _globals['_BATCHERROR']._serialized_start=602
+  _globals['_BATCHERROR']._serialized_end=661
+  _globals['_LISTPERSONEVENTSREQUEST']._serialized_start=664
+  _globals['_LISTPERSONEVENTSREQUEST']._serialized_end=908
+  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_start=910
+  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_end=1018
+  _globals['_EVENT']._serialized_start=1021
+  _globals['_EVENT']._serialized_end=1257
+  _globals['_EVENTSSERVICE']._serialized_start=1260
+  _globals['_EVENTSSERVICE']._serialized_end=1653
 # @@protoc_insertion_point(module_scope)
