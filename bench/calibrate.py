@@ -34,13 +34,8 @@ from bench import data, grpc_load, rest_load  # noqa: E402
 from bench.metrics import percentile  # noqa: E402
 from bench.run import DEFAULT_CONCURRENCY, LOAD_GENERATOR_CPU_POLICY  # noqa: E402
 from bench.service_proc import cpu_seconds  # noqa: E402
-from service.supervisor import (  # noqa: E402
-    DEFAULT_WORKER_CPU_AFFINITY,
-    keep_to_cpu,
-    reserve_port,
-    set_cpu_policy,
-    worker_cpus,
-)
+from procutil.cpu import DEFAULT_WORKER_CPU_AFFINITY, keep_to_cpu, set_cpu_policy, worker_cpus  # noqa: E402
+from service.supervisor import reserve_port  # noqa: E402
 
 SUCCESS = b"\x08\x01"  # TrackResponse / TrackBatchResponse with success = true
 

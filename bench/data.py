@@ -140,7 +140,7 @@ def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Perso
     # About 20 and 10 days ago, each edge near the middle of its day (the stores' bucket), whatever the
     # time of the run: a store that counts the part of an edge day inside the window (Cassandra) then
     # has about half a day of rows on either side of each edge, its worst case. Edges taken from the
-    # clock moved that cost with the hour of the run.
+    # clock would move that cost with the hour of the run.
     since = bucket_of(end - span * 2 // 3) * BUCKET_US + BUCKET_US // 2 + 1_234_567_891
     until = bucket_of(end - span // 3) * BUCKET_US + BUCKET_US // 2 - 987_654_321
     filter_event = "purchase_completed"

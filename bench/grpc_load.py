@@ -74,17 +74,17 @@ def _client_main(job: ClientJob, conn) -> None:
 async def _client(job: ClientJob, conn) -> ClientResult:
     result = ClientResult()
     # No retries (a failed call is counted, never hidden) and no per-call deadline: both cost the
-    # client (and the server) CPU per call; in calibration they halved the calls/s a process drives.
+    # client (and the server) CPU per call: with both on, a process drives about half the calls/s
+    # against a do-nothing server (python -m bench.calibrate).
     # The run as a whole is bounded instead (the asyncio.wait below).
     options = [("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.enable_retries", 0),
                ("grpc.enable_http_proxy", 0)]
     # Several connections per process: the service's workers share one port through
     # SO_REUSEPORT, and the kernel places each connection on a worker by a hash, so a
-    # few connections can leave one worker with most of the calls (with 4 per process,
-    # grpc_batch runs had the workers at 0.73 and 0.28 cores, and went from 37k to 49k
-    # events/s from one run to the next). With 16 per process the two workers' CPU still
-    # differed by up to 0.31 cores in 4 windows, with 64 (like many clients) by at most
-    # 0.10. A local subchannel pool makes each channel its own TCP connection.
+    # few connections can leave one worker with most of the calls and make runs disagree.
+    # With 64 per process (as many clients would open) the workers' CPU differs by about
+    # a tenth of a core at most; the per-worker CPU the benchmark prints shows the spread.
+    # A local subchannel pool makes each channel its own TCP connection.
     channels = [grpc.aio.insecure_channel(job.target, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(job.channels)]
     try:

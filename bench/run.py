@@ -9,7 +9,7 @@ per CPU, one gateway per two CPUs: 2 and 1 on the 2-CPU machine; ephemeral
 ports, a fresh database), the ingest workloads over gRPC and REST with the raw
 bulk insert (the store alone, the service idle) right before and right after
 grpc_batch, the service's memory, list_person reads, and a check that every
-acknowledged event is stored. Prints a table with the targets of issue 4
+acknowledged event is stored. Prints a table with the targets
 and writes a flat list of records {"store", "workload", "metric", "value",
 "unit"}. Exits non-zero when a workload failed to run (errors in responses,
 wrong totals, a service that would not start or stop cleanly); it asserts
@@ -41,15 +41,14 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
 from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, RawResult, SqliteBench  # noqa: E402
-from service.supervisor import (  # noqa: E402
+from procutil.cpu import (  # noqa: E402
     CPU_POLICIES,
     DEFAULT_CPU_POLICY,
     DEFAULT_WORKER_CPU_AFFINITY,
     WORKER_CPU_AFFINITIES,
-    default_gateway_workers,
-    default_workers,
     set_cpu_policy,
 )
+from service.supervisor import default_gateway_workers, default_workers  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
@@ -460,7 +459,7 @@ def _value(records: list[Record], store: str, workload: str, metric: str):
 
 
 def targets(records: list[Record], stores: list[str], person_labels: list[str]) -> list[tuple]:
-    """(store, workload, metric, measured, op, target, description) for the targets of issue 4."""
+    """(store, workload, metric, measured, op, target, description) for the targets."""
     out = []
     for store in stores:
         if store == "sqlite":
@@ -521,7 +520,7 @@ def print_table(run: Run) -> None:
     labels = sorted({r.workload.split("_")[2] for r in recs if r.workload.startswith("list_person_")},
                     key=lambda x: int(x[:-1]) * 1000 if x.endswith("k") else int(x))
     rows = targets(recs, sorted({r.store for r in recs if r.store}, key=lambda x: x != "sqlite"), labels)
-    print("\nTargets (issue 4); ratio = measured / target")
+    print("\nTargets; ratio = measured / target")
     for store, workload, metric, measured, op, target, text in rows:
         if measured is None or target is None:
             print(f"  {store:9} {workload:26} {metric:13} {'not measured':>12}   target {text}")

@@ -100,28 +100,31 @@ class SqliteBench(BenchStore):
         return f"sqlite:///{self._fresh_path('service')}"  # absolute path: sqlite:////tmp/...
 
     def raw_insert(self, rows: Sequence[StoredEvent], max_seconds: float) -> RawResult:
-        from service.store.sqlite import MAX_GROUP_ROWS, SqliteStore
+        from service.store.sqlite_engine import GroupCommitter, SqliteFile
 
-        store = SqliteStore(self._fresh_path("raw"))
-        # The schema and connections exactly as the service's writer process opens them,
-        # committing on this thread: no queue, no event loop, no socket, no service.
-        asyncio.run(store.open(caller_commits=True))
+        db = SqliteFile(self._fresh_path("raw"))
+        # The schema, connections and checkpointer exactly as the service's writer process
+        # opens them, committing on this thread: no queue, no event loop, no socket, no service.
+        db.migrate()
+        committer = GroupCommitter(db)
+        committer.open()
         try:
             # The store's own bulk path, as the writer process drives it: one group
             # commit (person keys, multi-row inserts, entries staged in recent) per
-            # MAX_GROUP_ROWS rows, each followed by a timeline merge step when one is due.
-            groups = [list(rows[i:i + MAX_GROUP_ROWS]) for i in range(0, len(rows), MAX_GROUP_ROWS)]
+            # max_group_rows rows, each followed by a timeline merge step when one is due.
+            size = db.tuning.max_group_rows
+            groups = [list(rows[i:i + size]) for i in range(0, len(rows), size)]
             done = 0
             cpu0, started = time.process_time(), time.perf_counter()
             for group in groups:
-                store.commit_group(group)
-                store.merge_if_due()
+                committer.commit(group)
+                committer.merge_if_due()
                 done += len(group)
                 if time.perf_counter() - started >= max_seconds:
                     break
             return RawResult(done, time.perf_counter() - started, 1, client_cpu_s=time.process_time() - cpu0)
         finally:
-            asyncio.run(store.close())
+            committer.close()
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

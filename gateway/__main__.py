@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from gateway.app import DEFAULT_TIMEOUT_SECONDS, MAX_BODY_BYTES, create_app
-from service.supervisor import exit_with_parent, freeze_startup_heap
+from procutil.process import exit_with_parent, freeze_startup_heap
 
 log = logging.getLogger("gateway")
 

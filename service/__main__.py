@@ -17,20 +17,17 @@ from datetime import datetime, timezone
 
 import uvloop
 
-from service.domain import DEFAULT_DEDUP_WINDOW_DAYS
-from service.store import DEFAULT_STORE_URL, open_store, with_dedup_window
-from service.supervisor import (
+from procutil.cpu import (
     CPU_POLICIES,
     DEFAULT_CPU_POLICY,
     DEFAULT_WORKER_CPU_AFFINITY,
     WORKER_CPU_AFFINITIES,
-    default_gateway_workers,
-    default_workers,
-    exit_with_parent,
-    freeze_startup_heap,
     keep_to_cpu,
-    report_ready,
 )
+from procutil.process import exit_with_parent, freeze_startup_heap
+from service.domain import DEFAULT_DEDUP_WINDOW_DAYS
+from service.store import DEFAULT_STORE_URL, open_store, with_dedup_window
+from service.supervisor import default_gateway_workers, default_workers, report_ready
 
 
 def _env(name: str, default):
@@ -91,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("grpc-worker", help="one gRPC worker process (serve starts these)")
     _store_arg(worker)
+    worker.add_argument("--sqlite-writer", default=None, metavar="SOCKET",
+                        help="send appends to the SQLite writer process on this Unix socket (serve passes it)")
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=50051)
     worker.add_argument("--key-cache-seconds", type=float, default=10.0)
@@ -214,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 
         exit_with_parent()
         # The long-running processes run on uvloop, as the gateways do under uvicorn (and
-        # as gRPC's own benchmark worker can): about 4% less CPU per call than asyncio's
-        # loop in back-to-back benchmark runs, the same behaviour otherwise.
+        # as gRPC's own benchmark worker can): a few percent less CPU per call than
+        # asyncio's own loop, the same behaviour otherwise (docs/decisions/worker-runtime.md).
         uvloop.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds,
-                                    unix_socket=args.unix_socket),
+                                    unix_socket=args.unix_socket, sqlite_writer=args.sqlite_writer),
                          on_ready=_serving))
         return 0
     if args.command == "sqlite-writer":

@@ -34,6 +34,7 @@ class GrpcConfig:
     grace_seconds: float = 10.0
     key_cache_seconds: float = 10.0
     unix_socket: str | None = None  # a second listener, this worker's own (the gateways call it)
+    sqlite_writer: str | None = None  # the SQLite writer process's socket: appends go there (see open_store)
 
 
 async def serve(config: GrpcConfig, stop: asyncio.Event | None = None,
@@ -44,7 +45,7 @@ async def serve(config: GrpcConfig, stop: asyncio.Event | None = None,
     lets in-flight ones finish (up to the grace period), then the store
     commits what it holds and closes. Nothing acknowledged is lost.
     """
-    store = open_store(config.store_url)
+    store = open_store(config.store_url, sqlite_writer=config.sqlite_writer)
     await store.open()
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(

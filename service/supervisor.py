@@ -10,7 +10,8 @@ reports on a pipe once it serves, and the gateways start only after every
 gRPC worker does; they call the workers on those sockets, in equal shares. On a
 SQLite store it first starts the one process that commits appends
 (`python -m service sqlite-writer`, see service/store/sqlite_writer.py) on a
-Unix socket in a private directory. It imports neither gRPC nor a store driver
+Unix socket in a private directory and passes that socket to each gRPC worker
+(`--sqlite-writer`). It imports neither gRPC nor a store driver
 itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways first
 (they finish in-flight requests), then the gRPC workers (health NOT_SERVING,
 in-flight calls finish, the store commits and closes), then the SQLite writer
@@ -18,13 +19,12 @@ in-flight calls finish, the store commits and closes), then the SQLite writer
 stops the rest and exits non-zero, so a process manager can restart the whole
 unit. Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
 otherwise), which every process inherits, and it gives gRPC worker i the i-th
-CPU to keep to (see set_cpu_policy and worker_cpus).
+CPU to keep to (see procutil.cpu).
 """
 
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import select
@@ -37,7 +37,10 @@ import tempfile
 import time
 from contextlib import closing
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
+
+from procutil.cpu import DEFAULT_CPU_POLICY, DEFAULT_WORKER_CPU_AFFINITY, set_cpu_policy, worker_cpus
+from procutil.process import PARENT_PID_ENV
 
 log = logging.getLogger("flameup.supervisor")
 
@@ -54,87 +57,13 @@ def default_workers() -> int:
 def default_gateway_workers() -> int:
     """REST gateway processes, unless told otherwise: one per two CPUs, at least one.
 
-    A gateway does about a third of a REST call's CPU (under rest_track on 2
-    CPUs: gateways 0.6 cores, gRPC workers and the SQLite writer 1.1). With
-    one gateway per CPU the 2-CPU box ran 5 busy processes on 2 cores: one
-    gateway instead of two gave the same rest_batch rate, rest_track 0-10%
-    fewer events/s, and rest_track p99 25-30 ms instead of 36-79 ms (two pairs
-    of back-to-back windows each), with one process, about 50 MB, less.
+    A gateway does about a third of a REST call's CPU; the gRPC workers and
+    the SQLite writer do the rest. One gateway per CPU would put more busy
+    processes than cores on the machine, and the scheduler's turns would show
+    in the tail latency for little more throughput.
+    See docs/decisions/gateway-processes.md.
     """
     return max(1, (os.cpu_count() or 1) // 2)
-
-
-CPU_POLICIES = ("batch", "normal")
-DEFAULT_CPU_POLICY = "batch"
-
-
-def set_cpu_policy(policy: str) -> None:
-    """The Linux scheduling policy of this process, which every process it starts inherits.
-
-    "batch" is SCHED_BATCH: the kernel shares the CPUs as fairly as for any
-    process, but a thread of ours that wakes up (an answer arrived; grpc.aio's
-    completion-queue poller thread has work for the event loop) does not
-    preempt the thread running on that CPU: it runs on an idle CPU, or when
-    the running thread blocks or its slice ends. When every CPU is busy that
-    saves context switches: under grpc_track a gRPC worker's event-loop thread
-    was preempted about twice per call (117k involuntary switches in about 12 s
-    of load), and a third of the worker's CPU samples (perf, cpu-clock) were in
-    the scheduler. Back to
-    back against "normal" on 2 CPUs, the benchmark's load generators batch in
-    both runs, two pairs: grpc_track +29% and +13% at p99 14-16 instead of
-    19-20 ms, rest_track +10% and +13%, grpc_batch +2% and +10%, rest_batch
-    +11% and 0%. With an idle CPU at hand a woken thread runs at once, as
-    before. "normal" (SCHED_OTHER) is every process's default: choose it when
-    the service shares its CPUs with interactive work that must not wait
-    behind it. Where the platform has no such policy this does nothing.
-    """
-    if policy not in CPU_POLICIES:
-        raise ValueError(f"cpu policy must be one of {', '.join(CPU_POLICIES)}, got {policy!r}")
-    if not hasattr(os, "SCHED_BATCH"):
-        return
-    try:
-        # pid 0: the calling thread; the supervisor has no other, and children inherit it
-        os.sched_setscheduler(0, os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER, os.sched_param(0))
-    except OSError as exc:  # e.g. a seccomp profile that forbids it: run as we are
-        log.warning("cannot set the CPU policy %s: %s", policy, exc)
-
-
-WORKER_CPU_AFFINITIES = ("auto", "off")
-DEFAULT_WORKER_CPU_AFFINITY = "auto"
-
-
-def worker_cpus(count: int, affinity: str) -> list[int | None]:
-    """The CPU each of ``count`` gRPC workers keeps to: with "auto", worker i
-    runs on the i-th CPU this process may use (round robin past the last);
-    with "off", or where the platform cannot tell, each goes where the kernel
-    puts it (None).
-
-    A gRPC worker is an event loop thread plus grpc's own threads (its
-    completion-queue poller and EventEngine threads), which hand every call to
-    one another. On one CPU such a hand-off is a local wake-up with warm
-    caches; across CPUs it takes an inter-processor interrupt and moves the
-    call's data between caches. Back to back on 2 CPUs, every process batch,
-    four pairs of 10 s windows (two with the workers pinned from outside, two
-    with this code): grpc_track +10 to +30% (p99 14-17 -> 12-14 ms),
-    rest_track 0 to +33%, grpc_batch 0 to +12%, rest_batch -1 to -6%. The
-    gateways and the SQLite writer are left to the kernel: pinning the
-    gateway too added nothing that held up in a second pair.
-    """
-    if affinity not in WORKER_CPU_AFFINITIES:
-        raise ValueError(f"worker cpu affinity must be one of {', '.join(WORKER_CPU_AFFINITIES)}, got {affinity!r}")
-    if affinity == "off" or not hasattr(os, "sched_getaffinity"):
-        return [None] * count
-    cpus = sorted(os.sched_getaffinity(0))
-    return [cpus[i % len(cpus)] for i in range(count)]
-
-
-def keep_to_cpu(cpu: int) -> None:
-    """Run this process on ``cpu`` only: called by a worker before it starts any
-    thread, so that every thread it starts later inherits the same mask."""
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError as exc:  # the CPU went away, or a cgroup forbids it: run where the kernel says
-        log.warning("cannot keep to CPU %d: %s", cpu, exc)
 
 
 @dataclass(frozen=True)
@@ -154,11 +83,21 @@ class ServeConfig:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Hold the port for the workers: fail now if something else has it, and
-    turn port 0 into a concrete port every worker can bind with SO_REUSEPORT."""
+    turn port 0 into a concrete port every worker can bind with SO_REUSEPORT.
+
+    The probe binds with SO_REUSEADDR and without SO_REUSEPORT. On Linux that
+    fails on a listening socket of any other process, whatever its options,
+    and on the held socket of another ``serve`` starting up; it passes over
+    the connections a stopped instance left behind (TIME_WAIT, FIN_WAIT), so
+    ``serve`` starts again at once on the same ports. The held socket sets
+    SO_REUSEPORT alone: with SO_REUSEADDR, another ``serve``'s probe would
+    bind next to it. See docs/decisions/port-reservation.md.
+    """
     if port:
         with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host, port))  # without SO_REUSEPORT: any current user of the port makes this fail
+                probe.bind((host, port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise SystemExit(f"port {host}:{port} is already in use") from exc
@@ -210,21 +149,6 @@ def _wait_ready(ready: int, count: int, deadline: float, procs: list[subprocess.
             seen += len(os.read(ready, count - seen))
 
 
-def freeze_startup_heap() -> None:
-    """For a worker that starts to serve: what start-up built (modules, protobuf
-    descriptors, the app) leaves the garbage collector's view.
-
-    A full collection walks every object the collector tracks. In a 20 s
-    rest_track window each gateway (about 35k objects) ran 3 or 4 of them and
-    each gRPC worker 3, pausing the process for 12 to 65 ms each while its
-    requests in flight waited. Frozen, those objects are skipped, and the same
-    collections took 0.2 to 4 ms. (The collector does keep running: grpc.aio's
-    server leaves a reference cycle of 6 objects behind on every call.)
-    """
-    gc.collect()  # start-up's own garbage is freed, not frozen
-    gc.freeze()
-
-
 def _processes(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
 
@@ -235,11 +159,6 @@ def report_ready() -> None:
     if fd is not None:
         os.write(int(fd), b"1")
         os.close(int(fd))
-
-
-def _with_writer(store_url: str, socket_path: str) -> str:
-    """The store URL the workers get: the same file, appends sent to the writer."""
-    return f"{store_url}{'&' if urlsplit(store_url).query else '?'}writer={quote(socket_path, safe='/')}"
 
 
 def _check_alive(procs: list[subprocess.Popen]) -> None:
@@ -278,7 +197,7 @@ def serve(config: ServeConfig) -> int:
     http_sock = reserve_port(config.host, config.http_port)
     grpc_port, http_port = grpc_sock.getsockname()[1], http_sock.getsockname()[1]
     grpc_target = f"{config.host}:{grpc_port}"
-    env = {**os.environ, "FLAMEUP_PARENT_PID": str(os.getpid())}
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
     env.pop("FLAMEUP_BOOTSTRAP_KEY", None)  # workers need no key; keep it out of their environment
 
     stopping = False
@@ -293,7 +212,7 @@ def serve(config: ServeConfig) -> int:
     writer_procs: list[subprocess.Popen] = []
     grpc_procs: list[subprocess.Popen] = []
     http_procs: list[subprocess.Popen] = []
-    worker_store_url = config.store_url
+    writer_args: list[str] = []  # the workers' --sqlite-writer, when there is a writer process
     # mode 0700: only this user reaches the sockets in it (the writer's, the workers' own)
     run_dir = tempfile.mkdtemp(prefix="flameup-")
     worker_sockets = [os.path.join(run_dir, f"grpc-{i}.sock") for i in range(config.workers)]
@@ -307,9 +226,9 @@ def serve(config: ServeConfig) -> int:
                                         "--socket", socket_path, "--log-level", config.log_level],
                                        reporting, (ready_w,)))
             _wait_ready(ready, 1, deadline, writer_procs)
-            worker_store_url = _with_writer(config.store_url, socket_path)
+            writer_args = ["--sqlite-writer", socket_path]
         grpc_procs += [
-            _spawn(["-m", "service", "grpc-worker", "--store", worker_store_url, "--host", config.host,
+            _spawn(["-m", "service", "grpc-worker", "--store", config.store_url, *writer_args, "--host", config.host,
                     "--port", str(grpc_port), "--unix-socket", path,
                     "--key-cache-seconds", str(config.key_cache_seconds), "--log-level", config.log_level,
                     *(["--cpu", str(cpu)] if cpu is not None else [])],
@@ -319,8 +238,8 @@ def serve(config: ServeConfig) -> int:
         _wait_ready(ready, config.workers, deadline, writer_procs + grpc_procs)
         # The gateways call each worker on its own socket, their channels spread evenly
         # over them: SO_REUSEPORT places a connection on the shared port by a hash, and a
-        # gateway holds few connections, so one worker often took most or all of the
-        # REST traffic while the other idled.
+        # gateway holds few connections, so on the shared port one worker could take most
+        # or all of the REST traffic while another idles (docs/decisions/gateway-processes.md).
         targets = [arg for path in worker_sockets for arg in ("--grpc-target", f"unix:{path}")]
         http_procs += [
             _spawn(["-m", "gateway", *targets, "--host", config.host,
@@ -358,15 +277,3 @@ def serve(config: ServeConfig) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         grpc_sock.close()
         http_sock.close()
-
-
-def exit_with_parent() -> None:
-    """Workers die with the supervisor even when it is killed with SIGKILL."""
-    if sys.platform != "linux" or "FLAMEUP_PARENT_PID" not in os.environ:
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != int(os.environ["FLAMEUP_PARENT_PID"]):  # the parent died before prctl
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from service.store import open_store
 from service.store.sqlite import SqliteStore
+from service.store.sqlite_engine import Tuning
 from service.store.sqlite_writer import serve_writer
 
 pytest_plugins = ["cassandra_support", "service_support"]
@@ -38,13 +40,9 @@ async def sqlite_store(tmp_path):
 
 
 @pytest.fixture
-async def sqlite_merging_store(tmp_path, monkeypatch):
+async def sqlite_merging_store(tmp_path):
     """A SqliteStore whose writer runs a timeline merge step of about two entries after every commit."""
-    import service.store.sqlite as sqlite
-
-    monkeypatch.setattr(sqlite, "MERGE_FROM_ROWS", 1)
-    monkeypatch.setattr(sqlite, "MERGE_STEP_ROWS", 2)
-    store = SqliteStore(str(tmp_path / "events.db"))
+    store = SqliteStore(str(tmp_path / "events.db"), tuning=Tuning(merge_from_rows=1, merge_step_rows=2))
     await store.open()
     yield store
     await store.close()
@@ -54,8 +52,8 @@ async def sqlite_merging_store(tmp_path, monkeypatch):
 class WriterRun:
     """A SQLite writer process's server, run in the test's event loop."""
 
-    store_url: str  # what a worker opens: the file, with appends sent to this writer
-    socket_path: str
+    store_url: str
+    socket_path: str  # what a worker sends its appends to
     stop: asyncio.Event
     task: asyncio.Task
 
@@ -66,19 +64,20 @@ class WriterRun:
 
 @pytest.fixture
 async def sqlite_writer(tmp_path):
-    """Start a writer for tmp_path/events.db on one socket, again after it stopped if asked."""
+    """Start a writer for tmp_path/events.db on one socket, again after it stopped if asked
+    (``start(tuning)``: with other tunables than the defaults)."""
     run_dir = tempfile.mkdtemp(prefix="fw-")  # Unix socket paths must stay short
     socket_path = str(Path(run_dir) / "appends.sock")
     url = f"sqlite:///{tmp_path / 'events.db'}"
     runs: list[WriterRun] = []
 
-    async def start() -> WriterRun:
+    async def start(tuning: Tuning | None = None) -> WriterRun:
         stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(serve_writer(url, socket_path, stop, on_ready=ready.set))
+        task = asyncio.create_task(serve_writer(url, socket_path, stop, on_ready=ready.set, tuning=tuning))
         await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             task.result()  # it failed to start: raise why
-        runs.append(WriterRun(f"{url}?writer={socket_path}", socket_path, stop, task))
+        runs.append(WriterRun(url, socket_path, stop, task))
         return runs[-1]
 
     yield start
@@ -89,8 +88,9 @@ async def sqlite_writer(tmp_path):
 
 @pytest.fixture
 async def sqlite_writer_store(sqlite_writer):
-    """A SqliteStore that sends its appends to a writer process (reads stay local)."""
-    store = SqliteStore.from_url((await sqlite_writer()).store_url)
+    """A store that sends its appends to a writer process (reads stay local), as serve's workers do."""
+    writer = await sqlite_writer()
+    store = open_store(writer.store_url, sqlite_writer=writer.socket_path)
     await store.open()
     yield store
     await store.close()

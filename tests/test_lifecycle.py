@@ -11,11 +11,14 @@ import threading
 import time
 
 import grpc
+import httpx
 import pytest
 
 from flameup.events.v1 import events_pb2 as pb
+from flameup.events.v1 import events_pb2_grpc
 from service.domain import EventQuery, person_id_for
 from service.store.sqlite import SqliteStore
+from service.supervisor import reserve_port
 from service_support import start_service, stop_service
 
 
@@ -75,16 +78,119 @@ def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path):
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged events are gone"
 
 
-def test_serve_refuses_a_port_in_use(tmp_path):
+@pytest.mark.parametrize("which", ["grpc", "http"])
+def test_serve_refuses_a_port_in_use(tmp_path, which):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        ports = {"grpc": "0", "http": "0", which: str(port)}
         done = subprocess.run(
             [sys.executable, "-m", "service", "serve", "--store", f"sqlite:///{tmp_path}/e.db",
-             "--grpc-port", str(port), "--http-port", "0"],
+             "--grpc-port", ports["grpc"], "--http-port", ports["http"]],
             capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0 and "already in use" in done.stderr + done.stdout
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"port 127.0.0.1:{port} is already in use" in done.stderr and "is up" not in done.stdout
+
+
+@pytest.mark.parametrize("options", [(), (socket.SO_REUSEADDR,), (socket.SO_REUSEPORT,),
+                                     (socket.SO_REUSEADDR, socket.SO_REUSEPORT)],
+                         ids=["plain", "reuseaddr", "reuseport", "both"])
+def test_a_port_another_socket_listens_on_is_not_reserved(options):
+    with socket.socket() as taken:
+        for option in options:
+            taken.setsockopt(socket.SOL_SOCKET, option, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port 127.0.0.1:{port} is already in use"):
+            reserve_port("127.0.0.1", port)
+
+
+def test_a_reserved_port_is_not_reserved_twice():
+    with reserve_port("127.0.0.1", 0) as held:  # another serve, its workers not listening yet
+        port = held.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port 127.0.0.1:{port} is already in use"):
+            reserve_port("127.0.0.1", port)
+
+
+WAITING = {"04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT"}  # state codes of Linux's /proc/net/tcp
+
+
+def _left_behind(port: int) -> set[str]:
+    """The states of the closed TCP connections whose own end is ``port`` and that still hold it."""
+    states = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                local, state = row.split()[1], row.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and state in WAITING:
+                    states.add(WAITING[state])
+    return states
+
+
+def _track_over_both(svc, channel: grpc.Channel, clients: list[httpx.Client], user: str) -> None:
+    """An event over gRPC on ``channel`` and one over REST on each client's connection."""
+    stub = events_pb2_grpc.EventsServiceStub(channel)
+    assert stub.Track(pb.TrackRequest(external_id=user, event="grpc"), metadata=svc.metadata(), timeout=10).success
+    for i, client in enumerate(clients):
+        resp = client.post(f"{svc.http_url}/api/v1/track", json={"external_id": user, "event": f"rest_{i}"},
+                           headers={"Authorization": f"Bearer {svc.key}"})
+        assert resp.status_code == 200, resp.text
+
+
+def _http2_connection(port: int) -> socket.socket:
+    """A client connection to the gRPC port that the server has taken (its SETTINGS arrived)."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=20)
+    conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))  # preface, SETTINGS
+    assert conn.recv(9, socket.MSG_PEEK)[3] == 0x04  # the server's SETTINGS frame, left to read
+    return conn
+
+
+def _answer_pings_to_the_end(conn: socket.socket) -> None:
+    """Read the HTTP/2 frames the server sends to the end of its stream, answering its PINGs (a
+    server that stops awaits the ack of the PING it sends with its GOAWAY). It never closes:
+    unlike a gRPC channel, which closes on the GOAWAY, it leaves the server to close first."""
+    with conn.makefile("rb") as frames:
+        while len(head := frames.read(9)) == 9:
+            payload = frames.read(int.from_bytes(head[:3], "big"))
+            if head[3] == 0x6 and not head[4] & 0x1:  # PING, not an ack
+                conn.sendall(bytes.fromhex("000008060100000000") + payload)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's TCP tables")
+def test_serve_starts_again_at_once_on_the_ports_it_served(tmp_path):
+    url = f"sqlite:///{tmp_path}/e.db"
+    svc = start_service(url)
+    grpc_port, http_port = int(svc.grpc_target.rsplit(":", 1)[1]), int(svc.http_url.rsplit(":", 1)[1])
+    channel, clients = svc.channel(), [httpx.Client(timeout=10) for _ in range(4)]
+    raw = [_http2_connection(grpc_port) for _ in range(4)]
+    readers = [threading.Thread(target=_answer_pings_to_the_end, args=(conn,)) for conn in raw]
+    for reader in readers:
+        reader.start()
+    _track_over_both(svc, channel, clients, "before")
+    assert stop_service(svc) == 0  # with every connection open: the service closes them
+    for reader in readers:
+        reader.join(10)
+    channel.close()
+    for connection in clients[:2] + raw[:2]:
+        connection.close()
+    try:  # the other two of each stay open: the service's ends wait in FIN_WAIT
+        for port in (grpc_port, http_port):
+            left = _left_behind(port)
+            assert "TIME_WAIT" in left and left & {"FIN_WAIT1", "FIN_WAIT2"}, (port, left)
+
+        again = start_service(url, grpc_port=grpc_port, http_port=http_port)
+        try:
+            assert (again.grpc_target, again.http_url) == (svc.grpc_target, svc.http_url)
+            with again.channel() as fresh, httpx.Client(timeout=10) as client:
+                _track_over_both(again, fresh, [client], "after")
+        finally:
+            assert stop_service(again) == 0, "".join(again.output)
+    finally:
+        for connection in clients[2:] + raw[2:]:
+            connection.close()
 
 
 def test_keys_cli_lists_without_revealing_keys(tmp_path):
@@ -144,7 +250,7 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
 
     from service.domain import new_event_id, now_us
     from service.store.base import bucket_of
-    from service.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+    from service.store.sqlite_engine import MIGRATIONS, SCHEMA_VERSION
 
     path = str(tmp_path / "v1.db")
     conn = sqlite3.connect(path, isolation_level=None)
@@ -184,7 +290,7 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
 
 
 def test_sqlite_writeback_hint_starts_and_leaves_no_descriptor_open(tmp_path):
-    from service.store.sqlite import _Writeback
+    from service.store.sqlite_engine import _Writeback
 
     data, missing = tmp_path / "db", tmp_path / "db-wal"
     data.write_bytes(b"x" * 65536)

@@ -8,10 +8,11 @@ import sqlite3
 
 import pytest
 
-import service.store.sqlite as sqlite_module
 from service.domain import EventQuery, StoredEvent, new_event_id, person_id_for
+from service.store import sqlite_engine
 from service.store.base import BUCKET_US
 from service.store.sqlite import SqliteStore
+from service.store.sqlite_engine import GroupCommitter, SqliteFile, Tuning
 
 WS = "ws_timeline"
 DAY0 = 19_000 * BUCKET_US
@@ -29,12 +30,13 @@ def _tables(path: str) -> dict[str, int]:
         conn.close()
 
 
-async def test_reads_are_exact_while_merge_steps_move_entries(tmp_path, monkeypatch):
-    monkeypatch.setattr(sqlite_module, "MERGE_FROM_ROWS", 10)
-    monkeypatch.setattr(sqlite_module, "MERGE_STEP_ROWS", 4)
+def test_reads_are_exact_while_merge_steps_move_entries(tmp_path):
     path = str(tmp_path / "events.db")
-    store = SqliteStore(path)
-    await store.open(caller_commits=True)  # the test runs each commit and merge step itself
+    db = SqliteFile(path, tuning=Tuning(merge_from_rows=10, merge_step_rows=4))
+    reader = db.connect()
+    sqlite_engine.migrate(reader)
+    committer = GroupCommitter(db)  # the test runs each commit and merge step itself
+    committer.open()
     rnd = random.Random(7)
     users = [f"u{i}" for i in range(6)]
     model: dict[str, list[StoredEvent]] = {u: [] for u in users}
@@ -48,8 +50,8 @@ async def test_reads_are_exact_while_merge_steps_move_entries(tmp_path, monkeypa
                 batch.append(StoredEvent(new_event_id(ts), WS, person_id_for(WS, user), user, rnd.choice(NAMES),
                                          "{}", ts, ts))
                 model[user].append(batch[-1])
-            store.commit_group(batch)
-            store.merge_if_due()
+            committer.commit(batch)
+            committer.merge_if_due()
             counts = _tables(path)
             assert counts["timeline"] + counts["recent"] == counts["events"] and counts["in_both"] == 0
             splits.add((counts["timeline"] > 0, counts["recent"] > 0))
@@ -58,7 +60,7 @@ async def test_reads_are_exact_while_merge_steps_move_entries(tmp_path, monkeypa
                 until = since + rnd.randrange(3 * BUCKET_US)
                 for kw in ({}, {"event": "clicked"}, {"since_us": since, "until_us": until},
                            {"event": "viewed", "since_us": since}, {"limit": 3, "offset": 2}):
-                    page = await store.list_events(EventQuery(WS, person_id_for(WS, user), **kw))
+                    page = sqlite_engine.list_events(reader, EventQuery(WS, person_id_for(WS, user), **kw))
                     expected = [e for e in model[user]
                                 if kw.get("event") in (None, e.event)
                                 and kw.get("since_us", -1) <= e.timestamp_us
@@ -68,16 +70,15 @@ async def test_reads_are_exact_while_merge_steps_move_entries(tmp_path, monkeypa
                     assert page.total == len(expected), kw
                     assert page.events == expected[offset:offset + limit], kw
     finally:
-        await store.close()
+        committer.close()
+        reader.close()
     # the reads above ran with entries only in recent, and split between both tables
     assert {(False, True), (True, True)} <= splits, splits
 
 
-async def test_a_merge_step_sweeps_every_person_and_starts_over(tmp_path, monkeypatch):
-    monkeypatch.setattr(sqlite_module, "MERGE_FROM_ROWS", 1)
-    monkeypatch.setattr(sqlite_module, "MERGE_STEP_ROWS", 1_000)
+async def test_a_merge_step_sweeps_every_person_and_starts_over(tmp_path):
     path = str(tmp_path / "events.db")
-    store = SqliteStore(path)
+    store = SqliteStore(path, tuning=Tuning(merge_from_rows=1, merge_step_rows=1_000))
     await store.open()
     try:
         events = [StoredEvent(new_event_id(DAY0 + i), WS, person_id_for(WS, f"u{i % 5}"), f"u{i % 5}", "viewed",
@@ -99,11 +100,10 @@ async def test_a_merge_step_sweeps_every_person_and_starts_over(tmp_path, monkey
 @pytest.mark.parametrize("broken", ["boundary", "move"])
 async def test_a_failed_merge_step_loses_nothing(tmp_path, monkeypatch, broken):
     """A step that fails halfway rolls back: every entry stays where it was, and appends go on."""
-    monkeypatch.setattr(sqlite_module, "MERGE_FROM_ROWS", 1)
     sql = {"boundary": "MERGE_BOUNDARY", "move": "MERGE_ENTRIES"}[broken]
-    monkeypatch.setattr(sqlite_module, sql, "SELECT * FROM no_such_table")
+    monkeypatch.setattr(sqlite_engine, sql, "SELECT * FROM no_such_table")  # that statement fails
     path = str(tmp_path / "events.db")
-    store = SqliteStore(path)
+    store = SqliteStore(path, tuning=Tuning(merge_from_rows=1))
     await store.open()
     try:
         for i in range(3):
@@ -117,7 +117,7 @@ async def test_a_failed_merge_step_loses_nothing(tmp_path, monkeypatch, broken):
 
 def test_the_day_of_a_timestamp_in_sql_is_bucket_of():
     from service.store.base import bucket_of
-    from service.store.sqlite import _BUCKET_SQL
+    from service.store.sqlite_engine import _BUCKET_SQL
 
     conn = sqlite3.connect(":memory:")
     for ts in (0, 1, BUCKET_US - 1, BUCKET_US, DAY0 + 5, 2**62, -1, -BUCKET_US, -BUCKET_US - 1):

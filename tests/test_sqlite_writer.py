@@ -14,9 +14,10 @@ import struct
 import pytest
 
 from service.domain import EventQuery, StoredEvent, new_event_id, now_us, person_id_for
-from service.store import StoreUnavailable
-from service.store.sqlite import SqliteStore
-from service.store.sqlite_writer import MAX_FRAME_BYTES
+from service.store import StoreUnavailable, open_store
+from service.store.sqlite import SqliteClientStore
+from service.store.sqlite_engine import GroupCommitter, Tuning
+from service.store.sqlite_wire import MAX_FRAME_BYTES
 
 
 def event(external_id: str) -> StoredEvent:
@@ -26,10 +27,10 @@ def event(external_id: str) -> StoredEvent:
 
 
 @contextlib.asynccontextmanager
-async def worker_store(sqlite_writer):
+async def worker_store(sqlite_writer, tuning: Tuning | None = None):
     """A writer process (in this loop) and a worker's store that sends it its appends."""
-    writer = await sqlite_writer()
-    store = SqliteStore.from_url(writer.store_url)
+    writer = await sqlite_writer(tuning)
+    store = SqliteClientStore.from_url(writer.store_url, writer.socket_path)
     await store.open()
     try:
         yield writer, store
@@ -39,13 +40,13 @@ async def worker_store(sqlite_writer):
 
 def before_each_commit(monkeypatch, hook) -> None:
     """Run ``hook(events)`` ahead of every commit (it may raise to fail the commit)."""
-    real_commit = SqliteStore._commit
+    real_commit = GroupCommitter._commit
 
-    def commit(self, conn, events):
+    def commit(self, events):
         hook(events)
-        return real_commit(self, conn, events)
+        return real_commit(self, events)
 
-    monkeypatch.setattr(SqliteStore, "_commit", commit)
+    monkeypatch.setattr(GroupCommitter, "_commit", commit)
 
 
 async def test_a_gone_writer_is_unavailable_and_a_restarted_one_is_used_again(sqlite_writer):
@@ -103,10 +104,8 @@ async def test_a_failed_commit_answers_its_appends_with_an_error_and_the_next_on
 async def test_stopping_the_writer_answers_every_append_it_has_read(sqlite_writer, monkeypatch):
     """Stop arrives during a commit, with more requests read and waiting: they are
     committed and answered before the writer closes its connections."""
-    import service.store.sqlite as sqlite_module
-
-    monkeypatch.setattr(sqlite_module, "MAX_GROUP_ROWS", 20)  # two requests of 10 per group
-    async with worker_store(sqlite_writer) as (writer, store):
+    # two requests of 10 per group
+    async with worker_store(sqlite_writer, Tuning(max_group_rows=20)) as (writer, store):
         await store.append([event("warm-up")])  # connected: the next requests leave in one write
         # the first group is being committed when stop arrives; the others wait in line
         before_each_commit(monkeypatch, lambda events: writer.stop.set())
@@ -119,12 +118,9 @@ async def test_stopping_the_writer_answers_every_append_it_has_read(sqlite_write
 
 
 async def test_small_appends_right_after_a_commit_wait_for_the_gap_and_share_one_commit(sqlite_writer, monkeypatch):
-    import service.store.sqlite_writer as writer_module
-
-    monkeypatch.setattr(writer_module, "COMMIT_GAP_S", 0.3)
     groups: list[int] = []
     before_each_commit(monkeypatch, lambda events: groups.append(len(events)))
-    async with worker_store(sqlite_writer) as (_, store):
+    async with worker_store(sqlite_writer, Tuning(commit_gap_s=0.3)) as (_, store):
         await store.append([event("first")])  # commits at once: nothing committed before it
         singles = [event(f"s{i}") for i in range(5)]
         appends = []
@@ -137,18 +133,35 @@ async def test_small_appends_right_after_a_commit_wait_for_the_gap_and_share_one
             assert (await store.list_events(EventQuery("ws_w", e.person_id))).events == [e]
 
 
-async def test_a_group_of_a_whole_batch_does_not_wait_for_the_gap(sqlite_writer, monkeypatch):
-    import service.store.sqlite_writer as writer_module
-
-    monkeypatch.setattr(writer_module, "COMMIT_GAP_S", 60.0)
-    async with worker_store(sqlite_writer) as (_, store):
+async def test_a_group_of_a_whole_batch_does_not_wait_for_the_gap(sqlite_writer):
+    tuning = Tuning(commit_gap_s=60.0)
+    async with worker_store(sqlite_writer, tuning) as (_, store):
         await store.append([event("first")])
-        batch = [event("big") for _ in range(writer_module.SMALL_GROUP_ROWS)]
+        batch = [event("big") for _ in range(tuning.small_group_rows)]
         await asyncio.wait_for(store.append(batch), 10)  # would sit out the 60 s gap if it waited
         # a small append waiting out the gap commits as soon as the group grows past the limit
         small = asyncio.ensure_future(store.append([event("small")]))
         await asyncio.sleep(0.05)
         assert not small.done()
-        await asyncio.wait_for(store.append([event("big2") for _ in range(writer_module.SMALL_GROUP_ROWS)]), 10)
+        await asyncio.wait_for(store.append([event("big2") for _ in range(tuning.small_group_rows)]), 10)
         await asyncio.wait_for(small, 10)
         assert (await store.list_events(EventQuery("ws_w", person_id_for("ws_w", "big")))).total == len(batch)
+
+
+async def test_open_store_with_a_writer_socket_sends_appends_there(sqlite_writer):
+    writer = await sqlite_writer()
+    store = open_store(writer.store_url, sqlite_writer=writer.socket_path)
+    await store.open()
+    try:
+        await writer.close()
+        with pytest.raises(StoreUnavailable, match="writer"):  # an embedded store would commit it itself
+            await store.append([event("u5")])
+    finally:
+        await store.close()
+
+
+def test_a_writer_socket_is_only_for_sqlite_and_never_part_of_the_url():
+    with pytest.raises(ValueError, match="only sqlite"):
+        open_store("cassandra://127.0.0.1:9042/ks", sqlite_writer="/tmp/appends.sock")
+    with pytest.raises(ValueError, match="unknown parameter writer"):
+        open_store("sqlite:///./data/events.db?writer=/tmp/appends.sock")

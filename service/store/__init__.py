@@ -15,12 +15,21 @@ __all__ = ["ApiKeyRecord", "Store", "StoreUnavailable", "open_store", "with_dedu
 DEFAULT_STORE_URL = "sqlite:///./data/events.db"
 
 
-def open_store(url: str) -> Store:
-    """A Store for the URL (not yet opened: await ``store.open()``)."""
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
-        from service.store.sqlite import SqliteStore
+def open_store(url: str, *, sqlite_writer: str | None = None) -> Store:
+    """A Store for the URL (not yet opened: await ``store.open()``).
 
+    ``sqlite_writer``: the Unix socket of a SQLite writer process (``serve``
+    passes it to its workers); the store then sends its appends there instead
+    of committing them itself. Only for sqlite URLs.
+    """
+    scheme = urlsplit(url).scheme
+    if sqlite_writer is not None and scheme != "sqlite":
+        raise ValueError(f"a SQLite writer socket was given for a {scheme!r} store URL: only sqlite:// stores use one")
+    if scheme == "sqlite":
+        from service.store.sqlite import SqliteClientStore, SqliteStore
+
+        if sqlite_writer is not None:
+            return SqliteClientStore.from_url(url, sqlite_writer)
         return SqliteStore.from_url(url)
     if scheme == "cassandra":
         try:

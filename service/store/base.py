@@ -24,7 +24,7 @@ def bucket_of(ts_us: int) -> int:
     return ts_us // BUCKET_US
 
 
-def dedup_window_s(days: str | float | None) -> int:
+def dedup_window_seconds(days: str | float | None) -> int:
     """The dedup window in whole seconds (at least one) from a number of days
     (a store URL's ``dedup_window_days``; None: the default)."""
     if days is None:

@@ -102,7 +102,15 @@ from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessa
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
-from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of, dedup_window_s, settle
+from service.store.base import (
+    BUCKET_US,
+    ApiKeyRecord,
+    Store,
+    StoreUnavailable,
+    bucket_of,
+    dedup_window_seconds,
+    settle,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -442,7 +450,7 @@ class _Settings:
     replication: dict[str, str] = field(default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": "1"})
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    dedup_window_s: int = dedup_window_s(None)
+    dedup_window_s: int = dedup_window_seconds(None)
     username: str | None = None
     password: str | None = None
 
@@ -506,7 +514,7 @@ def parse_url(url: str) -> _Settings:
                 raise ValueError(f"bad datacenter {dc!r} in replication={params['replication']!r}")
             settings.replication[dc] = str(_positive_int(f"replication factor of {dc}", rf))
     if "dedup_window_days" in params:
-        settings.dedup_window_s = dedup_window_s(params["dedup_window_days"])
+        settings.dedup_window_s = dedup_window_seconds(params["dedup_window_days"])
     for name in ("connect_timeout", "request_timeout"):
         if name in params:
             value = float(params[name])

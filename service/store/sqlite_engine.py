@@ -1,0 +1,717 @@
+"""The SQLite storage engine: one file in WAL mode, shaped like the wide rows.
+
+Synchronous code only; the stores (sqlite.py) and the writer process
+(sqlite_writer.py) decide on which thread or loop it runs. The reasons for the
+layout, with their measurements, are in docs/decisions/sqlite-storage.md.
+
+- ``SqliteFile``: the file and how every connection to it is set up (pragmas),
+  parsed from a ``sqlite:///path?synchronous=NORMAL|FULL&busy_timeout_ms=N&dedup_window_days=D``
+  URL, and how long a message_id is remembered (default 7 days).
+- ``migrate``: creates or upgrades the schema (``MIGRATIONS``, ``PRAGMA user_version``).
+- ``GroupCommitter``: the one writing connection. ``commit`` stores a group of
+  appends in one transaction; ``merge_if_due`` runs a timeline merge step; a
+  checkpointer thread copies the WAL into the database and starts the kernel's
+  writeback between checkpoints.
+- ``list_events`` and the workspace and key functions: reads and small writes
+  on any connection.
+
+Layout: each (workspace, person) gets a small integer ``person_key``. Events
+are stored in commit order (``events``, keyed by ``seq``) and each has an entry
+in a person's timeline, ``(person_key, ts, event_id)`` with the event name and
+the row's ``seq``: a person's page is one range read backwards, and the event
+filter is checked on the entries as they pass.
+
+The timeline is two tables of the same shape. New entries go to ``recent``,
+which stays small (about ``merge_from_rows`` entries), so a group commit
+dirties few pages however long the history is. Merge steps move entries from
+``recent`` into ``timeline``, a range of persons per transaction, sweeping the
+person keys round and round. Reads merge the two ranges (a UNION ALL in
+timeline order); a step moves entries in one transaction, so a reader's
+snapshot sees each entry exactly once.
+
+Exact totals: per-day counts (``bucket_counts``) cover the entries in
+``timeline``; the step that moves entries adds their counts in the same
+transaction. A read sums at most a few hundred day rows and counts the
+person's few entries still in ``recent``.
+
+Idempotent ingest (docs/idempotent-ingest.md): ``dedup`` maps (workspace,
+message_id) to the event that claimed it. A commit looks its events' ids up in
+the same transaction that inserts them, under SQLite's write lock, so no two
+commits, of any process, can both claim one message_id; a duplicate is never
+inserted and so counts nowhere. Each commit also deletes at most
+``dedup_cleanup_rows`` expired entries, oldest first by the ``created_at`` index.
+
+Keyset paging: a page after (ts, event_id) adds ``(ts, event_id) < (?, ?)`` to
+both timeline ranges, which SQLite seeks to in the (person_key, ts, event_id)
+key: a deep page reads what the first one does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import sqlite3
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
+from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, dedup_window_seconds, split_window
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 4
+# Each version is a list of statements, applied in order in one transaction.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE persons (
+            person_key   INTEGER PRIMARY KEY,
+            workspace_id TEXT NOT NULL,
+            person_id    TEXT NOT NULL,
+            UNIQUE (workspace_id, person_id)
+        )""",
+        """CREATE TABLE events (
+            event_id     TEXT NOT NULL,
+            person_key   INTEGER NOT NULL,
+            ts           INTEGER NOT NULL,  -- when it happened, microseconds since the epoch
+            external_id  TEXT NOT NULL,
+            event        TEXT NOT NULL,
+            parameters   TEXT NOT NULL,     -- canonical JSON object
+            created_at   INTEGER NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX events_timeline ON events (person_key, ts, event_id)",
+        "CREATE INDEX events_by_name ON events (person_key, event, ts, event_id)",
+        # Exact per-day counts: event_key '' counts every event of the day.
+        """CREATE TABLE bucket_counts (
+            person_key   INTEGER NOT NULL,
+            event_key    TEXT NOT NULL,
+            bucket       INTEGER NOT NULL,
+            n            INTEGER NOT NULL,
+            PRIMARY KEY (person_key, event_key, bucket)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE workspaces (
+            workspace_id TEXT PRIMARY KEY,
+            created_at   INTEGER NOT NULL
+        )""",
+        """CREATE TABLE api_keys (
+            key_id       TEXT PRIMARY KEY,
+            key_hash     TEXT NOT NULL UNIQUE,
+            workspace_id TEXT NOT NULL REFERENCES workspaces (workspace_id),
+            scopes       TEXT NOT NULL,     -- space separated
+            created_at   INTEGER NOT NULL,
+            revoked_at   INTEGER
+        )""",
+    ),
+    # One index instead of two: the timeline carries the event name, and the event
+    # filter reads it from the index (no row lookups) while it walks the timeline.
+    # Every insert into a person-keyed index dirties a page of its own; the second
+    # index was more than half of a commit's cost. The cost moves to reads of rare
+    # events, which walk the person's timeline past the events of other names.
+    2: (
+        "DROP INDEX events_by_name",
+        "DROP INDEX events_timeline",
+        "CREATE INDEX events_timeline ON events (person_key, ts, event_id, event)",
+    ),
+    # The timeline leaves the events table: a small ``recent`` table takes every new
+    # entry and the writer moves them into ``timeline`` in sorted steps (see the
+    # module docstring). The entries point at their row by ``seq``, an INTEGER
+    # PRIMARY KEY: a plain rowid may change on VACUUM, so the rows are copied once.
+    # bucket_counts counts timeline's entries from now on: all of them, here.
+    3: (
+        """CREATE TABLE events_v3 (
+            seq          INTEGER PRIMARY KEY,  -- commit order; timeline entries point here
+            event_id     TEXT NOT NULL,
+            person_key   INTEGER NOT NULL,
+            ts           INTEGER NOT NULL,
+            external_id  TEXT NOT NULL,
+            event        TEXT NOT NULL,
+            parameters   TEXT NOT NULL,
+            created_at   INTEGER NOT NULL
+        )""",
+        """INSERT INTO events_v3 (seq, event_id, person_key, ts, external_id, event, parameters, created_at)
+            SELECT rowid, event_id, person_key, ts, external_id, event, parameters, created_at
+            FROM events ORDER BY rowid""",
+        "DROP TABLE events",
+        "ALTER TABLE events_v3 RENAME TO events",
+        *(f"""CREATE TABLE {table} (
+            person_key   INTEGER NOT NULL,
+            ts           INTEGER NOT NULL,
+            event_id     TEXT NOT NULL,
+            event        TEXT NOT NULL,
+            seq          INTEGER NOT NULL,
+            PRIMARY KEY (person_key, ts, event_id)
+        ) WITHOUT ROWID""" for table in ("timeline", "recent")),
+        """INSERT INTO timeline (person_key, ts, event_id, event, seq)
+            SELECT person_key, ts, event_id, event, seq FROM events ORDER BY person_key, ts, event_id""",
+    ),
+    # Idempotent ingest: the event that claimed each message_id, while the dedup
+    # window lasts (created_at: when that event was received).
+    4: (
+        """CREATE TABLE dedup (
+            workspace_id TEXT NOT NULL,
+            message_id   TEXT NOT NULL,
+            event_id     TEXT NOT NULL,
+            person_id    TEXT NOT NULL,
+            created_at   INTEGER NOT NULL,
+            PRIMARY KEY (workspace_id, message_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX dedup_expiry ON dedup (created_at)",
+    ),
+}
+
+# Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
+ROWS_PER_STATEMENT = 500
+EVENT_COLUMNS = 7
+INSERT_EVENTS = (
+    "INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at) VALUES "
+)
+INSERT_PERSONS = "INSERT OR IGNORE INTO persons (workspace_id, person_id) VALUES "
+SELECT_PERSON_KEYS = (
+    "SELECT workspace_id, person_id, person_key FROM persons WHERE (workspace_id, person_id) IN (VALUES {values})"
+)
+SELECT_PERSON_KEY = "SELECT person_key FROM persons WHERE workspace_id = ? AND person_id = ?"
+# The rows of a commit get seq numbers above the largest before it; their timeline
+# entries are staged from the rows themselves.
+MAX_SEQ = "SELECT coalesce(max(seq), 0) FROM events"
+STAGE_ENTRIES = (
+    "INSERT INTO recent (person_key, ts, event_id, event, seq)"
+    " SELECT person_key, ts, event_id, event, seq FROM events WHERE seq > ?"
+)
+COUNT_RECENT = "SELECT count(*) FROM recent"
+SELECT_CLAIMS = (
+    "SELECT workspace_id, message_id, event_id, person_id, created_at FROM dedup"
+    " WHERE (workspace_id, message_id) IN (VALUES {values})"
+)
+CLAIM_COLUMNS = 5
+# A claim replaces an expired one that the cleanup has not reached yet.
+INSERT_CLAIMS = "INSERT INTO dedup (workspace_id, message_id, event_id, person_id, created_at) VALUES "
+INSERT_CLAIMS_END = (
+    " ON CONFLICT (workspace_id, message_id) DO UPDATE SET event_id = excluded.event_id,"
+    " person_id = excluded.person_id, created_at = excluded.created_at"
+)
+EXPIRE_CLAIMS = (
+    "DELETE FROM dedup WHERE (workspace_id, message_id) IN"
+    " (SELECT workspace_id, message_id FROM dedup WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+)
+# A merge step: the persons after the cursor up to the one holding the n-th entry.
+MERGE_BOUNDARY = "SELECT person_key FROM recent WHERE person_key > ? ORDER BY person_key LIMIT 1 OFFSET ?"
+MERGE_ENTRIES = (
+    "INSERT INTO timeline (person_key, ts, event_id, event, seq)"
+    " SELECT person_key, ts, event_id, event, seq FROM recent WHERE person_key > ? AND person_key <= ?"
+)
+# bucket_of(ts) in SQL: floor division (SQLite's / truncates toward zero).
+_BUCKET_SQL = f"(ts - ((ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}) / {BUCKET_US}"
+# Each moved entry counts once under its event name and once under '' (every event).
+# (WHERE true: SQLite's parser needs it between a SELECT and ON CONFLICT.)
+MERGE_COUNTS = (
+    "INSERT INTO bucket_counts (person_key, event_key, bucket, n)"
+    " SELECT person_key, event_key, bucket, count(*) FROM ("
+    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket FROM recent"
+                         " WHERE person_key > ? AND person_key <= ?" for key in ("event", "''"))
+    + ") WHERE true GROUP BY person_key, event_key, bucket"
+    " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n"
+)
+DROP_MERGED = "DELETE FROM recent WHERE person_key > ? AND person_key <= ?"
+# Reads merge both tables in timeline order (SQLite walks the two ranges side by
+# side) and fetch the rows of the page only. Named parameters: :person, :event,
+# :since, :until, :after_ts, :after_id, :limit, :offset.
+TIMELINE_TABLES = ("timeline", "recent")
+SELECT_EVENTS = (
+    "SELECT e.event_id, e.external_id, e.event, e.parameters, e.ts, e.created_at FROM ("
+    + " UNION ALL ".join(f"SELECT ts, event_id, seq FROM {t} WHERE person_key = :person{{filters}}"
+                         for t in TIMELINE_TABLES)
+    + " ORDER BY ts DESC, event_id DESC LIMIT :limit OFFSET :offset) AS page"
+    " JOIN events AS e ON e.seq = page.seq ORDER BY page.ts DESC, page.event_id DESC"
+)
+COUNT_ENTRIES = "SELECT count(*) FROM {table} WHERE person_key = :person{filters}"
+# The day counts of the entries in timeline (see the module docstring).
+SUM_BUCKETS = (
+    "SELECT coalesce(sum(n), 0) FROM bucket_counts"
+    " WHERE person_key = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
+)
+INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
+SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
+INSERT_KEY = (
+    "INSERT INTO api_keys (key_id, key_hash, workspace_id, scopes, created_at, revoked_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+KEY_COLUMNS = "key_id, key_hash, workspace_id, scopes, created_at, revoked_at"
+SELECT_KEY_BY_HASH = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
+SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY workspace_id, created_at"
+SELECT_KEYS_OF = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE workspace_id = ? ORDER BY created_at"
+REVOKE_KEY = "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key_id = ?"
+
+PAGE_BYTES = 16 * 1024
+_MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
+_MAX_KEY = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The knobs of the SQLite store; the defaults are what the service runs with
+    (docs/decisions/sqlite-storage.md says why)."""
+
+    # The most rows one group commit takes: bigger groups spill the writer's page cache.
+    max_group_rows: int = 1000
+    # The writing connection's page cache (SQLite's default 2 MiB makes every commit re-read index pages).
+    writer_cache_kib: int = 16 * 1024
+    # The checkpointer copies the WAL into the database this often, and between
+    # checkpoints starts the writeback of both files every writeback_seconds.
+    checkpoint_seconds: float = 0.25
+    writeback_seconds: float = 0.05
+    # A commit checkpoints itself only if the WAL outgrows this (the checkpointer is stuck).
+    wal_safety_bytes: int = 80 * 1024 * 1024
+    # Merge ``recent`` into ``timeline`` once it holds merge_from_rows entries, one
+    # step of about merge_step_rows entries after each group commit (bigger steps hold
+    # the write lock longer, so the groups behind them wait longer).
+    merge_from_rows: int = 50_000
+    merge_step_rows: int = 2_000
+    max_person_key_cache: int = 100_000
+    # Expired dedup entries one commit deletes at most: more than a group inserts, so
+    # the table shrinks back to the window's entries; bounded, so no commit stalls.
+    dedup_cleanup_rows: int = 2000
+    # The writer process: a group of fewer than small_group_rows rows waits until
+    # commit_gap_s after the start of the previous commit, gathering what arrives meanwhile.
+    commit_gap_s: float = 0.002
+    small_group_rows: int = 64
+
+
+@dataclass(frozen=True)
+class SqliteFile:
+    """One database file and how every connection to it is set up.
+
+    ``synchronous``: NORMAL (the default) survives a crash or kill of the
+    process; FULL also survives power loss, at the cost of an fsync per commit.
+    """
+
+    path: str
+    synchronous: str = "NORMAL"
+    busy_timeout_ms: int = 10_000
+    tuning: Tuning = field(default_factory=Tuning)
+    dedup_window_s: int = dedup_window_seconds(None)  # how long a message_id is remembered
+
+    def __post_init__(self) -> None:
+        if self.synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {self.synchronous!r}")
+        object.__setattr__(self, "synchronous", self.synchronous.upper())
+
+    @classmethod
+    def from_url(cls, url: str, tuning: Tuning | None = None) -> SqliteFile:
+        """``sqlite:///./data/x.db`` (relative path) or ``sqlite:////abs/x.db`` (absolute);
+        query parameters ``synchronous``, ``busy_timeout_ms`` and ``dedup_window_days``."""
+        parts = urlsplit(url)
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path:
+            raise ValueError(f"sqlite URL needs a file path, e.g. sqlite:///./data/events.db, got {url!r}")
+        params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        known = ("synchronous", "busy_timeout_ms", "dedup_window_days")
+        if unknown := sorted(set(params) - set(known)):
+            raise ValueError(f"sqlite URL {url!r}: unknown parameter {', '.join(unknown)}"
+                             f" (known: {', '.join(known)})")
+        return cls(path, synchronous=params.get("synchronous", "NORMAL"),
+                   busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)), tuning=tuning or Tuning(),
+                   dedup_window_s=dedup_window_seconds(params.get("dedup_window_days")))
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection (autocommit: every transaction is begun explicitly), usable from any thread."""
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+                               check_same_thread=False)
+        # Only a new, empty file takes a page size (before WAL mode is set); an existing
+        # database keeps its own. 16 KiB pages: a commit's scattered index inserts dirty
+        # fewer pages, and the WAL takes fewer, larger writes.
+        conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # A statement's temporary data (the statement journal of the INSERT ... SELECT that
+        # stages a commit's timeline entries) in memory: on disk it cost every commit a
+        # temp file created, unlinked and closed.
+        conn.execute("PRAGMA temp_store = MEMORY")
+        page_bytes = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint = {self.tuning.wal_safety_bytes // page_bytes}")
+        return conn
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema, on a connection of its own."""
+        conn = self.connect()
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create or upgrade the schema to SCHEMA_VERSION, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see the version
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[v]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {v}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class _Writeback:
+    """Starts the kernel's writeback of files' dirty pages, without waiting (Linux).
+
+    A checkpoint under synchronous=NORMAL ends with fsyncs of the WAL and the
+    database. The longer dirty data waits in the page cache, the more each fsync
+    has to write, and while it runs the writer's own WAL writes stall (on ext4 a
+    write that updates the file's mtime waits for the journal commit the fsync
+    forces). sync_file_range(WRITE) starts writing now, commits no journal and
+    changes no durability guarantee (the checkpoints still fsync). Elsewhere
+    this does nothing.
+    """
+
+    SYNC_FILE_RANGE_WRITE = 2
+
+    def __init__(self, paths: list[str]) -> None:
+        self._paths = paths
+        self._fds: list[int] = []
+        self._sync_file_range = None
+        if sys.platform == "linux":
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            except (OSError, AttributeError):
+                return
+            fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            self._sync_file_range = fn
+
+    def start(self) -> None:
+        if self._sync_file_range is None:
+            return
+        if not self._fds:
+            try:
+                for path in self._paths:
+                    self._fds.append(os.open(path, os.O_RDONLY))
+            except OSError:  # the WAL appears with the first write
+                self.close()
+                return
+        for fd in self._fds:
+            self._sync_file_range(fd, 0, 0, self.SYNC_FILE_RANGE_WRITE)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _values(rows: int, columns: int) -> str:
+    return ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
+
+
+def _chunks(items: list, size: int = ROWS_PER_STATEMENT):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class GroupCommitter:
+    """The writing side of one file: group commits, merge steps, the checkpointer.
+
+    One thread (or event loop) calls ``commit`` and ``merge_if_due``; ``open``
+    and ``close`` bracket them. Other processes may write the same file with
+    their own committer: each keeps its own counts, and a merge step is correct
+    whichever runs it.
+    """
+
+    def __init__(self, db: SqliteFile) -> None:
+        self.db = db
+        self._tuning = db.tuning
+        self._conn: sqlite3.Connection | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._closing = threading.Event()
+        # (workspace_id, person_id) -> person_key, known committed; the entries in
+        # ``recent`` (None: not counted yet) and the merge cursor.
+        self._person_keys: dict[tuple[str, str], int] = {}
+        self._recent_rows: int | None = None
+        self._merged_through = -1
+
+    def open(self) -> None:
+        """Open the writing connection and start the checkpointer thread (the schema must be current)."""
+        self._conn = self.db.connect()
+        self._conn.execute(f"PRAGMA cache_size = -{self._tuning.writer_cache_kib}")
+        self._closing.clear()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def close(self) -> None:
+        """Stop the checkpointer and close the connection (blocks for up to writeback_seconds)."""
+        if self._checkpointer is not None:
+            self._closing.set()
+            self._checkpointer.join()
+            self._checkpointer = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def commit(self, events: list[StoredEvent]) -> list[Original | None]:
+        """Commit one group of appends; per event, what Store.append answers.
+        Raises StoreUnavailable when SQLite fails (nothing of the group is then stored)."""
+        results = self.commit_or_error(events)
+        if isinstance(results, BaseException):
+            raise results
+        return results
+
+    def commit_or_error(self, events: list[StoredEvent]) -> list[Original | None] | BaseException:
+        """Commit one group of appends; per event, what Store.append answers, or
+        the error that every waiter of the group gets."""
+        if self._conn is None:
+            return StoreUnavailable("the store is closed")
+        try:
+            return self._commit(events)
+        except Exception as exc:  # every waiter gets an answer, whatever went wrong
+            return StoreUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
+
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database off the commit path (PASSIVE: never
+        waits for, nor blocks, readers and writers), and between checkpoints
+        start the writeback of both files (see _Writeback)."""
+        conn = self.db.connect()
+        writeback = _Writeback([self.db.path, self.db.path + "-wal"])
+        rounds = round(self._tuning.checkpoint_seconds / self._tuning.writeback_seconds)
+        try:
+            for tick in itertools.count(1):
+                if self._closing.wait(self._tuning.writeback_seconds):
+                    return
+                writeback.start()
+                if tick % rounds:
+                    continue
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or I/O: the next round tries again
+                    log.debug("sqlite checkpoint: %s", exc)
+        finally:
+            writeback.close()
+            conn.close()
+
+    def _commit(self, events: list[StoredEvent]) -> list[Original | None]:
+        """One transaction for a group of appends: message claims, persons, rows,
+        staged timeline entries.
+
+        While the transaction is open every other writer process waits, so the
+        statements' values are built before it starts whenever every person
+        already has a key (the usual case); only new persons, or duplicates
+        (which leave the group), need it first.
+        """
+        conn = self._conn
+        cached = self._person_keys
+        missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+        statements = None if missing else self._statements(events, cached)
+        claims = any(e.message_id is not None for e in events)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results: list[Original | None] = [None] * len(events)
+            if claims:
+                results = self._claim_messages(conn, events)
+                if any(results):
+                    events = [e for e, original in zip(events, results) if original is None]
+                    missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+                    statements = None
+            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
+                                         self._tuning.dedup_cleanup_rows))
+            new_keys = self._assign_person_keys(conn, missing) if missing else {}
+            (last_seq,) = conn.execute(MAX_SEQ).fetchone()
+            for sql, values in statements or self._statements(events, {**cached, **new_keys}):
+                conn.execute(sql, values)
+            conn.execute(STAGE_ENTRIES, (last_seq,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if new_keys:  # only keys of a committed transaction may be remembered
+            if len(cached) + len(new_keys) > self._tuning.max_person_key_cache:
+                cached.clear()
+            cached.update(new_keys)
+        if self._recent_rows is not None:
+            self._recent_rows += len(events)
+        return results
+
+    def _claim_messages(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> list[Original | None]:
+        """Per event, None when it claims its message_id (or has none), else the
+        original it duplicates: a live claim from before this group, or an
+        earlier event of this group. Runs inside the commit's transaction."""
+        window_us = self.db.dedup_window_s * 1_000_000
+        wanted = list({(e.workspace_id, e.message_id) for e in events if e.message_id is not None})
+        claims: dict[tuple[str, str], tuple[str, str, int]] = {}
+        for chunk in _chunks(wanted):
+            flat = [v for key in chunk for v in key]
+            for workspace_id, message_id, event_id, person_id, created_at in conn.execute(
+                    SELECT_CLAIMS.format(values=_values(len(chunk), 2)), flat):
+                claims[(workspace_id, message_id)] = (event_id, person_id, created_at)
+        results: list[Original | None] = []
+        new: dict[tuple[str, str], StoredEvent] = {}
+        for e in events:
+            if e.message_id is None:
+                results.append(None)
+                continue
+            key = (e.workspace_id, e.message_id)
+            claim = claims.get(key)
+            if claim is not None and claim[2] + window_us > e.created_at_us:
+                results.append(claim[:2])
+                continue
+            claims[key] = (e.event_id, e.person_id, e.created_at_us)
+            new[key] = e
+            results.append(None)
+        rows = [v for e in new.values()
+                for v in (e.workspace_id, e.message_id, e.event_id, e.person_id, e.created_at_us)]
+        for chunk in _chunks(rows, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
+            conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END,
+                         chunk)
+        return results
+
+    def merge_if_due(self) -> None:
+        """One merge step when ``recent`` has grown past merge_from_rows.
+
+        Run it after a group's answers are out: a step delays the next group only.
+        A step moves the entries of the persons after the cursor, up to the one
+        holding the merge_step_rows-th entry (persons whole), in one transaction;
+        past the last person the cursor starts over. A failed step changes
+        nothing and is tried again after the next commit.
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            if self._recent_rows is None:
+                (self._recent_rows,) = conn.execute(COUNT_RECENT).fetchone()
+            if self._recent_rows < self._tuning.merge_from_rows:
+                return
+            after = self._merged_through
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(MERGE_BOUNDARY, (after, self._tuning.merge_step_rows - 1)).fetchone()
+                through = row[0] if row else _MAX_KEY
+                conn.execute(MERGE_ENTRIES, (after, through))
+                conn.execute(MERGE_COUNTS, (after, through) * 2)
+                moved = conn.execute(DROP_MERGED, (after, through)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.warning("sqlite: timeline merge step failed (tried again later): %s", exc)
+            return
+        if row is None:  # swept past the last person: count afresh and start over
+            self._merged_through, self._recent_rows = -1, None
+        else:
+            self._merged_through, self._recent_rows = through, self._recent_rows - moved
+
+    @staticmethod
+    def _statements(events: list[StoredEvent], keys: dict[tuple[str, str], int]) -> list[tuple[str, list]]:
+        """The multi-row INSERTs of the events, in timeline order (person, time).
+
+        Staging their entries then writes ``recent`` in key order, so consecutive
+        entries of a person land on the same page (arrival order within a group
+        means nothing).
+        """
+        rows = []
+        keyed = sorted(((keys[(e.workspace_id, e.person_id)], e.timestamp_us, i) for i, e in enumerate(events)))
+        for key, _, i in keyed:
+            e = events[i]
+            rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us))
+        return [
+            (INSERT_EVENTS + _values(len(chunk) // EVENT_COLUMNS, EVENT_COLUMNS), chunk)
+            for chunk in _chunks(rows, ROWS_PER_STATEMENT * EVENT_COLUMNS)
+        ]
+
+    @staticmethod
+    def _assign_person_keys(conn: sqlite3.Connection, people: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The person_key of each (workspace, person), created when new."""
+        missing = list(people)
+        found: dict[tuple[str, str], int] = {}
+        for chunk in _chunks(missing):
+            flat = [v for p in chunk for v in p]
+            conn.execute(INSERT_PERSONS + _values(len(chunk), 2), flat)
+            for workspace_id, person_id, key in conn.execute(
+                    SELECT_PERSON_KEYS.format(values=_values(len(chunk), 2)), flat):
+                found[(workspace_id, person_id)] = key
+        return found
+
+
+# Reads and small writes, on any connection ------------------------------------
+
+def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
+    """A page of a person's timeline, newest first, and the exact total, from one snapshot."""
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute(SELECT_PERSON_KEY, (q.workspace_id, q.person_id)).fetchone()
+        if row is None:
+            return EventPage([], 0)
+        args = {"person": row[0], "event": q.event, "since": q.since_us, "until": q.until_us,
+                "limit": q.limit, "offset": q.offset}
+        if q.after is not None:  # keyset paging: one row more tells whether more follow
+            args.update(after_ts=q.after[0], after_id=q.after[1], limit=q.limit + 1)
+        filters = "" if q.event is None else " AND event = :event"
+        range_filters = ("" if q.since_us is None else " AND ts >= :since") + (
+            "" if q.until_us is None else " AND ts < :until")
+        # The total: day counts of timeline's whole days, timeline's entries in the
+        # partial days at the window's edges, and the person's entries in recent.
+        first, last, edges = split_window(q.since_us, q.until_us)
+        total = 0
+        if (first is None or last is None) or first <= last:
+            total += conn.execute(
+                SUM_BUCKETS,
+                (row[0], q.event or "", _MIN_BUCKET if first is None else first,
+                 _MAX_BUCKET if last is None else last),
+            ).fetchone()[0]
+        edge_sql = COUNT_ENTRIES.format(table="timeline", filters=filters + " AND ts >= :start AND ts < :end")
+        for start, end in edges:
+            total += conn.execute(edge_sql, {**args, "start": start, "end": end}).fetchone()[0]
+        total += conn.execute(COUNT_ENTRIES.format(table="recent", filters=filters + range_filters),
+                              args).fetchone()[0]
+        # The total is exact, so an offset past it (or an event that never occurred)
+        # needs no walk of the timeline.
+        after = "" if q.after is None else " AND (ts, event_id) < (:after_ts, :after_id)"
+        rows = [] if q.offset >= total else conn.execute(
+            SELECT_EVENTS.format(filters=filters + range_filters + after), args).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    events = [
+        StoredEvent(event_id, q.workspace_id, q.person_id, external_id, event, parameters, ts, created_at)
+        for event_id, external_id, event, parameters, ts, created_at in rows[:q.limit]
+    ]
+    return EventPage(events, total, more=len(rows) > q.limit)
+
+
+def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:
+    return conn.execute(INSERT_WORKSPACE, (workspace_id, created_at_us)).rowcount == 1
+
+
+def list_workspaces(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(SELECT_WORKSPACES)]
+
+
+def put_key(conn: sqlite3.Connection, key: ApiKeyRecord) -> None:
+    conn.execute(INSERT_KEY, (key.key_id, key.key_hash, key.workspace_id, " ".join(sorted(key.scopes)),
+                              key.created_at_us, key.revoked_at_us))
+
+
+def key_by_hash(conn: sqlite3.Connection, key_hash: str) -> ApiKeyRecord | None:
+    row = conn.execute(SELECT_KEY_BY_HASH, (key_hash,)).fetchone()
+    return _key(row) if row else None
+
+
+def list_keys(conn: sqlite3.Connection, workspace_id: str | None = None) -> list[ApiKeyRecord]:
+    if workspace_id is None:
+        return [_key(r) for r in conn.execute(SELECT_KEYS).fetchall()]
+    return [_key(r) for r in conn.execute(SELECT_KEYS_OF, (workspace_id,)).fetchall()]
+
+
+def revoke_key(conn: sqlite3.Connection, key_id: str, revoked_at_us: int) -> bool:
+    return conn.execute(REVOKE_KEY, (revoked_at_us, key_id)).rowcount == 1
+
+
+def _key(row: tuple) -> ApiKeyRecord:
+    key_id, key_hash, workspace_id, scopes, created_at, revoked_at = row
+    return ApiKeyRecord(key_id, key_hash, workspace_id, frozenset(scopes.split()), created_at, revoked_at)
