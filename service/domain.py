@@ -100,7 +100,7 @@ class EventQuery:
     since_us: int | None = None
     until_us: int | None = None
     # Keyset paging: only events strictly older than (timestamp_us, event_id) in
-    # the listing order; offset is then 0.
+    # the listing order; offset is then 0, and the cursor is before until_us.
     after: tuple[int, str] | None = None
 
 

@@ -208,5 +208,8 @@ class EventsCore:
             until_us=req.until_us,
         )
         if req.page_token:
-            q = dataclasses.replace(q, after=domain.parse_page_token("page_token", req.page_token, q))
+            after = domain.parse_page_token("page_token", req.page_token, q)
+            if q.until_us is not None:  # an edited token cannot reach past the window (stores rely on it)
+                after = min(after, (q.until_us, ""))
+            q = dataclasses.replace(q, after=after)
         return q

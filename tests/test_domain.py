@@ -206,6 +206,14 @@ def test_a_page_token_round_trips_for_its_own_listing():
     assert resumed.after == (last.timestamp_us, last.event_id)
 
 
+def test_an_edited_cursor_cannot_reach_past_until():
+    """The checksum is no secret: a token rebuilt with a later cursor still lists only the window."""
+    q = _token_query(until_us=NOW)
+    late = domain.StoredEvent(domain.new_event_id(NOW), "ws_a", q.person_id, "user_1", "e", "{}", NOW + HOUR, NOW)
+    resumed = _token_query(until_us=NOW, page_token=domain.page_token(q, late))
+    assert resumed.after == (NOW, "")
+
+
 def _flip(token: str, at: int) -> str:
     return token[:at] + ("A" if token[at] != "A" else "B") + token[at + 1:]
 

@@ -672,9 +672,14 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
                               args).fetchone()[0]
         # The total is exact, so an offset past it (or an event that never occurred)
         # needs no walk of the timeline.
-        after = "" if q.after is None else " AND (ts, event_id) < (:after_ts, :after_id)"
-        rows = [] if q.offset >= total else conn.execute(
-            SELECT_EVENTS.format(filters=filters + range_filters + after), args).fetchall()
+        page_filters = filters + range_filters
+        if q.after is not None:
+            # The cursor lies inside the window (the token is bound to it), so it replaces
+            # ``until`` as the upper bound: SQLite then seeks to it in the key, and the
+            # lower bound stays ``since``.
+            page_filters = filters + ("" if q.since_us is None else " AND ts >= :since") + (
+                " AND (ts, event_id) < (:after_ts, :after_id)")
+        rows = [] if q.offset >= total else conn.execute(SELECT_EVENTS.format(filters=page_filters), args).fetchall()
     finally:
         conn.execute("COMMIT")
     events = [
