@@ -182,9 +182,9 @@ STAGE_ENTRIES = (
     " SELECT person_key, ts, event_id, event, seq FROM events WHERE seq > ?"
 )
 COUNT_RECENT = "SELECT count(*) FROM recent"
+# One workspace at a time: a row-value IN (VALUES ...) over both key columns scans the table.
 SELECT_CLAIMS = (
-    "SELECT workspace_id, message_id, event_id, person_id, created_at FROM dedup"
-    " WHERE (workspace_id, message_id) IN (VALUES {values})"
+    "SELECT message_id, event_id, person_id, created_at FROM dedup WHERE workspace_id = ? AND message_id IN ({marks})"
 )
 CLAIM_COLUMNS = 5
 # A claim replaces an expired one that the cleanup has not reached yet.
@@ -542,13 +542,16 @@ class GroupCommitter:
         original it duplicates: a live claim from before this group, or an
         earlier event of this group. Runs inside the commit's transaction."""
         window_us = self.db.dedup_window_s * 1_000_000
-        wanted = list({(e.workspace_id, e.message_id) for e in events if e.message_id is not None})
+        wanted: dict[str, set[str]] = {}
+        for e in events:
+            if e.message_id is not None:
+                wanted.setdefault(e.workspace_id, set()).add(e.message_id)
         claims: dict[tuple[str, str], tuple[str, str, int]] = {}
-        for chunk in _chunks(wanted):
-            flat = [v for key in chunk for v in key]
-            for workspace_id, message_id, event_id, person_id, created_at in conn.execute(
-                    SELECT_CLAIMS.format(values=_values(len(chunk), 2)), flat):
-                claims[(workspace_id, message_id)] = (event_id, person_id, created_at)
+        for workspace_id, message_ids in wanted.items():
+            for chunk in _chunks(list(message_ids)):
+                for message_id, event_id, person_id, created_at in conn.execute(
+                        SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), [workspace_id, *chunk]):
+                    claims[(workspace_id, message_id)] = (event_id, person_id, created_at)
         results: list[Original | None] = []
         new: dict[tuple[str, str], StoredEvent] = {}
         for e in events:
