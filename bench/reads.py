@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -64,23 +65,34 @@ def measure(target: str, key: str, person: Person, calls: int, warmup_calls: int
         grpc.channel_ready_future(channel).result(timeout=30)  # first_ms: the call, not the connection
         stub = events_pb2_grpc.EventsServiceStub(channel)
         for workload, request, expected in variants(person):
-            latencies = []
-            for i in range(warmup_calls + calls):
-                started = time.perf_counter()
-                response = stub.ListPersonEvents(request, metadata=metadata, timeout=30)
-                elapsed = (time.perf_counter() - started) * 1000
-                if i == 0:
-                    first = elapsed
-                if i >= warmup_calls:
-                    latencies.append(elapsed)
+            def check(i: int, response, workload=workload, expected=expected, request=request) -> None:
                 if i == 0 or i == warmup_calls:
                     _check(workload, response, expected, request)
-            latencies.sort()
+
+            latencies, first = _timed(stub, request, metadata, calls, warmup_calls, check)
             results.append(ReadResult(
                 workload, calls, percentile(latencies, 50), percentile(latencies, 99),
                 statistics.fmean(latencies), expected, first,
             ))
     return results
+
+
+def _timed(stub, request: pb.ListPersonEventsRequest, metadata, calls: int, warmup_calls: int,
+           check: Callable[[int, pb.ListPersonEventsResponse], None]) -> tuple[list[float], float]:
+    """Sequential calls: the latencies after the warm-up (sorted, ms) and the first call's;
+    ``check(i, response)`` sees every answer."""
+    latencies, first = [], 0.0
+    for i in range(warmup_calls + calls):
+        started = time.perf_counter()
+        response = stub.ListPersonEvents(request, metadata=metadata, timeout=60)
+        elapsed = (time.perf_counter() - started) * 1000
+        if i == 0:
+            first = elapsed
+        if i >= warmup_calls:
+            latencies.append(elapsed)
+        check(i, response)
+    latencies.sort()
+    return latencies, first
 
 
 def _check(workload: str, response: pb.ListPersonEventsResponse, expected: int,
@@ -129,18 +141,11 @@ def measure_cursor(target: str, key: str, person: Person, calls: int, warmup_cal
         results = []
         for workload, req in ((f"{base}_cursor_page1", first), (f"{base}_cursor_deep", request),
                               (f"{base}_offset_deep", offset)):
-            latencies = []
-            for i in range(warmup_calls + calls):
-                started = time.perf_counter()
-                response = stub.ListPersonEvents(req, metadata=metadata, timeout=60)
-                elapsed = (time.perf_counter() - started) * 1000
-                if i == 0:
-                    first_ms = elapsed
-                    if response.total != person.expected_total or len(response.events) != CURSOR_LIMIT:
-                        raise AssertionError(f"{workload}: total {response.total}, {len(response.events)} events")
-                if i >= warmup_calls:
-                    latencies.append(elapsed)
-            latencies.sort()
+            def check(i: int, response, workload=workload) -> None:
+                if i == 0 and (response.total != person.expected_total or len(response.events) != CURSOR_LIMIT):
+                    raise AssertionError(f"{workload}: total {response.total}, {len(response.events)} events")
+
+            latencies, first_ms = _timed(stub, req, metadata, calls, warmup_calls, check)
             results.append(ReadResult(workload, calls, percentile(latencies, 50), percentile(latencies, 99),
                                       statistics.fmean(latencies), person.expected_total, first_ms, page=depth))
     return results
