@@ -31,12 +31,22 @@ $(BUF): package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $@
 
-# google/api/{annotations,http}.proto ship inside the googleapis-common-protos
-# wheel; copy them out so protoc and buf see the same files without a network.
-$(PROTODEPS)/.stamp: $(VENV)/.installed
-	rm -rf $(PROTODEPS) && mkdir -p $(PROTODEPS)/google/api
-	$(PY) -c 'import google.api, pathlib, shutil, sys; src = pathlib.Path(google.api.__path__[0]); [shutil.copy(src / f, sys.argv[1]) for f in ("annotations.proto", "http.proto")]' $(PROTODEPS)/google/api
+# Imported protos, copied out of the Python wheels that ship them into
+# $(PROTODEPS), so protoc, buf and the client recipes see the same files
+# without a network. One line per file, by import path.
+PROTODEP_FILES += google/api/annotations.proto
+PROTODEP_FILES += google/api/http.proto
+PROTODEP_FILES += google/rpc/status.proto
+PROTODEP_FILES += google/rpc/error_details.proto
+PROTODEP_FILES += google/rpc/code.proto
+
+$(PROTODEPS)/.stamp: $(VENV)/.installed Makefile scripts/protodeps.py
+	rm -rf $(PROTODEPS)
+	$(PY) scripts/protodeps.py $(PROTODEPS) $(PROTODEP_FILES)
 	touch $@
+
+.PHONY: protodeps
+protodeps: $(PROTODEPS)/.stamp ## copy the imported protos (google/api, google/rpc) into build/protodeps (offline)
 
 .PHONY: generate
 generate: $(PROTODEPS)/.stamp ## regenerate generated/ from proto/ (offline)
@@ -51,21 +61,58 @@ check-generated: generate ## fail when generated/ is stale
 	@test -z "$$(git status --porcelain -- generated)" || { git status --porcelain -- generated; echo 'untracked generated files'; exit 1; }
 
 .PHONY: lint
-lint: $(BUF) $(PROTODEPS)/.stamp ## buf lint and buf format check
+lint: $(BUF) $(PROTODEPS)/.stamp breaking ## buf lint, buf format check and buf breaking
 	$(BUF) lint
 	$(BUF) format --diff --exit-code proto
+
+# The baseline of `buf breaking`: the commit where this branch left main; on
+# main itself (or a branch with no commit of its own), main's previous commit.
+# BREAKING_BASE=<rev> overrides. Its proto/ is laid out from git next to the
+# same build/protodeps: buf's own git input cannot see build/, which git does
+# not hold. The rule set (FILE) is in buf.yaml; docs/decisions/polyglot-stubs.md says why.
+BREAKING_BASE ?= $(shell base=$$(git merge-base HEAD main 2>/dev/null); \
+  if [ -n "$$base" ] && [ "$$base" != "$$(git rev-parse HEAD)" ]; then echo $$base; else git rev-parse -q --verify HEAD~1; fi)
+BREAKING_DIR := build/breaking-base
+
+.PHONY: breaking
+breaking: $(BUF) $(PROTODEPS)/.stamp ## buf breaking: proto/ against where this branch left main (no network)
+	@test -n "$(BREAKING_BASE)" || { echo 'buf breaking: no baseline commit (a shallow clone?); set BREAKING_BASE=<rev>'; exit 1; }
+	rm -rf $(BREAKING_DIR) && mkdir -p $(BREAKING_DIR)/build
+	git archive $(BREAKING_BASE) proto | tar -x -C $(BREAKING_DIR)
+	cp buf.yaml $(BREAKING_DIR)/ && cp -r $(PROTODEPS) $(BREAKING_DIR)/build/
+	$(BUF) breaking --against $(BREAKING_DIR)
+
+# The TypeScript client (clients/typescript): its npm packages, its stubs from
+# the README's offline recipe (clients/buf.gen.typescript.yaml; `npx` puts the
+# local protoc-gen-es on the PATH), compiled by tsc. tests/test_typescript_client.py
+# runs it against the live service.
+TS_CLIENT := clients/typescript
+
+$(TS_CLIENT)/node_modules/.installed: $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
+	cd $(TS_CLIENT) && npm ci --silent --no-audit --no-fund
+	touch $@
+
+.PHONY: typescript-client
+typescript-client: $(BUF) $(PROTODEPS)/.stamp $(TS_CLIENT)/node_modules/.installed ## generate the TypeScript stubs and build clients/typescript
+	npx buf generate --template clients/buf.gen.typescript.yaml
+	rm -rf $(TS_CLIENT)/dist
+	cd $(TS_CLIENT) && npx tsc -p .
 
 .PHONY: run
 run: $(VENV)/.installed ## start gRPC (:50051) and REST (:8080) on the embedded store
 	$(PY) -m service serve --store '$(STORE)' --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT)
 
 .PHONY: test
-test: $(VENV)/.installed ## run the whole test suite (starts Cassandra when needed)
+test: $(VENV)/.installed typescript-client ## run the whole test suite (starts Cassandra when needed)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-fast
+test-fast: $(VENV)/.installed ## the suite without the tests that need Cassandra (never starts it)
+	$(PY) -m pytest -m 'not cassandra' $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## remove the virtualenv, build output and local data
-	rm -rf $(VENV) build node_modules data
+	rm -rf $(VENV) build node_modules data $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/src/gen
 
 .PHONY: cassandra-up
 cassandra-up: ## start a local single-node Cassandra on 127.0.0.1:9042 (data in .cassandra-local/)

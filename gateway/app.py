@@ -31,6 +31,7 @@ Choices where grpc-gateway and the API contract leave room:
   the running count passes the limit.
 - An empty body where the rule takes one is a 400 (not JSON), where
   grpc-gateway would send an empty message.
+- A GET route also answers HEAD (grpc-gateway: 501).
 - 401 carries ``WWW-Authenticate: Bearer`` (grpc-gateway puts the status
   message there, which is not a valid challenge).
 - An ``Authorization`` value that cannot travel as gRPC metadata (not
@@ -79,6 +80,7 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_send_message_length", -1),
 )
 GRPC_DETAILS_KEY = "grpc-status-details-bin"
+ERROR_DETAIL_TYPES = (error_details_pb2.BadRequest, error_details_pb2.RetryInfo)
 JSON = "application/json"
 
 # grpc-gateway's runtime.HTTPStatusFromCode.
@@ -188,7 +190,7 @@ class ErrorRenderer:
         body = {
             "code": code,
             "message": message,
-            "details": [transcode.any_to_python(detail, self._codecs) for detail in details],
+            "details": [self._codecs.any_to_json(detail) for detail in details],
         }
         headers = dict(headers or {})
         if code == code_pb2.UNAUTHENTICATED:
@@ -223,7 +225,7 @@ class Operation:
     def __init__(self, binding: Binding, codecs: CodecRegistry, timeout: float, max_body_bytes: int) -> None:
         self.binding = binding
         self.grpc_path = binding.grpc_path
-        self.request_codec: MessageCodec = codecs.get(binding.method.input_type)
+        self.request_codec: MessageCodec = codecs.request(binding.method.input_type)
         self.response_codec: MessageCodec = codecs.get(binding.method.output_type)
         self.timeout = timeout
         self.max_body_bytes = max_body_bytes
@@ -366,12 +368,17 @@ def create_app(
 ) -> Starlette:
     """The gateway for the services in ``files`` (default: flameup.events.v1),
     calling the gRPC server at ``grpc_target`` ("host:port", "unix:/path", or a
-    list of them: at least ``channels`` channels, the same number to each)."""
+    list of them: at least ``channels`` channels, the same number to each).
+
+    Raises :class:`gateway.transcode.UnsupportedTypeError` when a bound method's
+    request or response uses a type the gateway does not transcode."""
     targets = [grpc_target] if isinstance(grpc_target, str) else list(grpc_target)
     if not targets:
         raise ValueError("create_app needs at least one gRPC target")
     files = list(files) if files is not None else default_files()
     codecs = CodecRegistry()
+    for detail in ERROR_DETAIL_TYPES:  # what error bodies carry: fail here, not on the first error
+        codecs.for_class(detail)
     bindings = bindings_for(files)
     errors = ErrorRenderer(codecs)
     openapi_body = orjson.dumps(build_openapi(files, bindings))

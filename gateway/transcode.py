@@ -1,66 +1,71 @@
-"""JSON <-> protobuf transcoding, driven by message descriptors.
+"""JSON <-> protobuf for the types the API's protos use, driven by descriptors.
 
-The gateway's hot path. Everything that can be derived from a descriptor is
-derived once, when a message's :class:`MessageCodec` is first built (field
-tables, name lookups, converters, attribute getters); a request then costs one
-walk over its JSON and one walk over the response message.
+The gateway stays generic over the descriptors: every message is walked by
+its fields, nothing is written per message. What it walks is deliberately
+small, the types ``proto/`` uses:
+
+- ``string``, ``bool`` and ``int32`` fields, singular (also ``optional``) or
+  repeated;
+- message fields, singular or repeated, of messages built from these;
+- ``google.protobuf.Struct`` and ``google.protobuf.Timestamp`` fields;
+- in responses only, ``google.protobuf.Duration`` (``google.rpc.RetryInfo``
+  in error details).
+
+Anything else (maps, enums, bytes, 64-bit integers, floating point, oneofs,
+other well-known types) raises :class:`UnsupportedTypeError` when the message's
+codec is built, which the app does for every bound method when it is created:
+a proto that would transcode wrongly stops the gateway at startup.
+
+The well-known types use protobuf's own JSON: ``Timestamp.FromJsonString`` /
+``ToJsonString`` and ``Struct.update``. Struct output is the one hand-written
+piece (see ``docs/decisions/gateway-transcoding.md``): protobuf's Python ``json_format``
+writes every number of a Struct as a float (``2.0``), where protojson, and so
+grpc-gateway, writes ``2``.
 
 Request side (JSON -> protobuf), as protojson with ``DiscardUnknown``:
 
 - a field is found by its proto name or its lowerCamelCase ``json_name``;
-  unknown fields are ignored, ``null`` leaves a field unset (a
-  ``google.protobuf.Value`` field becomes ``null_value``);
-- scalars are type-checked (a string where an integer belongs is an error, an
-  integer may also come as an integral number or a decimal string, int64 as a
-  string or a number), so is every repeated field, map and nested message;
-- ``google.protobuf.Struct`` / ``Value`` / ``ListValue`` take any JSON,
-  ``Timestamp`` an RFC 3339 string, ``Duration`` ``"1.5s"``, ``FieldMask``
-  ``"a.b,c"``, the wrappers their scalar, ``Any`` an object with ``@type``;
-- JSON nesting deeper than :data:`MAX_DEPTH` levels (the top-level object is
-  level 1) is refused as a whole;
+  unknown fields are ignored, ``null`` leaves a field unset;
+- values are type-checked (an ``int32`` also takes an integral number or a
+  decimal string, as protojson does);
+- JSON nesting deeper than :data:`MAX_DEPTH` levels, or a Struct nested deeper
+  than protobuf decoders accept (:data:`MAX_PROTO_DEPTH`), is refused;
 - the first error stops the walk and raises :class:`TranscodeError`, whose
   ``field`` is the path of the offending field in proto names, e.g.
   ``events[3].event``.
 
-Response side (protobuf -> JSON-ready Python values, then ``orjson``):
+Response side (protobuf -> JSON-ready Python values, then ``orjson``), as
+protojson with ``UseProtoNames`` and ``EmitUnpopulated``:
 
 - proto field names; every field present, defaults too (``""``, ``0``,
-  ``false``, ``[]``, ``{}`` for maps);
-- an unset message field is ``null``, except ``Struct`` (``{}``) and
-  ``ListValue`` (``[]``): a gRPC service cannot tell an empty Struct from an
-  unset one (``Struct.update({})`` sets nothing), and "a JSON object" is what
-  the API promises; an unset ``optional`` scalar or oneof member is ``null``;
-- 64-bit integers are strings (proto3 JSON), 32-bit ones numbers, enums names,
-  bytes base64, non-finite doubles ``"NaN"`` / ``"Infinity"`` /
-  ``"-Infinity"``;
-- ``Timestamp`` is RFC 3339 in UTC with ``Z`` and 0, 3, 6 or 9 fraction
-  digits, as protojson writes it; ``Struct`` / ``Value`` are plain JSON where a
-  number that is integral and within +-2**53 is an integer (``2``, not ``2.0``).
+  ``false``, ``[]``); an unset message field or ``optional`` scalar is
+  ``null``, except ``Struct``, which is ``{}``: a gRPC service cannot tell an
+  empty Struct from an unset one (``Struct.update({})`` sets nothing), and "a
+  JSON object" is what the API promises;
+- a Struct number that is integral and within +-2**53 is an integer.
 
 Query strings and path parameters (:func:`populate_query`,
-:func:`set_field_from_string`) follow grpc-gateway's ``DefaultQueryParser``:
+:func:`set_field_from_string`) follow grpc-gateway v2's ``DefaultQueryParser``:
 dotted names reach into nested messages, repeated fields take repeated keys,
-a key whose only value is empty is dropped (so an ``optional`` field stays
-unset), more than one value for a singular field is an error, unknown names
-are ignored, ``bool`` is Go's ``strconv.ParseBool``.
+more than one value for a singular field is an error, so is an empty value
+where a number or a timestamp belongs (``?limit=``), unknown names are ignored,
+``bool`` is Go's ``strconv.ParseBool``.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 import re
-import struct
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
-import orjson
-from google.protobuf import descriptor_pool, message_factory, struct_pb2
+from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+
+from protoconv import struct_to_python
 
 MAX_DEPTH = 64
 """Deepest JSON nesting accepted in a request; the top-level object is level 1.
@@ -76,40 +81,15 @@ request that would exceed it is refused here with 400, not left to fail as a
 whole inside the service's decoder."""
 
 FD = FieldDescriptor
+STRUCT = "google.protobuf.Struct"
+TIMESTAMP = "google.protobuf.Timestamp"
+DURATION = "google.protobuf.Duration"
 _INT32 = (-(2**31), 2**31 - 1)
-_UINT32 = (0, 2**32 - 1)
-_INT64 = (-(2**63), 2**63 - 1)
-_UINT64 = (0, 2**64 - 1)
-_INT_RANGES = {
-    FD.TYPE_INT32: ("int32", _INT32),
-    FD.TYPE_SINT32: ("int32", _INT32),
-    FD.TYPE_SFIXED32: ("int32", _INT32),
-    FD.TYPE_UINT32: ("uint32", _UINT32),
-    FD.TYPE_FIXED32: ("uint32", _UINT32),
-    FD.TYPE_INT64: ("int64", _INT64),
-    FD.TYPE_SINT64: ("int64", _INT64),
-    FD.TYPE_SFIXED64: ("int64", _INT64),
-    FD.TYPE_UINT64: ("uint64", _UINT64),
-    FD.TYPE_FIXED64: ("uint64", _UINT64),
-}
-_INT64_TYPES = frozenset(t for t, (name, _) in _INT_RANGES.items() if name.endswith("64"))
-_FLOAT32_MAX = 3.4028234663852886e38
-_MAX_SAFE = 2**53
-
 _INT_TEXT = re.compile(r"[+-]?\d+")
 _FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
-)
-_DURATION = re.compile(r"(-)?(\d+)(?:\.(\d{1,9}))?s")
 _TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
 _FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
-_EPOCH = datetime(1970, 1, 1)
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-_MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
-_MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
-_TYPE_URL_PREFIX = "type.googleapis.com/"
-
+_SCALARS = {FD.TYPE_STRING: "string", FD.TYPE_BOOL: "bool", FD.TYPE_INT32: "int32"}
 _JSON_KIND = {
     str: "string",
     int: "number",
@@ -119,6 +99,10 @@ _JSON_KIND = {
     list: "array",
     type(None): "null",
 }
+
+
+class UnsupportedTypeError(TypeError):
+    """A proto uses a type the gateway does not transcode (raised at startup)."""
 
 
 class TranscodeError(ValueError):
@@ -143,8 +127,6 @@ class TranscodeError(ValueError):
         for part in reversed(self._parts):
             if isinstance(part, int):
                 out.append(f"[{part}]")
-            elif part.startswith("["):
-                out.append(part)
             else:
                 out.append(f".{part}" if out else part)
         return "".join(out)
@@ -154,8 +136,8 @@ class TranscodeError(ValueError):
         return f"{field}: {self.description}" if field else self.description
 
 
-def _got(value: Any) -> str:
-    """How an offending JSON value is named in an error."""
+def describe(value: Any) -> str:
+    """A JSON value as error messages name it: a quoted string, else its kind."""
     kind = type(value)
     if kind is str:
         text = value if len(value) <= 64 else value[:61] + "..."
@@ -163,23 +145,6 @@ def _got(value: Any) -> str:
     if kind is float and math.isfinite(value) and not value.is_integer():
         return repr(value)
     return _JSON_KIND.get(kind, kind.__name__)
-
-
-def describe(value: Any) -> str:
-    """A JSON value as error messages name it: a quoted string, else its kind."""
-    return _got(value)
-
-
-def _at_each_index(convert: Callable[[Any], Any], items: list) -> list:
-    """``convert`` applied to each item in order; an error names the item's index."""
-    out = []
-    for index, item in enumerate(items):
-        try:
-            out.append(convert(item))
-        except TranscodeError as exc:
-            exc.push(index)
-            raise
-    return out
 
 
 def _depth_error() -> TranscodeError:
@@ -194,393 +159,142 @@ def _proto_depth_error() -> TranscodeError:
 
 
 # --------------------------------------------------------------------------
-# Scalars, JSON side
+# Scalars: JSON values and query-string text
 
 
 def _json_string(value: Any) -> str:
     if type(value) is str:
         return value
-    raise TranscodeError(f"expected a string, got {_got(value)}")
+    raise TranscodeError(f"expected a string, got {describe(value)}")
 
 
 def _json_bool(value: Any) -> bool:
     if type(value) is bool:
         return value
-    raise TranscodeError(f"expected a boolean, got {_got(value)}")
+    raise TranscodeError(f"expected a boolean, got {describe(value)}")
 
 
-def _int_converter(type_name: str, bounds: tuple[int, int]) -> Callable[[Any], int]:
-    low, high = bounds
-
-    def convert(value: Any) -> int:
-        kind = type(value)
-        if kind is int:
-            number = value
-        elif kind is float and value.is_integer():
-            number = int(value)
-        elif kind is str and _INT_TEXT.fullmatch(value):
-            number = int(value)
-        elif kind is str and _FLOAT_TEXT.fullmatch(value) and float(value).is_integer():
-            number = int(float(value))
-        else:
-            raise TranscodeError(f"expected an integer, got {_got(value)}")
-        if low <= number <= high:
-            return number
-        raise TranscodeError(f"{number} is out of range for {type_name}")
-
-    return convert
-
-
-def _float_converter(single: bool) -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        kind = type(value)
-        if kind is float or kind is int:
-            number = float(value)
-        elif kind is str:
-            if value == "NaN":
-                return math.nan
-            if value == "Infinity":
-                return math.inf
-            if value == "-Infinity":
-                return -math.inf
-            if not _FLOAT_TEXT.fullmatch(value):
-                raise TranscodeError(f"expected a number, got {_got(value)}")
-            number = float(value)
-            if math.isinf(number):
-                raise TranscodeError(f"{value} is out of range for double")
-        else:
-            raise TranscodeError(f"expected a number, got {_got(value)}")
-        if single and abs(number) > _FLOAT32_MAX:
-            raise TranscodeError(f"{value} is out of range for float")
+def _int32(number: int) -> int:
+    if _INT32[0] <= number <= _INT32[1]:
         return number
+    raise TranscodeError(f"{number} is out of range for int32")
 
-    return convert
+
+def _json_int32(value: Any) -> int:
+    kind = type(value)
+    if kind is int:
+        return _int32(value)
+    if kind is float and value.is_integer():
+        return _int32(int(value))
+    if kind is str and _INT_TEXT.fullmatch(value):
+        return _int32(int(value))
+    if kind is str and _FLOAT_TEXT.fullmatch(value) and float(value).is_integer():
+        return _int32(int(float(value)))
+    raise TranscodeError(f"expected an integer, got {describe(value)}")
 
 
-def _json_bytes(value: Any) -> bytes:
+def _text_bool(text: str) -> bool:
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise TranscodeError(f"expected a boolean, got {describe(text)}")
+
+
+def _text_int32(text: str) -> int:
+    if _INT_TEXT.fullmatch(text):
+        return _int32(int(text))
+    raise TranscodeError(f"expected an integer, got {describe(text)}")
+
+
+_FROM_JSON: dict[int, Callable[[Any], Any]] = {
+    FD.TYPE_STRING: _json_string,
+    FD.TYPE_BOOL: _json_bool,
+    FD.TYPE_INT32: _json_int32,
+}
+_FROM_TEXT: dict[int, Callable[[str], Any]] = {
+    FD.TYPE_STRING: str,
+    FD.TYPE_BOOL: _text_bool,
+    FD.TYPE_INT32: _text_int32,
+}
+
+
+# --------------------------------------------------------------------------
+# Well-known types: protobuf's own JSON, plus the checks a request needs
+
+
+def _fill_timestamp(msg: Any, value: Any) -> None:
     if type(value) is not str:
-        raise TranscodeError(f"expected a base64 string, got {_got(value)}")
-    return _decode_base64(value)
-
-
-def _decode_base64(text: str) -> bytes:
+        raise TranscodeError(f"expected an RFC 3339 timestamp string, got {describe(value)}")
     try:
-        padded = text + "=" * (-len(text) % 4)
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError):
-        raise TranscodeError(f"expected a base64 string, got {_got(text)}") from None
+        msg.FromJsonString(value)
+    except ValueError as exc:
+        raise TranscodeError(
+            f"expected an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got {describe(value)} ({exc})"
+        ) from None
 
 
-def _enum_converter(field: FieldDescriptor) -> Callable[[Any], int]:
-    by_name = {v.name: v.number for v in field.enum_type.values}
-    name = field.enum_type.full_name
-
-    def convert(value: Any) -> int:
-        kind = type(value)
-        if kind is str:
-            number = by_name.get(value)
-            if number is not None:
-                return number
-            raise TranscodeError(f"{_got(value)} is not a value of {name}")
-        if kind is int and _INT32[0] <= value <= _INT32[1]:
-            return value
-        if kind is float and value.is_integer() and _INT32[0] <= value <= _INT32[1]:
-            return int(value)
-        raise TranscodeError(f"expected a {name} name or number, got {_got(value)}")
-
-    return convert
-
-
-def _scalar_converter(field: FieldDescriptor) -> Callable[[Any], Any]:
-    t = field.type
-    if t == FD.TYPE_STRING:
-        return _json_string
-    if t == FD.TYPE_BOOL:
-        return _json_bool
-    if t in _INT_RANGES:
-        return _int_converter(*_INT_RANGES[t])
-    if t == FD.TYPE_DOUBLE:
-        return _float_converter(single=False)
-    if t == FD.TYPE_FLOAT:
-        return _float_converter(single=True)
-    if t == FD.TYPE_BYTES:
-        return _json_bytes
-    if t == FD.TYPE_ENUM:
-        return _enum_converter(field)
-    raise TypeError(f"unsupported field type {t} of {field.full_name}")
-
-
-# --------------------------------------------------------------------------
-# Scalars, query-string side (grpc-gateway's parseField)
-
-
-def _text_converter(field: FieldDescriptor) -> Callable[[str], Any]:
-    t = field.type
-    if t == FD.TYPE_STRING:
-        return str
-    if t == FD.TYPE_BOOL:
-
-        def convert_bool(text: str) -> bool:
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise TranscodeError(f"expected a boolean, got {_got(text)}")
-
-        return convert_bool
-    if t in _INT_RANGES:
-        type_name, (low, high) = _INT_RANGES[t]
-
-        def convert_int(text: str) -> int:
-            if not _INT_TEXT.fullmatch(text):
-                raise TranscodeError(f"expected an integer, got {_got(text)}")
-            number = int(text)
-            if low <= number <= high:
-                return number
-            raise TranscodeError(f"{number} is out of range for {type_name}")
-
-        return convert_int
-    if t in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
-        json_convert = _float_converter(single=t == FD.TYPE_FLOAT)
-        specials = {"NaN": "NaN", "nan": "NaN", "Inf": "Infinity", "+Inf": "Infinity", "-Inf": "-Infinity",
-                    "inf": "Infinity", "+inf": "Infinity", "-inf": "-Infinity",
-                    "Infinity": "Infinity", "-Infinity": "-Infinity"}
-        return lambda text: json_convert(specials.get(text, text))
-    if t == FD.TYPE_BYTES:
-        return _decode_base64
-    if t == FD.TYPE_ENUM:
-        enum_convert = _enum_converter(field)
-        return lambda text: enum_convert(int(text) if _INT_TEXT.fullmatch(text) else text)
-    raise TypeError(f"unsupported field type {t} of {field.full_name}")
-
-
-# --------------------------------------------------------------------------
-# Timestamps and durations
-
-
-def parse_timestamp(text: Any) -> tuple[int, int]:
-    """An RFC 3339 date-time to (seconds, nanos) since the epoch, UTC."""
-    if type(text) is not str:
-        raise TranscodeError(f"expected an RFC 3339 timestamp string, got {_got(text)}")
-    m = _RFC3339.fullmatch(text)
-    if m is None:
-        raise TranscodeError(f"expected an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got {_got(text)}")
-    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
-    try:
-        days = date(year, month, day).toordinal() - _EPOCH_ORDINAL
-    except ValueError:
-        raise TranscodeError(f"{_got(text)} is not a valid date") from None
-    if hour > 23 or minute > 59 or second > 60:  # :60 is a leap second: the next second
-        raise TranscodeError(f"{_got(text)} is not a valid time of day")
-    seconds = days * 86400 + hour * 3600 + minute * 60 + second
-    if m.group(9):
-        off_h, off_m = int(m.group(10)), int(m.group(11))
-        if off_h > 23 or off_m > 59:
-            raise TranscodeError(f"{_got(text)} has an invalid UTC offset")
-        offset = off_h * 3600 + off_m * 60
-        seconds -= offset if m.group(9) == "+" else -offset
-    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
-        raise TranscodeError(f"{_got(text)} is outside 0001-01-01 to 9999-12-31")
-    fraction = m.group(7)
-    return seconds, int(fraction.ljust(9, "0")) if fraction else 0
-
-
-def format_timestamp(seconds: int, nanos: int) -> str:
-    """(seconds, nanos) to RFC 3339 in UTC with Z, as protojson writes it."""
-    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS or not 0 <= nanos < 1_000_000_000:
-        raise ValueError(f"Timestamp out of range: seconds={seconds} nanos={nanos}")
-    text = (_EPOCH + timedelta(seconds=seconds)).isoformat()
-    if not nanos:
-        return text + "Z"
-    if nanos % 1_000_000 == 0:
-        return f"{text}.{nanos // 1_000_000:03d}Z"
-    if nanos % 1000 == 0:
-        return f"{text}.{nanos // 1000:06d}Z"
-    return f"{text}.{nanos:09d}Z"
-
-
-def _parse_duration(text: Any) -> tuple[int, int]:
-    m = _DURATION.fullmatch(text) if type(text) is str else None
-    if m is None:
-        raise TranscodeError(f'expected a duration such as "1.5s", got {_got(text)}')
-    seconds = int(m.group(2))
-    nanos = int(m.group(3).ljust(9, "0")) if m.group(3) else 0
-    if seconds > 315576000000:
-        raise TranscodeError(f"duration out of range: {_got(text)}")
-    return (-seconds, -nanos) if m.group(1) else (seconds, nanos)
-
-
-def _format_duration(seconds: int, nanos: int) -> str:
-    sign = "-" if seconds < 0 or nanos < 0 else ""
-    seconds, nanos = abs(seconds), abs(nanos)
-    if not nanos:
-        return f"{sign}{seconds}s"
-    if nanos % 1_000_000 == 0:
-        return f"{sign}{seconds}.{nanos // 1_000_000:03d}s"
-    if nanos % 1000 == 0:
-        return f"{sign}{seconds}.{nanos // 1000:06d}s"
-    return f"{sign}{seconds}.{nanos:09d}s"
-
-
-def _camel_to_snake(name: str) -> str:
-    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
-
-
-def _snake_to_camel(name: str) -> str:
-    return re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), name)
-
-
-# --------------------------------------------------------------------------
-# Struct, Value, ListValue (the hot part of a batch: event parameters)
-
-
-def _fill_struct(struct_msg: Any, obj: dict, depth: int, level: int) -> None:
-    """Fill a google.protobuf.Struct from a dict at JSON nesting level ``depth``;
-    the Struct is at message nesting ``level``."""
+def _check_struct(obj: dict, depth: int, level: int) -> None:
+    """Refuse a Struct's JSON (at JSON ``depth``, message ``level``) that nests
+    deeper than the request may or protobuf decoders can."""
     if depth > MAX_DEPTH:
         raise _depth_error()
-    if level + 2 > MAX_PROTO_DEPTH and (obj or level > MAX_PROTO_DEPTH):  # entries: +1, their values: +2
+    if level > MAX_PROTO_DEPTH or (obj and level + 2 > MAX_PROTO_DEPTH):  # entries: +1, their values: +2
         raise _proto_depth_error()
-    fields = struct_msg.fields
-    for key, value in obj.items():
+    for value in obj.values():
         kind = type(value)
-        if kind is str:
-            fields[key].string_value = value
-        elif kind is float or kind is int:
-            fields[key].number_value = value
-        elif kind is bool:
-            fields[key].bool_value = value
-        elif value is None:
-            fields[key].null_value = 0
-        elif kind is dict:
-            _fill_struct(fields[key].struct_value, value, depth + 1, level + 3)
-        else:
-            _fill_list(fields[key].list_value, value, depth + 1, level + 3)
-    if not obj:
-        struct_msg.SetInParent()
+        if kind is dict:
+            _check_struct(value, depth + 1, level + 3)
+        elif kind is list:
+            _check_list(value, depth + 1, level + 3)
 
 
-def _fill_list(list_msg: Any, items: list, depth: int, level: int) -> None:
+def _check_list(items: list, depth: int, level: int) -> None:
     if depth > MAX_DEPTH:
         raise _depth_error()
-    if level + 1 > MAX_PROTO_DEPTH and (items or level > MAX_PROTO_DEPTH):  # values: +1
+    if level > MAX_PROTO_DEPTH or (items and level + 1 > MAX_PROTO_DEPTH):  # values: +1
         raise _proto_depth_error()
-    add = list_msg.values.add
     for value in items:
         kind = type(value)
-        if kind is str:
-            add(string_value=value)
-        elif kind is float or kind is int:
-            add(number_value=value)
-        elif kind is bool:
-            add(bool_value=value)
-        elif value is None:
-            add(null_value=0)
-        elif kind is dict:
-            _fill_struct(add().struct_value, value, depth + 1, level + 2)
-        else:
-            _fill_list(add().list_value, value, depth + 1, level + 2)
-    if not items:
-        list_msg.SetInParent()
+        if kind is dict:
+            _check_struct(value, depth + 1, level + 2)
+        elif kind is list:
+            _check_list(value, depth + 1, level + 2)
 
 
-def _fill_value(value_msg: Any, value: Any, depth: int, level: int) -> None:
-    """Fill a google.protobuf.Value at message ``level``; ``depth`` is the JSON
-    level of the value's parent."""
-    if level > MAX_PROTO_DEPTH:
-        raise _proto_depth_error()
-    kind = type(value)
-    if kind is str:
-        value_msg.string_value = value
-    elif kind is float or kind is int:
-        value_msg.number_value = value
-    elif kind is bool:
-        value_msg.bool_value = value
-    elif value is None:
-        value_msg.null_value = 0
-    elif kind is dict:
-        _fill_struct(value_msg.struct_value, value, depth + 1, level + 1)
-    else:
-        _fill_list(value_msg.list_value, value, depth + 1, level + 1)
+def _fill_struct(msg: Any, value: Any, depth: int, level: int) -> None:
+    if type(value) is not dict:
+        raise TranscodeError(f"must be a JSON object, got {describe(value)}")
+    _check_struct(value, depth + 1, level)
+    msg.update(value)
 
 
-def _number_out(number: float) -> Any:
-    if number.is_integer():
-        if -_MAX_SAFE <= number <= _MAX_SAFE:
-            return int(number)
-        return number
-    if math.isfinite(number):
-        return number
-    return "NaN" if math.isnan(number) else ("Infinity" if number > 0 else "-Infinity")
+def struct_to_json(struct_msg: Any) -> dict[str, Any]:
+    """A Struct as protojson writes it: keys sorted, integral numbers within
+    +-2**53 as integers."""
+    return struct_to_python(struct_msg, sort_keys=True)
 
 
-_VALUE_FIELDS = struct_pb2.Value.DESCRIPTOR.fields_by_name
-_STRING_VALUE = _VALUE_FIELDS["string_value"]
-_NUMBER_VALUE = _VALUE_FIELDS["number_value"]
-_BOOL_VALUE = _VALUE_FIELDS["bool_value"]
-_STRUCT_VALUE = _VALUE_FIELDS["struct_value"]
-_LIST_VALUE = _VALUE_FIELDS["list_value"]
-
-
-def struct_to_python(struct_msg: Any) -> dict[str, Any]:
-    """A Struct as plain JSON values, keys sorted (as protojson writes maps)."""
-    return {key: _value_out(value) for key, value in sorted(struct_msg.fields.items())}
-
-
-def _list_out(list_msg: Any) -> list[Any]:
-    return [_value_out(value) for value in list_msg.values]
-
-
-def _value_out(value: Any) -> Any:
-    # ListFields() is one C call that yields the set member of the `kind`
-    # oneof; it is cheaper than WhichOneof() followed by getattr().
-    members = value.ListFields()
-    if not members:
-        return None
-    field, item = members[0]
-    if field is _STRING_VALUE:
-        return item
-    if field is _NUMBER_VALUE:
-        if item.is_integer() and -_MAX_SAFE <= item <= _MAX_SAFE:
-            return int(item)
-        return item if math.isfinite(item) else _number_out(item)
-    if field is _BOOL_VALUE:
-        return item
-    if field is _STRUCT_VALUE:
-        return {key: _value_out(inner) for key, inner in sorted(item.fields.items())}
-    if field is _LIST_VALUE:
-        return [_value_out(inner) for inner in item.values]
-    return None  # null_value
+_WELL_KNOWN_OUT: dict[str, Callable[[Any], Any]] = {
+    STRUCT: struct_to_json,
+    TIMESTAMP: lambda msg: msg.ToJsonString(),
+    DURATION: lambda msg: msg.ToJsonString(),
+}
+_REQUEST_WELL_KNOWN = frozenset({STRUCT, TIMESTAMP})
 
 
 # --------------------------------------------------------------------------
 # Message codecs
 
-_WRAPPERS = frozenset(
-    f"google.protobuf.{name}"
-    for name in ("DoubleValue", "FloatValue", "Int64Value", "UInt64Value", "Int32Value", "UInt32Value",
-                 "BoolValue", "StringValue", "BytesValue")
-)
-WELL_KNOWN_SCALARS = frozenset(
-    {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"} | _WRAPPERS
-)
-"""Message types that JSON (and a query string) carry as one scalar value."""
-
 Setter = Callable[[Any, Any, int, int], None]
 """set(message, json_value, json_depth_of_the_message, message_level)."""
-
-Filler = Callable[[Any, Any, int, int], None]
-"""fill(message, json_value, json_depth_of_the_parent, message_level): the
-message is at nesting ``message_level`` (the request itself is 0)."""
 
 
 class FieldCodec:
     """Everything about one field that transcoding needs, computed once."""
 
-    __slots__ = ("descriptor", "name", "json_name", "accepts_null", "set", "set_text", "message_codec",
-                 "map_value_codec", "repeated", "is_map", "oneof", "plain_type")
+    __slots__ = ("descriptor", "name", "json_name", "repeated", "message_codec", "set", "plain_type",
+                 "_set_text")
 
     def __init__(self, descriptor: FieldDescriptor, codecs: CodecRegistry) -> None:
         self.descriptor = descriptor
@@ -588,177 +302,123 @@ class FieldCodec:
         self.json_name = descriptor.json_name
         self.repeated = descriptor.is_repeated
         message_type = descriptor.message_type
-        self.is_map = bool(message_type is not None and message_type.GetOptions().map_entry)
-        self.message_codec = (
-            codecs.get(message_type) if message_type is not None and not self.is_map else None
-        )
-        value_type = message_type.fields_by_name["value"].message_type if self.is_map else None
-        self.map_value_codec = codecs.get(value_type) if value_type is not None else None
-        self.accepts_null = (
-            not self.repeated and message_type is not None and message_type.full_name == "google.protobuf.Value"
-        )
-        oneof = descriptor.containing_oneof
-        self.oneof = oneof.name if oneof is not None and not _is_synthetic(oneof) else None
-        self.set: Setter = self._make_setter(codecs)
+        _check_supported(descriptor)
+        self.message_codec = codecs.get(message_type) if message_type is not None else None
+        self.set: Setter = self._make_setter()
         # Singular string and bool fields take the JSON value as it is: the
         # message walk sets them inline (a fast path; `set` handles the rest).
-        self.plain_type = (
-            {FD.TYPE_STRING: str, FD.TYPE_BOOL: bool}.get(descriptor.type)
-            if not self.repeated and self.oneof is None
-            else None
-        )
-        self.set_text: Callable[[Any, list[str]], None] | None = None  # built on first use
+        self.plain_type = None if self.repeated else {FD.TYPE_STRING: str, FD.TYPE_BOOL: bool}.get(descriptor.type)
+        self._set_text: Callable[[Any, list[str]], None] | None = None  # built on first use
 
-    # -- JSON ------------------------------------------------------------------
-
-    def _make_setter(self, codecs: CodecRegistry) -> Setter:
+    def _make_setter(self) -> Setter:
         name = self.name
-        field = self.descriptor
-        if self.is_map:
-            return self._map_setter(codecs)
-        if self.repeated:
-            if field.message_type is None:
-                convert = _scalar_converter(field)
+        codec = self.message_codec
+        if codec is None:
+            convert = _FROM_JSON[self.descriptor.type]
+            if not self.repeated:
 
-                def set_scalars(msg: Any, value: Any, depth: int, level: int) -> None:
-                    if type(value) is not list:
-                        raise TranscodeError(f"expected an array, got {_got(value)}")
-                    if depth + 1 > MAX_DEPTH:
-                        raise _depth_error()
-                    getattr(msg, name).extend(_at_each_index(convert, value))
+                def set_scalar(msg: Any, value: Any, depth: int, level: int) -> None:
+                    setattr(msg, name, convert(value))
 
-                return set_scalars
+                return set_scalar
 
-            fill = self.message_codec.fill  # type: ignore[union-attr]
-
-            def set_messages(msg: Any, value: Any, depth: int, level: int) -> None:
+            def set_scalars(msg: Any, value: Any, depth: int, level: int) -> None:
                 if type(value) is not list:
-                    raise TranscodeError(f"expected an array, got {_got(value)}")
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise _depth_error()
-                add = getattr(msg, name).add
-                level += 1
-                _at_each_index(lambda item: fill(add(), item, depth, level), value)
+                    raise TranscodeError(f"expected an array, got {describe(value)}")
+                getattr(msg, name).extend(_at_each_index(convert, value))
 
-            return set_messages
+            return set_scalars
 
-        if field.message_type is None:
-            convert = _scalar_converter(field)
+        fill = codec.fill
+        if not self.repeated:
 
-            def set_scalar(msg: Any, value: Any, depth: int, level: int) -> None:
-                setattr(msg, name, convert(value))
+            def set_message(msg: Any, value: Any, depth: int, level: int) -> None:
+                inner = getattr(msg, name)
+                inner.SetInParent()
+                fill(inner, value, depth, level + 1)
 
-            return set_scalar
+            return set_message
 
-        fill = self.message_codec.fill  # type: ignore[union-attr]
-
-        def set_message(msg: Any, value: Any, depth: int, level: int) -> None:
-            inner = getattr(msg, name)
-            inner.SetInParent()
-            fill(inner, value, depth, level + 1)
-
-        return set_message
-
-    def _map_setter(self, codecs: CodecRegistry) -> Setter:
-        name = self.name
-        entry = self.descriptor.message_type
-        key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
-        key_text = _text_converter(key_field)
-        value_codec = self.map_value_codec
-        convert = _scalar_converter(value_field) if value_codec is None else None
-
-        def set_map(msg: Any, value: Any, depth: int, level: int) -> None:
-            if type(value) is not dict:
-                raise TranscodeError(f"expected an object, got {_got(value)}")
+        def set_messages(msg: Any, value: Any, depth: int, level: int) -> None:
+            if type(value) is not list:
+                raise TranscodeError(f"expected an array, got {describe(value)}")
             depth += 1
             if depth > MAX_DEPTH:
                 raise _depth_error()
-            if value and level + 1 > MAX_PROTO_DEPTH:
-                raise _proto_depth_error()
-            target = getattr(msg, name)
-            for raw_key, item in value.items():
-                try:
-                    key = key_text(raw_key)
-                    if value_codec is not None:
-                        value_codec.fill(target[key], item, depth, level + 2)
-                    else:
-                        target[key] = convert(item)  # type: ignore[misc]
-                except TranscodeError as exc:
-                    exc.push(f"[{_got(raw_key)}]")
-                    raise
+            add = getattr(msg, name).add
+            _at_each_index(lambda item: fill(add(), item, depth, level + 1), value)
 
-        return set_map
+        return set_messages
 
-    # -- query strings and path parameters ------------------------------------------
-
-    def text_setter(self) -> Callable[[Any, list[str]], None]:
-        if self.set_text is None:
-            self.set_text = self._make_text_setter()
-        return self.set_text
+    def set_text(self, msg: Any, values: list[str]) -> None:
+        """Set this field of ``msg`` from query (or path) text values."""
+        if self._set_text is None:
+            self._set_text = self._make_text_setter()
+        self._set_text(msg, values)
 
     def _make_text_setter(self) -> Callable[[Any, list[str]], None]:
         name = self.name
-        field = self.descriptor
-        if self.is_map:
+        codec = self.message_codec
+        if codec is None:
+            convert = _FROM_TEXT[self.descriptor.type]
+            if self.repeated:
+                return lambda msg, values: getattr(msg, name).extend(_at_each_index(convert, values))
 
-            def unsupported(msg: Any, values: list[str]) -> None:
-                raise TranscodeError("map fields cannot be set from a query string")
+            def set_one(msg: Any, values: list[str]) -> None:
+                setattr(msg, name, convert(_single(values)))
 
-            return unsupported
-        if field.message_type is None:
-            convert_one = _text_converter(field)
-        else:
-            codec = self.message_codec
-            assert codec is not None
-            full_name = codec.full_name
-            if full_name in ("google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"):
+            return set_one
+        if codec.full_name == TIMESTAMP and not self.repeated:
+            return lambda msg, values: _fill_timestamp(getattr(msg, name), _single(values))
 
-                def convert_one(text: str) -> Any:
-                    try:
-                        return orjson.loads(text)
-                    except orjson.JSONDecodeError:
-                        raise TranscodeError(f"expected JSON, got {_got(text)}") from None
+        def unsupported(msg: Any, values: list[str]) -> None:
+            raise TranscodeError(f"a {codec.full_name} cannot be set from a query parameter")
 
-            elif full_name in WELL_KNOWN_SCALARS:
-                convert_one = codec.text_to_json
-            else:
-
-                def convert_one(text: str) -> Any:
-                    raise TranscodeError(f"a {full_name} cannot be set from a single query value")
-
-        if self.repeated:
-            if field.message_type is None:
-
-                def set_repeated(msg: Any, values: list[str]) -> None:
-                    getattr(msg, name).extend(_at_each_index(convert_one, values))
-
-                return set_repeated
-            fill = self.message_codec.fill  # type: ignore[union-attr]
-
-            def set_repeated_messages(msg: Any, values: list[str]) -> None:
-                add = getattr(msg, name).add
-                _at_each_index(lambda text: fill(add(), convert_one(text), 1, 1), values)
-
-            return set_repeated_messages
-
-        def set_one(msg: Any, values: list[str]) -> None:
-            if len(values) > 1:
-                raise TranscodeError(f"takes one value, got {len(values)}")
-            value = convert_one(values[0])
-            if field.message_type is None:
-                setattr(msg, name, value)
-            else:
-                inner = getattr(msg, name)
-                inner.SetInParent()
-                self.message_codec.fill(inner, value, 1, 1)  # type: ignore[union-attr]
-
-        return set_one
+        return unsupported
 
 
-def _is_synthetic(oneof: Any) -> bool:
-    fields = oneof.fields
-    return len(fields) == 1 and oneof.name == "_" + fields[0].name
+def _check_supported(field: FieldDescriptor) -> None:
+    """Raise :class:`UnsupportedTypeError`, naming the field, for a type the gateway does not transcode."""
+    message_type = field.message_type
+    problem = ""
+    if message_type is None and field.type not in _SCALARS:
+        problem = f"field type {_type_name(field)}"
+    elif message_type is not None and message_type.GetOptions().map_entry:
+        problem = "a map"
+    elif message_type is not None and message_type.full_name.startswith("google.protobuf."):
+        if message_type.full_name not in _WELL_KNOWN_OUT:
+            problem = message_type.full_name
+    oneof = field.containing_oneof
+    if oneof is not None and not (len(oneof.fields) == 1 and oneof.name == "_" + field.name):  # not `optional`
+        problem = "a oneof member"
+    if problem:
+        raise UnsupportedTypeError(
+            f"{field.full_name}: {problem} is not supported by the gateway (supported: string, bool, int32, "
+            "optional and repeated fields, messages, google.protobuf.Struct and Timestamp)"
+        )
+
+
+def _single(values: list[str]) -> str:
+    if len(values) > 1:
+        raise TranscodeError(f"takes one value, got {len(values)}")
+    return values[0]
+
+
+def _at_each_index(convert: Callable[[Any], Any], items: list) -> list:
+    """``convert`` applied to each item in order; an error names the item's index."""
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append(convert(item))
+        except TranscodeError as exc:
+            exc.push(index)
+            raise
+    return out
+
+
+def _type_name(field: FieldDescriptor) -> str:
+    names = {value: name for name, value in vars(FD).items() if name.startswith("TYPE_")}
+    return names.get(field.type, str(field.type)).removeprefix("TYPE_").lower()
 
 
 class MessageCodec:
@@ -767,44 +427,67 @@ class MessageCodec:
     def __init__(self, descriptor: Descriptor, codecs: CodecRegistry) -> None:
         self.descriptor = descriptor
         self.full_name = descriptor.full_name
-        self.cls: type[Message] = codecs.message_class(descriptor)
+        self.cls: type[Message] = message_factory.GetMessageClass(descriptor)
         self.fields: list[FieldCodec] = []
         self.by_key: dict[str, FieldCodec] = {}
-        self.fill: Filler = self._fill_message
+        self.fill: Setter = self._fill_message
         self.to_json: Callable[[Any], Any] = self._write_message
-        self.text_to_json: Callable[[str], Any] = str  # query value -> JSON value (well-known scalars)
         self._codecs = codecs
 
     def _build(self) -> None:
         """Second phase, so that recursive message types find their codec."""
         name = self.full_name
-        special = _SPECIAL.get(name)
-        if special is not None:
-            special(self)
+        if name in _WELL_KNOWN_OUT:
+            self.to_json = _WELL_KNOWN_OUT[name]
+            if name == STRUCT:
+                self.fill = _fill_struct
+            elif name == TIMESTAMP:
+                self.fill = lambda msg, value, depth, level: _fill_timestamp(msg, value)
+            else:
+                self.fill = self._response_only
             return
-        if name in _WRAPPERS:
-            self._build_wrapper()
-            return
+        if name.startswith("google.protobuf."):
+            raise UnsupportedTypeError(f"{name} is not supported by the gateway")
         for field in self.descriptor.fields:
             codec = FieldCodec(field, self._codecs)
             self.fields.append(codec)
             self.by_key[field.name] = codec
             self.by_key.setdefault(field.json_name, codec)
-        self._oneofs = any(f.oneof for f in self.fields)
         self._build_writer()
+
+    def check_request(self) -> None:
+        """Raise :class:`UnsupportedTypeError` when this message, or one it
+        holds, has a type the gateway writes in responses but cannot read."""
+        seen: set[str] = set()
+
+        def visit(codec: MessageCodec, path: str) -> None:
+            if codec.full_name in _WELL_KNOWN_OUT:
+                if codec.full_name not in _REQUEST_WELL_KNOWN:
+                    raise UnsupportedTypeError(f"{path}: {codec.full_name} is supported in responses only")
+                return
+            if codec.full_name in seen:
+                return
+            seen.add(codec.full_name)
+            for field in codec.fields:
+                if field.message_codec is not None:
+                    visit(field.message_codec, field.descriptor.full_name)
+
+        visit(self, self.full_name)
+
+    def _response_only(self, msg: Any, value: Any, depth: int, level: int) -> None:
+        raise TranscodeError(f"a {self.full_name} is not accepted in requests")
 
     # -- JSON -> message ---------------------------------------------------------
 
     def _fill_message(self, msg: Any, obj: Any, depth: int, level: int) -> None:
         if type(obj) is not dict:
-            raise TranscodeError(f"expected an object, got {_got(obj)}")
+            raise TranscodeError(f"expected an object, got {describe(obj)}")
         depth += 1
         if depth > MAX_DEPTH:
             raise _depth_error()
         if level > MAX_PROTO_DEPTH:
             raise _proto_depth_error()
         by_key = self.by_key
-        seen_oneofs: dict[str, str] | None = {} if self._oneofs else None
         for key, value in obj.items():
             field = by_key.get(key)
             if field is None:
@@ -812,24 +495,13 @@ class MessageCodec:
             if type(value) is field.plain_type:
                 setattr(msg, field.name, value)
                 continue
-            if value is None and not field.accepts_null:
+            if value is None:
                 continue  # null means "not set"
-            if seen_oneofs is not None and field.oneof is not None:
-                other = seen_oneofs.setdefault(field.oneof, field.name)
-                if other != field.name:
-                    raise TranscodeError(f"only one of {other} and {field.name} may be set", field.name)
             try:
                 field.set(msg, value, depth, level)
             except TranscodeError as exc:
                 exc.push(field.name)
                 raise
-
-    def field_to_json(self, msg: Any, name: str) -> Any:
-        """One field of ``msg`` as JSON (for an HttpRule's ``response_body``)."""
-        field = self.by_key[name]
-        convert = _output_converter(field)
-        value = getattr(msg, field.name)
-        return convert(msg, value) if convert is not None else value
 
     def parse(self, obj: Any) -> Message:
         """A new message from a decoded JSON value (the top level is depth 1)."""
@@ -864,212 +536,31 @@ class MessageCodec:
             values[index] = convert(msg, values[index])
         return dict(zip(self._names, values, strict=True))
 
-    # -- well-known types -----------------------------------------------------------
-
-    def _build_wrapper(self) -> None:
-        value_field = self.descriptor.fields_by_name["value"]
-        convert = _scalar_converter(value_field)
-        text_convert = _text_converter(value_field)
-        out = _scalar_output(value_field)
-
-        def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-            msg.value = convert(value)
-
-        self.fill = fill
-        if value_field.type not in (FD.TYPE_STRING, FD.TYPE_BYTES):  # those fill from the text itself
-            self.text_to_json = text_convert
-        self.to_json = (lambda msg: out(msg.value)) if out is not None else (lambda msg: msg.value)
-
-
-def _build_timestamp(codec: MessageCodec) -> None:
-    def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-        msg.seconds, msg.nanos = parse_timestamp(value)
-
-    codec.fill = fill
-    codec.to_json = lambda msg: format_timestamp(msg.seconds, msg.nanos)
-
-
-def _build_duration(codec: MessageCodec) -> None:
-    def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-        msg.seconds, msg.nanos = _parse_duration(value)
-
-    codec.fill = fill
-    codec.to_json = lambda msg: _format_duration(msg.seconds, msg.nanos)
-
-
-def _build_field_mask(codec: MessageCodec) -> None:
-    def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-        text = _json_string(value)
-        msg.paths.extend(_camel_to_snake(p) for p in text.split(",") if p)
-
-    codec.fill = fill
-    codec.to_json = lambda msg: ",".join(_snake_to_camel(p) for p in msg.paths)
-
-
-def _build_struct(codec: MessageCodec) -> None:
-    def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-        if type(value) is not dict:
-            raise TranscodeError("must be a JSON object")
-        _fill_struct(msg, value, depth + 1, level)
-
-    codec.fill = fill
-    codec.to_json = struct_to_python
-
-
-def _build_list_value(codec: MessageCodec) -> None:
-    def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-        if type(value) is not list:
-            raise TranscodeError(f"must be a JSON array, got {_got(value)}")
-        _fill_list(msg, value, depth + 1, level)
-
-    codec.fill = fill
-    codec.to_json = _list_out
-
-
-def _build_value(codec: MessageCodec) -> None:
-    codec.fill = _fill_value
-    codec.to_json = _value_out
-
-
-def _build_empty(codec: MessageCodec) -> None:
-    def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-        if type(value) is not dict:
-            raise TranscodeError(f"expected an object, got {_got(value)}")
-
-    codec.fill = fill
-    codec.to_json = lambda msg: {}
-
-
-def _build_any(codec: MessageCodec) -> None:
-    codecs = codec._codecs
-
-    def fill(msg: Any, value: Any, depth: int, level: int) -> None:
-        if type(value) is not dict:
-            raise TranscodeError(f"expected an object, got {_got(value)}")
-        type_url = value.get("@type")
-        if type(type_url) is not str or "/" not in type_url:
-            raise TranscodeError('an Any needs a "@type" such as "type.googleapis.com/google.rpc.BadRequest"')
-        inner_codec = codecs.by_name(type_url.rpartition("/")[2])
-        if inner_codec is None:
-            raise TranscodeError(f"unknown message type {_got(type_url)}")
-        inner = inner_codec.cls()
-        if inner_codec.full_name in _SPECIAL or inner_codec.full_name in _WRAPPERS:
-            inner_codec.fill(inner, value.get("value"), depth, 0)
-        else:
-            inner_codec.fill(inner, {k: v for k, v in value.items() if k != "@type"}, depth, 0)
-        msg.Pack(inner, type_url.rpartition("/")[0] + "/" if "/" in type_url else _TYPE_URL_PREFIX)
-
-    codec.fill = fill
-    codec.to_json = lambda msg: any_to_python(msg, codecs)
-
-
-def any_to_python(any_msg: Any, codecs: CodecRegistry) -> dict[str, Any]:
-    """An Any as protojson writes it: ``{"@type": url, ...fields}``, or
-    ``{"@type": url, "value": <JSON>}`` for well-known types; a type this
-    process does not know comes out as base64 under ``"value"``."""
-    type_url = any_msg.type_url
-    inner_codec = codecs.by_name(type_url.rpartition("/")[2])
-    if inner_codec is None:
-        return {"@type": type_url, "value": base64.b64encode(any_msg.value).decode()}
-    inner = inner_codec.cls.FromString(any_msg.value)
-    rendered = inner_codec.to_json(inner)
-    if inner_codec.full_name in _SPECIAL or inner_codec.full_name in _WRAPPERS:
-        return {"@type": type_url, "value": rendered}
-    return {"@type": type_url, **rendered}
-
-
-_SPECIAL: dict[str, Callable[[MessageCodec], None]] = {
-    "google.protobuf.Timestamp": _build_timestamp,
-    "google.protobuf.Duration": _build_duration,
-    "google.protobuf.FieldMask": _build_field_mask,
-    "google.protobuf.Struct": _build_struct,
-    "google.protobuf.ListValue": _build_list_value,
-    "google.protobuf.Value": _build_value,
-    "google.protobuf.Empty": _build_empty,
-    "google.protobuf.Any": _build_any,
-}
-
-
-# --------------------------------------------------------------------------
-# Output converters: convert(parent_message, attribute_value) -> JSON value
-
-
-def _scalar_output(field: FieldDescriptor) -> Callable[[Any], Any] | None:
-    t = field.type
-    if t in _INT64_TYPES:
-        return str
-    if t == FD.TYPE_BYTES:
-        return lambda value: base64.b64encode(value).decode()
-    if t == FD.TYPE_ENUM:
-        names = {v.number: v.name for v in field.enum_type.values}
-        return lambda value: names.get(value, value)
-    if t == FD.TYPE_DOUBLE:
-        return lambda value: value if math.isfinite(value) else _number_out(value)
-    if t == FD.TYPE_FLOAT:
-        return _float32_out
-    return None
-
-
-def _float32_out(value: float) -> Any:
-    if not math.isfinite(value):
-        return _number_out(value)
-    for digits in range(6, 10):  # shortest text that reads back as the same float32
-        text = f"{value:.{digits}g}"
-        if struct.unpack("<f", struct.pack("<f", float(text)))[0] == value:
-            return float(text)
-    return value
+    def field_to_json(self, msg: Any, name: str) -> Any:
+        """One field of ``msg`` as JSON (for an HttpRule's ``response_body``)."""
+        field = self.by_key[name]
+        convert = _output_converter(field)
+        value = getattr(msg, field.name)
+        return convert(msg, value) if convert is not None else value
 
 
 def _output_converter(field: FieldCodec) -> Callable[[Any, Any], Any] | None:
-    descriptor = field.descriptor
+    """convert(parent_message, attribute_value) -> JSON value; None: as it is."""
     name = field.name
-    if field.is_map:
-        entry = descriptor.message_type
-        value_field = entry.fields_by_name["value"]
-        key_out: Callable[[Any], str] = str
-        if entry.fields_by_name["key"].type == FD.TYPE_BOOL:
-            key_out = lambda key: "true" if key else "false"  # noqa: E731
-        if field.map_value_codec is not None:
-            value_out = field.map_value_codec.to_json
-        else:
-            value_out = _scalar_output(value_field) or (lambda v: v)
-        return lambda msg, value: {key_out(k): value_out(v) for k, v in value.items()}
-
     codec = field.message_codec
     if field.repeated:
-        if codec is not None:
-            to_json = codec.to_json
-            return lambda msg, value: [to_json(item) for item in value]
-        item_out = _scalar_output(descriptor)
-        if item_out is None:
+        if codec is None:
             return lambda msg, value: list(value)
-        return lambda msg, value: [item_out(item) for item in value]
-
-    if codec is not None:
         to_json = codec.to_json
-        full_name = codec.full_name
-        if full_name == "google.protobuf.Struct":
-            return lambda msg, value: struct_to_python(value)  # unset: {} (see the module docstring)
-        if full_name == "google.protobuf.ListValue":
-            return lambda msg, value: _list_out(value)
-
-        def message_out(msg: Any, value: Any) -> Any:
-            return to_json(value) if msg.HasField(name) else None
-
-        return message_out
-
-    out = _scalar_output(descriptor)
-    if descriptor.has_presence:  # proto3 `optional` or a oneof member: null when unset
-
-        def optional_out(msg: Any, value: Any) -> Any:
-            if not msg.HasField(name):
-                return None
-            return out(value) if out is not None else value
-
-        return optional_out
-    if out is None:
+        return lambda msg, value: [to_json(item) for item in value]
+    if codec is None:
+        if field.descriptor.has_presence:  # proto3 `optional`: null when unset
+            return lambda msg, value: value if msg.HasField(name) else None
         return None
-    return lambda msg, value: out(value)
+    if codec.full_name == STRUCT:
+        return lambda msg, value: struct_to_json(value)  # unset: {} (see the module docstring)
+    to_json = codec.to_json
+    return lambda msg, value: to_json(value) if msg.HasField(name) else None
 
 
 class CodecRegistry:
@@ -1080,6 +571,8 @@ class CodecRegistry:
         self._codecs: dict[str, MessageCodec] = {}
 
     def get(self, descriptor: Descriptor) -> MessageCodec:
+        """The codec of a message type; :class:`UnsupportedTypeError` when the
+        type, or one it holds, is not supported."""
         codec = self._codecs.get(descriptor.full_name)
         if codec is None:
             codec = MessageCodec(descriptor, self)
@@ -1091,63 +584,76 @@ class CodecRegistry:
                 raise
         return codec
 
+    def request(self, descriptor: Descriptor) -> MessageCodec:
+        """The codec of a request type: :meth:`get` plus :meth:`MessageCodec.check_request`."""
+        codec = self.get(descriptor)
+        codec.check_request()
+        return codec
+
     def for_class(self, cls: type[Message]) -> MessageCodec:
         return self.get(cls.DESCRIPTOR)
 
-    def by_name(self, full_name: str) -> MessageCodec | None:
-        try:
-            descriptor = self._pool.FindMessageTypeByName(full_name)
-        except KeyError:
-            return None
-        return self.get(descriptor)
+    def any_to_json(self, any_msg: Any) -> dict[str, Any]:
+        """An Any (an error detail) as protojson writes it: ``{"@type": url, ...fields}``.
 
-    @staticmethod
-    def message_class(descriptor: Descriptor) -> type[Message]:
-        return message_factory.GetMessageClass(descriptor)
+        Detail types the codecs support (google.rpc.BadRequest, RetryInfo) are
+        written as responses are; any other known type by ``json_format``; a
+        type this process does not know as base64 under ``"value"``.
+        """
+        type_url = any_msg.type_url
+        try:
+            descriptor = self._pool.FindMessageTypeByName(type_url.rpartition("/")[2])
+        except KeyError:
+            return {"@type": type_url, "value": base64.b64encode(any_msg.value).decode()}
+        try:
+            codec = self.get(descriptor)
+        except UnsupportedTypeError:
+            return json_format.MessageToDict(any_msg, preserving_proto_field_name=True)
+        inner = codec.cls.FromString(any_msg.value)
+        rendered = codec.to_json(inner)
+        if codec.full_name in _WELL_KNOWN_OUT:
+            return {"@type": type_url, "value": rendered}
+        return {"@type": type_url, **rendered}
 
 
 DEFAULT_CODECS = CodecRegistry()
 
 
 # --------------------------------------------------------------------------
-# Query strings and path parameters
+# Query strings, path parameters and body fields
 
 
 def resolve_field_path(codec: MessageCodec, path: str) -> list[FieldCodec] | None:
     """The field codecs along a dotted path (proto or JSON names), or None when
     some name is unknown. Only the last element may be repeated or a scalar."""
     chain: list[FieldCodec] = []
-    current: MessageCodec | None = codec
+    current = codec
     parts = path.split(".")
     for index, part in enumerate(parts):
-        if current is None:
-            raise TranscodeError(f"{chain[-1].name} is not a message", path)
         field = current.by_key.get(part)
         if field is None:
             return None
         chain.append(field)
-        last = index == len(parts) - 1
-        if not last:
-            if field.repeated or field.is_map or field.message_codec is None:
-                raise TranscodeError(f"{field.name} is not a message", path)
-            if field.message_codec.full_name in WELL_KNOWN_SCALARS or field.message_codec.full_name in _SPECIAL:
+        if index < len(parts) - 1:
+            inner = field.message_codec
+            if field.repeated or inner is None or inner.full_name in _WELL_KNOWN_OUT:
                 raise TranscodeError(f"{field.name} is not a message with fields", path)
-            current = field.message_codec
+            current = inner
     return chain
 
 
-def set_field_from_strings(msg: Any, chain: list[FieldCodec], values: list[str]) -> None:
-    """Set the field at the end of ``chain`` from query (or path) text values."""
-    target = msg
+def _target(msg: Any, chain: list[FieldCodec]) -> Any:
+    """The message that holds the last field of ``chain``, created on the way."""
     for field in chain[:-1]:
-        target = getattr(target, field.name)
-        target.SetInParent()
-    try:
-        chain[-1].text_setter()(target, values)
-    except TranscodeError as exc:
-        for field in reversed(chain):
-            exc.push(field.name)
-        raise
+        msg = getattr(msg, field.name)
+        msg.SetInParent()
+    return msg
+
+
+def _named(exc: TranscodeError, chain: list[FieldCodec]) -> TranscodeError:
+    for field in reversed(chain):
+        exc.push(field.name)
+    return exc
 
 
 def set_field_from_string(codec: MessageCodec, msg: Any, path: str, value: str) -> None:
@@ -1155,7 +661,10 @@ def set_field_from_string(codec: MessageCodec, msg: Any, path: str, value: str) 
     chain = resolve_field_path(codec, path)
     if chain is None:
         raise TranscodeError("no such field", path)
-    set_field_from_strings(msg, chain, [value])
+    try:
+        chain[-1].set_text(_target(msg, chain), [value])
+    except TranscodeError as exc:
+        raise _named(exc, chain) from None
 
 
 def set_body_field(codec: MessageCodec, msg: Any, path: str, value: Any) -> None:
@@ -1163,19 +672,12 @@ def set_body_field(codec: MessageCodec, msg: Any, path: str, value: Any) -> None
     chain = resolve_field_path(codec, path)
     if chain is None:
         raise TranscodeError("no such field", path)
-    target = msg
-    for field in chain[:-1]:
-        target = getattr(target, field.name)
-        target.SetInParent()
-    last = chain[-1]
-    if value is None and not last.accepts_null:
+    if value is None:
         return
     try:
-        last.set(target, value, 0, len(chain) - 1)
+        chain[-1].set(_target(msg, chain), value, 0, len(chain) - 1)
     except TranscodeError as exc:
-        for field in reversed(chain):
-            exc.push(field.name)
-        raise
+        raise _named(exc, chain) from None
 
 
 def populate_query(
@@ -1184,7 +686,7 @@ def populate_query(
     pairs: Iterable[tuple[str, str]],
     skip: frozenset[str] = frozenset(),
 ) -> None:
-    """Fill ``msg`` from decoded query pairs, as grpc-gateway's DefaultQueryParser.
+    """Fill ``msg`` from decoded query pairs, as grpc-gateway v2's DefaultQueryParser.
 
     ``skip`` holds the top-level names (proto and JSON) taken by path
     parameters or the body: the query cannot override them.
@@ -1193,12 +695,12 @@ def populate_query(
     for key, value in pairs:
         grouped.setdefault(key, []).append(value)
     for key, values in grouped.items():
-        if values == [""]:
-            continue  # `?limit=` is "not set", as in grpc-gateway
-        head = key.partition(".")[0]
-        if head in skip:
+        if key.partition(".")[0] in skip:
             continue
         chain = resolve_field_path(codec, key)
         if chain is None:
             continue  # unknown parameters are ignored
-        set_field_from_strings(msg, chain, values)
+        try:
+            chain[-1].set_text(_target(msg, chain), values)
+        except TranscodeError as exc:
+            raise _named(exc, chain) from None

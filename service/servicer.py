@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
-from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from flameup.events.v1 import events_pb2, events_pb2_grpc
+from protoconv import struct_to_python
 from service import domain
 from service.auth import READ, WRITE, AuthError, Authenticator, Principal
 from service.domain import StoredEvent, ValidationError
@@ -175,35 +174,9 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
 
 def _track_input(request: events_pb2.TrackRequest) -> TrackInput:
-    parameters = _struct_to_python(request.parameters) if request.HasField("parameters") else None
+    parameters = struct_to_python(request.parameters) if request.HasField("parameters") else None
     return TrackInput(request.external_id, request.event, parameters, request.timestamp, request.message_id,
                       request.sent_at)
-
-
-def _struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """Struct to plain values. The core checks depth and size; protobuf's own
-    parser already stops at 100 levels, which bounds this recursion.
-
-    Every event of a batch passes here, so the map is read by key (its items()
-    view is a Python generator) and the common kinds are tested first.
-    """
-    fields = struct.fields
-    return {k: _value_to_python(fields[k]) for k in fields}
-
-
-def _value_to_python(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        return value.number_value
-    if kind == "struct_value":
-        return _struct_to_python(value.struct_value)
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "list_value":
-        return [_value_to_python(v) for v in value.list_value.values]
-    return None  # null_value, or no kind set
 
 
 def _micros_ceil(ts) -> int:

@@ -5,14 +5,20 @@
   answers, ``scripts/cassandra.sh up`` starts one (the first time it also
   fetches it, a minute or so). When it cannot start, the tests that need it are
   skipped with a loud reason, or fail when CI=true: never a silent pass. The
-  keyspace is dropped at the end of the session.
-- ``cassandra_store`` (function, async like ``sqlite_store``): an opened
-  CassandraStore on that keyspace with every data table truncated, so each test
-  starts empty. The store is not tied to one event loop: ``asyncio.run`` works
-  with it too (see ``run``).
+  keyspace is dropped at the end of the session. Nothing is started unless a
+  selected test needs Cassandra.
+- ``cassandra_store`` (function, async like ``sqlite_store``): the session's
+  one opened CassandraStore on that keyspace, its statistics reset. Nothing is
+  truncated between tests: each test writes in its own workspace (the
+  ``workspace`` fixture) and asserts only on that. The store is not tied to
+  one event loop: ``asyncio.run`` works with it too (see ``run``).
 
-Tests marked ``runs_last`` (the fault tests, which stop the node) are moved
-after every other test.
+Every test that needs Cassandra carries the ``cassandra`` marker by the time
+``-m`` selects tests (so ``-m "not cassandra"`` runs without it): the tests
+that use its fixtures, and the cases of a test whose parameter (or a
+fixture's) is ``"cassandra"`` (the ``store`` and ``service`` fixtures, which
+request Cassandra only while they run). Tests marked ``runs_last`` (the
+fault tests, which stop the node) are moved after every other test.
 
 Env: ``FLAMEUP_TEST_CASSANDRA=host:port`` uses a Cassandra that is already
 running elsewhere (then nothing is started); ``CASS_PORT`` is the local port.
@@ -100,6 +106,21 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "runs_last: stops shared services (Cassandra); ordered after every other test")
 
 
+CASSANDRA_FIXTURES = {"cassandra_url", "cassandra_session_store", "cassandra_store"}
+
+
+def needs_cassandra(item: pytest.Item) -> bool:
+    """Whether the test uses Cassandra: its fixtures, or a ``"cassandra"`` parameter (its own or a fixture's)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool(CASSANDRA_FIXTURES & set(getattr(item, "fixturenames", ()))) or "cassandra" in params.values()
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark at collection (before ``-m`` deselects) every test that needs Cassandra."""
+    if needs_cassandra(item) and not item.get_closest_marker("cassandra"):
+        item.add_marker(pytest.mark.cassandra)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked runs_last go to the end, in their own order."""
@@ -139,22 +160,23 @@ def cassandra_url() -> Iterator[str]:
         print(f"could not drop test keyspace {keyspace}: {exc}")
 
 
-@pytest.fixture
-async def cassandra_store(cassandra_url: str) -> AsyncIterator[Any]:
+@pytest.fixture(scope="session")
+async def cassandra_session_store(cassandra_url: str) -> AsyncIterator[Any]:
+    """One CassandraStore for the session: opening one costs a connection and the schema check."""
     from service.store.base import StoreUnavailable
-    from service.store.cassandra import DATA_TABLES, CassandraStore
+    from service.store.cassandra import CassandraStore
 
     store = CassandraStore.from_url(cassandra_url)
     try:
         await store.open()
     except StoreUnavailable as exc:
         _not_available(f"the store could not open {cassandra_url}: {exc}")
-
-    def truncate() -> None:
-        for table in DATA_TABLES:  # our own table names
-            store._session.execute(f"TRUNCATE {table}", timeout=60)
-
-    await asyncio.to_thread(truncate)
-    store.stats.reset()
     yield store
     await store.close()
+
+
+@pytest.fixture
+async def cassandra_store(cassandra_session_store: Any) -> Any:
+    await cassandra_session_store.wait_for_writebacks()  # an earlier test's, not counted in this one's stats
+    cassandra_session_store.stats.reset()
+    return cassandra_session_store

@@ -7,6 +7,8 @@
   ``serve`` use it), and Cassandra. Cassandra comes from
   tests/cassandra_support.py: skipped with a loud reason locally when it cannot
   start, a failure in CI (CI=true).
+- ``workspace``: a workspace id of the test's own, so tests never see each
+  other's data in a shared store (Cassandra's keyspace, a service's file).
 - ``server``: a real ``python -m service serve`` process tree (gRPC workers and
   gateway workers) on ephemeral ports, on a throwaway SQLite file.
 """
@@ -14,6 +16,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -98,7 +102,12 @@ async def sqlite_writer_store(sqlite_writer):
 
 @pytest.fixture(params=BACKENDS)
 def store(request):
-    """An opened, empty store of each backend."""
-    if request.param == "cassandra":
-        request.applymarker(pytest.mark.cassandra)
+    """An opened store of each backend; Cassandra's is shared by the session (write in ``workspace``)."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+@pytest.fixture
+def workspace(request) -> str:
+    """ws_<test name>_<random>: valid for the API (at most 60 characters after ws_), unique per test."""
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.originalname.lower().removeprefix("test_"))[:32]
+    return f"ws_{name}_{secrets.token_hex(4)}"

@@ -106,7 +106,6 @@ def stop_service(svc: RunningService, timeout: float = 30.0) -> int:
 @pytest.fixture(scope="session", params=["sqlite", "cassandra"])
 def service(request, tmp_path_factory):
     if request.param == "cassandra":
-        request.applymarker(pytest.mark.cassandra)
         url = request.getfixturevalue("cassandra_url")
     else:
         url = f"sqlite:///{tmp_path_factory.mktemp('service')}/events.db"

@@ -30,7 +30,6 @@ pytestmark = [pytest.mark.cassandra, pytest.mark.slow, pytest.mark.runs_last]
 FAIL_WITHIN = 7.0
 # The driver retries the node every 0.5 to 2 s; the node itself needs ~5-10 s to start.
 RECOVER_WITHIN = 60.0
-WS = "ws_faults"
 
 
 @pytest.fixture
@@ -44,13 +43,13 @@ def managed_node():
         assert done.returncode == 0, f"could not restart cassandra:\n{done.stdout}{done.stderr}"
 
 
-def events_for(external_id: str, n: int) -> list[StoredEvent]:
-    person = person_id_for(WS, external_id)
+def events_for(workspace: str, external_id: str, n: int) -> list[StoredEvent]:
+    person = person_id_for(workspace, external_id)
     base = now_us() - 3 * BUCKET_US
     out = []
     for _ in range(n):
         ts = base + random.randrange(3 * BUCKET_US)  # spread over four days
-        out.append(StoredEvent(new_event_id(now_us()), WS, person, external_id, random.choice("ab"),
+        out.append(StoredEvent(new_event_id(now_us()), workspace, person, external_id, random.choice("ab"),
                                '{"k":1}', ts, now_us()))
     return out
 
@@ -80,19 +79,20 @@ async def recovered(make: Callable[[], Awaitable[object]]) -> float:
     pytest.fail(f"the store did not recover within {RECOVER_WITHIN:.0f}s: {last}")
 
 
-async def stored(store, external_id: str) -> list[StoredEvent]:
+async def stored(store, workspace: str, external_id: str) -> list[StoredEvent]:
     """Every stored event of the person, page by page; the total must match."""
-    person = person_id_for(WS, external_id)
+    person = person_id_for(workspace, external_id)
     out: list[StoredEvent] = []
     while True:
-        page = await store.list_events(EventQuery(WS, person, limit=500, offset=len(out)))
+        page = await store.list_events(EventQuery(workspace, person, limit=500, offset=len(out)))
         out.extend(page.events)
         if not page.events:
             assert page.total == len(out), "total disagrees with the rows listed"
             return out
 
 
-async def test_store_fails_fast_while_cassandra_is_down_and_recovers_by_itself(cassandra_store, managed_node):
+async def test_store_fails_fast_while_cassandra_is_down_and_recovers_by_itself(cassandra_store, managed_node,
+                                                                                 workspace):
     store = cassandra_store
     people = ["alice", "bob", "carol"]
     acked: dict[str, set[str]] = {p: set() for p in people}
@@ -104,7 +104,7 @@ async def test_store_fails_fast_while_cassandra_is_down_and_recovers_by_itself(c
     async def writer() -> None:
         while not stop.is_set():
             who = random.choice(people)
-            batch = events_for(who, 10)
+            batch = events_for(workspace, who, 10)
             started = time.monotonic()
             try:
                 await asyncio.wait_for(store.append(batch), 30)
@@ -124,11 +124,11 @@ async def test_store_fails_fast_while_cassandra_is_down_and_recovers_by_itself(c
         assert done.returncode == 0, done.stderr
         await asyncio.sleep(0.5)
 
-        q = EventQuery(WS, person_id_for(WS, "alice"))
-        await fails_fast(lambda: store.append(events_for("alice", 3)))
+        q = EventQuery(workspace, person_id_for(workspace, "alice"))
+        await fails_fast(lambda: store.append(events_for(workspace, "alice", 3)))
         await fails_fast(lambda: store.list_events(q))
         await fails_fast(lambda: store.key_by_hash("ab" * 32))  # the authentication hot path
-        await fails_fast(lambda: store.ensure_workspace("ws_x", 1))
+        await fails_fast(lambda: store.ensure_workspace(workspace, 1))
         assert failures and max(failures) < FAIL_WITHIN
 
         done = await asyncio.to_thread(script, "up")
@@ -142,35 +142,35 @@ async def test_store_fails_fast_while_cassandra_is_down_and_recovers_by_itself(c
         await task
 
     for who in people:
-        ids = [e.event_id for e in await stored(store, who)]
+        ids = [e.event_id for e in await stored(store, workspace, who)]
         missing = acked[who] - set(ids)
         assert not missing, f"{len(missing)} of {len(acked[who])} acknowledged events of {who} are gone"
         assert len(ids) == len(set(ids))
 
 
-async def test_a_hung_node_times_out_instead_of_hanging(cassandra_store, managed_node):
+async def test_a_hung_node_times_out_instead_of_hanging(cassandra_store, managed_node, workspace):
     store = cassandra_store
-    before = events_for("dave", 20)
+    before = events_for(workspace, "dave", 20)
     await store.append(before)
     pid = cassandra_pid()
     assert pid, "no pid for the local node"
-    q = EventQuery(WS, person_id_for(WS, "dave"), limit=100)
+    q = EventQuery(workspace, person_id_for(workspace, "dave"), limit=100)
     os.kill(pid, signal.SIGSTOP)  # connections stay open, nothing answers
     try:
         await fails_fast(lambda: store.list_events(q))
-        await fails_fast(lambda: store.append(events_for("dave", 3)))
+        await fails_fast(lambda: store.append(events_for(workspace, "dave", 3)))
     finally:
         os.kill(pid, signal.SIGCONT)
     await recovered(lambda: store.list_events(q))
-    assert {e.event_id for e in before} <= {e.event_id for e in await stored(store, "dave")}
+    assert {e.event_id for e in before} <= {e.event_id for e in await stored(store, workspace, "dave")}
 
 
-def test_grpc_answers_unavailable_while_cassandra_is_down(cassandra_url, managed_node):
+def test_grpc_answers_unavailable_while_cassandra_is_down(cassandra_url, managed_node, workspace):
     from service_support import start_service, stop_service
 
     svc = start_service(cassandra_url)
     try:
-        stub, md = svc.stub(), svc.metadata()
+        stub, md = svc.stub(), svc.metadata(svc.create_key(workspace))
 
         def batch(who: str, n: int):
             return stub.TrackBatch(pb.TrackBatchRequest(events=[

@@ -71,18 +71,16 @@ async def load(store: CassandraStore, person: Person, concurrency: int = 2) -> f
 
 
 @pytest.fixture(scope="module")
-async def model(cassandra_url):
-    """One opened store, a heavy person (100,000 events) and a light one (1,000)."""
-    store = CassandraStore.from_url(cassandra_url)
-    await store.open()
-    ws = f"ws_model_{secrets.token_hex(4)}"  # its own workspace: no truncation needed
+async def model(cassandra_session_store):
+    """The session's store, a heavy person (100,000 events) and a light one (1,000)."""
+    store = cassandra_session_store
+    ws = f"ws_model_{secrets.token_hex(4)}"  # its own workspace: the keyspace holds other tests' data
     heavy = make_person(ws, "heavy", N_EVENTS)
     light = make_person(ws, "light", 1_000)
     seconds = await load(store, heavy)
     await load(store, light)
     print(f"\nloaded {N_EVENTS} events through append in {seconds:.1f}s ({N_EVENTS / seconds:,.0f} events/s)")
-    yield store, heavy, light
-    await store.close()
+    return store, heavy, light
 
 
 async def warm_list(store: CassandraStore, q: EventQuery):

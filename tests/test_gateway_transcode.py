@@ -2,8 +2,10 @@
 
 - JSON -> protobuf and protobuf -> JSON (gateway.transcode), on the real
   flameup.events.v1 messages and on a test file built here that has every
-  kind of field the proto language offers;
-- query strings and path parameters, as grpc-gateway parses them;
+  kind of field the gateway supports;
+- the refusal, when the app is created, of protos with types it does not
+  transcode;
+- query strings and path parameters, as grpc-gateway v2 parses them;
 - the route table and the OpenAPI document derived from the descriptors;
 - the gRPC code -> HTTP status table and the google.rpc.Status error body;
 - the app end to end against a stand-in gRPC server (a generic handler in
@@ -12,7 +14,7 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 import socket
 import threading
 from concurrent import futures
@@ -23,14 +25,14 @@ import pytest
 from flameup.events.v1 import events_pb2
 from google.api import annotations_pb2  # noqa: F401  (registers google.api.http for text_format)
 from google.protobuf import (
+    any_pb2,
     descriptor_pb2,
     descriptor_pool,
-    duration_pb2,  # noqa: F401  (the test file depends on it)
+    duration_pb2,
     json_format,
     message_factory,
     text_format,
-    timestamp_pb2,
-    wrappers_pb2,  # noqa: F401  (the test file depends on it)
+    wrappers_pb2,  # noqa: F401  (test files depend on it)
 )
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -43,9 +45,9 @@ from gateway.rules import TemplateError, bindings_for, parse_template
 from gateway.transcode import (
     DEFAULT_CODECS,
     MAX_DEPTH,
+    CodecRegistry,
     TranscodeError,
-    format_timestamp,
-    parse_timestamp,
+    UnsupportedTypeError,
     populate_query,
     set_field_from_string,
 )
@@ -57,7 +59,7 @@ LIST = CODECS.for_class(events_pb2.ListPersonEventsRequest)
 EVENT = CODECS.for_class(events_pb2.Event)
 
 # --------------------------------------------------------------------------
-# A test proto with every kind of field, built from a FileDescriptorProto.
+# A test proto with every kind of field the gateway supports.
 
 _TEST_PROTO = """
 name: "gateway_test/v1/things.proto"
@@ -66,9 +68,6 @@ syntax: "proto3"
 dependency: "google/api/annotations.proto"
 dependency: "google/protobuf/timestamp.proto"
 dependency: "google/protobuf/struct.proto"
-dependency: "google/protobuf/duration.proto"
-dependency: "google/protobuf/wrappers.proto"
-enum_type { name: "Color" value { name: "COLOR_UNSPECIFIED" number: 0 } value { name: "RED" number: 1 } }
 message_type {
   name: "Inner"
   field { name: "n" number: 1 type: TYPE_INT32 label: LABEL_OPTIONAL proto3_optional: true oneof_index: 0 }
@@ -79,38 +78,15 @@ message_type {
   name: "Thing"
   field { name: "name" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }
   field { name: "i32" number: 2 type: TYPE_INT32 label: LABEL_OPTIONAL }
-  field { name: "i64" number: 3 type: TYPE_INT64 label: LABEL_OPTIONAL }
-  field { name: "u32" number: 4 type: TYPE_UINT32 label: LABEL_OPTIONAL }
   field { name: "flag" number: 5 type: TYPE_BOOL label: LABEL_OPTIONAL }
-  field { name: "d" number: 6 type: TYPE_DOUBLE label: LABEL_OPTIONAL }
-  field { name: "f" number: 7 type: TYPE_FLOAT label: LABEL_OPTIONAL }
-  field { name: "data" number: 8 type: TYPE_BYTES label: LABEL_OPTIONAL }
-  field { name: "color" number: 9 type: TYPE_ENUM type_name: ".gateway_test.v1.Color" label: LABEL_OPTIONAL }
   field { name: "tags" number: 10 type: TYPE_STRING label: LABEL_REPEATED }
   field { name: "nums" number: 11 type: TYPE_INT32 label: LABEL_REPEATED }
   field { name: "inner" number: 12 type: TYPE_MESSAGE type_name: ".gateway_test.v1.Inner" label: LABEL_OPTIONAL }
   field { name: "inners" number: 13 type: TYPE_MESSAGE type_name: ".gateway_test.v1.Inner" label: LABEL_REPEATED }
-  field { name: "counts" number: 14 type: TYPE_MESSAGE type_name: ".gateway_test.v1.Thing.CountsEntry"
-          label: LABEL_REPEATED }
   field { name: "at" number: 15 type: TYPE_MESSAGE type_name: ".google.protobuf.Timestamp" label: LABEL_OPTIONAL }
   field { name: "meta" number: 16 type: TYPE_MESSAGE type_name: ".google.protobuf.Struct" label: LABEL_OPTIONAL }
-  field { name: "value" number: 17 type: TYPE_MESSAGE type_name: ".google.protobuf.Value" label: LABEL_OPTIONAL }
-  field { name: "maybe" number: 18 type: TYPE_INT32 label: LABEL_OPTIONAL proto3_optional: true oneof_index: 1 }
-  field { name: "a" number: 19 type: TYPE_STRING label: LABEL_OPTIONAL oneof_index: 0 }
-  field { name: "b" number: 20 type: TYPE_INT32 label: LABEL_OPTIONAL oneof_index: 0 }
-  field { name: "wait" number: 21 type: TYPE_MESSAGE type_name: ".google.protobuf.Duration" label: LABEL_OPTIONAL }
-  field { name: "wrapped" number: 22 type: TYPE_MESSAGE type_name: ".google.protobuf.Int32Value"
-          label: LABEL_OPTIONAL }
-  field { name: "u64" number: 23 type: TYPE_UINT64 label: LABEL_OPTIONAL }
-  field { name: "list" number: 24 type: TYPE_MESSAGE type_name: ".google.protobuf.ListValue" label: LABEL_OPTIONAL }
+  field { name: "maybe" number: 18 type: TYPE_INT32 label: LABEL_OPTIONAL proto3_optional: true oneof_index: 0 }
   field { name: "first_name" number: 25 type: TYPE_STRING label: LABEL_OPTIONAL }
-  nested_type {
-    name: "CountsEntry"
-    field { name: "key" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }
-    field { name: "value" number: 2 type: TYPE_INT32 label: LABEL_OPTIONAL }
-    options { map_entry: true }
-  }
-  oneof_decl { name: "choice" }
   oneof_decl { name: "_maybe" }
 }
 service {
@@ -136,15 +112,16 @@ service {
 """
 
 
-def _test_file():
+def _add_file(text: str):
+    proto = text_format.Parse(text, descriptor_pb2.FileDescriptorProto())
     pool = descriptor_pool.Default()
     try:
-        return pool.FindFileByName("gateway_test/v1/things.proto")
+        return pool.FindFileByName(proto.name)
     except KeyError:
-        return pool.Add(text_format.Parse(_TEST_PROTO, descriptor_pb2.FileDescriptorProto()))
+        return pool.Add(proto)
 
 
-THINGS_FILE = _test_file()
+THINGS_FILE = _add_file(_TEST_PROTO)
 THING_DESCRIPTOR = THINGS_FILE.message_types_by_name["Thing"]
 Thing = message_factory.GetMessageClass(THING_DESCRIPTOR)
 THING = CODECS.get(THING_DESCRIPTOR)
@@ -168,6 +145,61 @@ def _nested(levels: int) -> dict:
     for _ in range(levels - 1):
         value = {"a": value}
     return value
+
+
+# --------------------------------------------------------------------------
+# Protos the gateway does not transcode are refused when the app is created
+
+_FILE_NUMBERS = itertools.count()
+_UNSUPPORTED = {  # the field `x` of a message `Bad`
+    "int64": "type: TYPE_INT64",
+    "uint32": "type: TYPE_UINT32",
+    "double": "type: TYPE_DOUBLE",
+    "bytes": "type: TYPE_BYTES label: LABEL_REPEATED",
+    "enum": 'type: TYPE_ENUM type_name: ".google.protobuf.NullValue"',
+    "map": 'type: TYPE_MESSAGE type_name: "Bad.XEntry" label: LABEL_REPEATED',
+    "oneof": "type: TYPE_STRING oneof_index: 0",
+    "wrapper": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Int32Value"',
+    "value": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Value"',
+    "duration": 'type: TYPE_MESSAGE type_name: ".google.protobuf.Duration"',
+}
+
+
+def _file_with(kind: str, side: str):
+    """A file whose one GET method takes (side "request") or returns ("response") ``Bad``."""
+    pkg = f"gateway_bad{next(_FILE_NUMBERS)}"
+    types = {"request": ("Bad", "Ok"), "response": ("Ok", "Bad")}[side]
+    return _add_file(f"""
+name: "{pkg}/bad.proto" package: "{pkg}" syntax: "proto3"
+dependency: ["google/api/annotations.proto", "google/protobuf/struct.proto", "google/protobuf/duration.proto",
+             "google/protobuf/wrappers.proto"]
+message_type {{ name: "Ok" field {{ name: "id" number: 1 type: TYPE_STRING }} }}
+message_type {{
+  name: "Bad" field {{ name: "id" number: 1 type: TYPE_STRING }} field {{ name: "x" number: 2 {_UNSUPPORTED[kind]} }}
+  {'oneof_decl { name: "choice" }' if kind == "oneof" else ""}
+  nested_type {{ name: "XEntry" options {{ map_entry: true }}
+                field {{ name: "key" number: 1 type: TYPE_STRING }} field {{ name: "value" number: 2 type: TYPE_STRING }} }}
+}}
+service {{ name: "BadService" method {{ name: "Get" input_type: "{types[0]}" output_type: "{types[1]}"
+                                       options {{ [google.api.http] {{ get: "/v1/bad/{{id}}" }} }} }} }}
+""")
+
+
+@pytest.mark.parametrize(("kind", "side"), [(k, s) for k in _UNSUPPORTED for s in ("request", "response")
+                                            if (k, s) != ("duration", "response")])
+def test_the_app_refuses_at_startup_a_type_it_cannot_transcode_naming_the_field(kind, side):
+    bad = _file_with(kind, side)
+    with pytest.raises(UnsupportedTypeError) as info:
+        create_app("127.0.0.1:1", files=[bad])
+    assert str(info.value).startswith(f"{bad.package}.Bad.x: ")
+
+
+def test_duration_is_written_in_responses_but_refused_in_requests():
+    assert create_app("127.0.0.1:1", files=[_file_with("duration", "response")])
+    with pytest.raises(UnsupportedTypeError, match="Duration is supported in responses only"):
+        create_app("127.0.0.1:1", files=[_file_with("duration", "request")])
+    with pytest.raises(UnsupportedTypeError, match=r"\.Bad\.x: field type int64 is not supported"):
+        CodecRegistry().get(_file_with("int64", "request").message_types_by_name["Bad"])
 
 
 # --------------------------------------------------------------------------
@@ -198,8 +230,7 @@ def test_lower_camel_case_names_are_accepted_and_unknown_fields_ignored():
 def test_null_leaves_a_field_unset():
     msg = TRACK.parse({"external_id": None, "event": "e", "parameters": None})
     assert msg.external_id == "" and not msg.HasField("parameters")
-    thing = THING.parse({"value": None})  # except for a google.protobuf.Value: JSON null
-    assert thing.HasField("value") and thing.value.WhichOneof("kind") == "null_value"
+    assert not THING.parse({"at": None, "maybe": None}).HasField("maybe")
 
 
 def test_empty_objects_and_arrays_are_kept():
@@ -208,45 +239,34 @@ def test_empty_objects_and_arrays_are_kept():
     assert TRACK.parse({"parameters": {}}).HasField("parameters")
 
 
-def test_every_scalar_kind():
+def test_every_supported_kind():
     thing = THING.parse(
         {
             "name": "n",
             "i32": -7,
-            "i64": "9007199254740993",  # beyond a double: a string, as proto3 JSON writes it
-            "u32": 4294967295,
             "flag": True,
-            "d": 1.5,
-            "f": "Infinity",
-            "data": "aGVsbG8",  # unpadded base64
-            "color": "RED",
             "tags": ["x", "y"],
             "nums": [1, "2", 3.0],
-            "u64": 18446744073709551615,
             "maybe": 0,
-            "b": 4,
-            "wait": "1.500s",
-            "wrapped": 12,
-            "counts": {"k": 1},
+            "inner": {"n": 5},
+            "inners": [{"s": "a"}, {}],
+            "meta": {"k": [1, "v"]},
             "at": "2024-01-15T10:30:00.25+01:00",
         }
     )
-    assert thing.i64 == 9007199254740993 and thing.u64 == 2**64 - 1 and thing.u32 == 2**32 - 1
-    assert thing.data == b"hello" and thing.color == 1 and math.isinf(thing.f)
-    assert list(thing.nums) == [1, 2, 3] and dict(thing.counts) == {"k": 1}
+    assert thing.i32 == -7 and thing.flag is True and list(thing.tags) == ["x", "y"] and list(thing.nums) == [1, 2, 3]
     assert thing.HasField("maybe") and thing.maybe == 0
-    assert thing.WhichOneof("choice") == "b"
-    assert (thing.wait.seconds, thing.wait.nanos) == (1, 500_000_000)
-    assert thing.wrapped.value == 12
+    assert thing.inner.n == 5 and [i.s for i in thing.inners] == ["a", ""]
     assert (thing.at.seconds, thing.at.nanos) == (1705311000, 250_000_000)
+    assert THING.to_json(thing)["meta"] == {"k": [1, "v"]}
 
 
 @pytest.mark.parametrize(
     ("codec", "body", "message"),
     [
         (BATCH, {"events": [{}, {}, {}, {"event": 5}]}, "events[3].event: expected a string, got number"),
-        (BATCH, {"events": [{"parameters": [1]}]}, "events[0].parameters: must be a JSON object"),
-        (BATCH, {"events": [{"parameters": "x"}]}, "events[0].parameters: must be a JSON object"),
+        (BATCH, {"events": [{"parameters": [1]}]}, "events[0].parameters: must be a JSON object, got array"),
+        (BATCH, {"events": [{"parameters": "x"}]}, 'events[0].parameters: must be a JSON object, got "x"'),
         (BATCH, {"events": {"event": "e"}}, "events: expected an array, got object"),
         (BATCH, {"events": [{}, "e"]}, 'events[1]: expected an object, got "e"'),
         (BATCH, {"events": [{"external_id": True}]}, "events[0].external_id: expected a string, got boolean"),
@@ -255,25 +275,25 @@ def test_every_scalar_kind():
         (THING, {"i32": "abc"}, 'i32: expected an integer, got "abc"'),
         (THING, {"i32": 1.5}, "i32: expected an integer, got 1.5"),
         (THING, {"i32": 2**31}, "i32: 2147483648 is out of range for int32"),
-        (THING, {"u32": -1}, "u32: -1 is out of range for uint32"),
         (THING, {"flag": "true"}, 'flag: expected a boolean, got "true"'),
-        (THING, {"d": "1,5"}, 'd: expected a number, got "1,5"'),
-        (THING, {"color": "BLUE"}, 'color: "BLUE" is not a value of gateway_test.v1.Color'),
-        (THING, {"data": "***"}, 'data: expected a base64 string, got "***"'),
         (THING, {"inners": [{}, {}, {"n": "x"}]}, 'inners[2].n: expected an integer, got "x"'),
         (THING, {"inner": []}, "inner: expected an object, got array"),
-        (THING, {"counts": {"k": "v"}}, 'counts["k"]: expected an integer, got "v"'),
         (THING, {"tags": ["a", 1]}, "tags[1]: expected a string, got number"),
-        (THING, {"at": "noon"}, 'at: expected an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got "noon"'),
-        (THING, {"at": "2024-02-30T00:00:00Z"}, 'at: "2024-02-30T00:00:00Z" is not a valid date'),
-        (THING, {"a": "x", "b": 1}, "b: only one of a and b may be set"),
-        (THING, {"list": {}}, "list: must be a JSON array, got object"),
+        (THING, {"nums": 1}, "nums: expected an array, got number"),
+        (THING, {"at": 5}, "at: expected an RFC 3339 timestamp string, got number"),
     ],
 )
 def test_type_errors_name_the_field(codec, body, message):
     error = _error(codec, body)
     assert str(error) == message
     assert message.startswith(error.field + ": ")
+
+
+@pytest.mark.parametrize("text", ["noon", "2024-01-15T10:30:00", "2024-02-30T00:00:00Z"])
+def test_timestamps_are_read_by_protobuf_and_bad_ones_name_the_field(text):
+    error = _error(THING, {"at": text})
+    assert error.field == "at"
+    assert error.description.startswith(f'expected an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got "{text}"')
 
 
 def test_parameters_33_deep_reach_the_service_which_owns_that_rule():
@@ -292,34 +312,25 @@ def test_nesting_protobuf_cannot_carry_is_refused_as_a_whole_naming_the_field():
     error = _error(BATCH, body)
     assert error.field == "events[1].parameters"
     assert error.description.startswith("nesting is too deep to send over gRPC")
-    built = _unchecked_parse(BATCH, body)
+    built = events_pb2.TrackBatchRequest()
+    built.events.add().parameters.update(body["events"][1]["parameters"])
     with pytest.raises(DecodeError):  # what the service would meet
         events_pb2.TrackBatchRequest.FromString(built.SerializeToString())
 
 
-def _unchecked_parse(codec, body):
-    saved = transcode.MAX_PROTO_DEPTH, transcode.MAX_DEPTH
-    transcode.MAX_PROTO_DEPTH = transcode.MAX_DEPTH = 10**6
-    try:
-        return codec.parse(body)
-    finally:
-        transcode.MAX_PROTO_DEPTH, transcode.MAX_DEPTH = saved
+def test_lists_count_towards_the_nesting_limits():
+    # each array inside an array costs 2 messages (ListValue, Value); the Struct sits at level 1
+    assert TRACK.parse({"parameters": {"l": [[[]]] * 2, "deep": _list_nested(49)}}).HasField("parameters")
+    error = _error(TRACK, {"parameters": {"l": [[[]]] * 2, "deep": _list_nested(50)}})
+    assert error.field == "parameters" and error.description.startswith("nesting is too deep to send over gRPC")
+    assert MAX_DEPTH > 33 + 3  # parameters 33 objects deep sit at JSON level 36 of a batch
 
 
-def test_json_depth_limit_on_a_recursive_message():
-    descriptor_proto = CODECS.for_class(descriptor_pb2.DescriptorProto)
-
-    def nested(levels):  # each level is an object and an array: two JSON levels
-        value: dict = {"name": "leaf"}
-        for _ in range(levels):
-            value = {"nested_type": [value]}
-        return value
-
-    assert descriptor_proto.parse(nested(31))  # 63 JSON levels
-    error = _error(descriptor_proto, nested(32))  # 65
-    assert error.description == f"JSON nesting is deeper than {MAX_DEPTH} levels"
-    assert error.field.startswith("nested_type[0].nested_type[0]")
-    assert MAX_DEPTH >= 33 + 3  # parameters 33 deep sit at level 36 of a batch
+def _list_nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
 
 
 # --------------------------------------------------------------------------
@@ -374,6 +385,10 @@ def test_every_field_is_present_with_defaults():
     track = CODECS.for_class(events_pb2.TrackResponse)
     assert track.to_json(events_pb2.TrackResponse()) == {
         "success": False, "event_id": "", "person_id": "", "duplicate": False}
+    out = THING.to_json(Thing())
+    assert out["maybe"] is None and out["inner"] is None and out["at"] is None  # unset optional and messages
+    assert out["meta"] == {} and out["tags"] == [] and out["nums"] == [] and out["i32"] == 0
+    assert THING.to_json(Thing(maybe=0))["maybe"] == 0
 
 
 def test_list_response_keeps_total_a_number_and_timestamps_rfc3339():
@@ -390,53 +405,25 @@ def test_list_response_keeps_total_a_number_and_timestamps_rfc3339():
     assert b'"parameters":{"a":{"y":2,"z":1},"b":1}' in text  # map keys sorted, as protojson writes them
 
 
-def test_proto3_json_scalars_on_output():
-    thing = Thing(i64=-5, u64=2**64 - 1, i32=7, data=b"\x00\xff", color=1, d=float("nan"), f=0.1)
-    out = THING.to_json(thing)
-    assert out["i64"] == "-5" and out["u64"] == "18446744073709551615" and out["i32"] == 7
-    assert out["data"] == "AP8=" and out["color"] == "RED" and out["d"] == "NaN"
-    assert out["f"] == 0.1  # the shortest text of the float32
-    assert out["maybe"] is None and out["a"] is None and out["b"] is None  # unset optional and oneof
-    assert out["inner"] is None and out["at"] is None and out["value"] is None
-    assert out["meta"] == {} and out["list"] == [] and out["counts"] == {} and out["tags"] == []
-    assert THING.to_json(Thing(maybe=0))["maybe"] == 0
-    assert THING.to_json(THING.parse({"wait": "-0.5s", "wrapped": 3}))["wait"] == "-0.500s"
-
-
-@pytest.mark.parametrize(
-    ("seconds", "nanos", "text"),
-    [
-        (0, 0, "1970-01-01T00:00:00Z"),
-        (1705314600, 0, "2024-01-15T10:30:00Z"),
-        (1705314600, 123_000_000, "2024-01-15T10:30:00.123Z"),
-        (1705314600, 123_456_000, "2024-01-15T10:30:00.123456Z"),
-        (1705314600, 123_456_789, "2024-01-15T10:30:00.123456789Z"),
-        (1705314600, 1, "2024-01-15T10:30:00.000000001Z"),
-        (-1, 0, "1969-12-31T23:59:59Z"),
-        (-62135596800, 0, "0001-01-01T00:00:00Z"),
-        (253402300799, 999_999_999, "9999-12-31T23:59:59.999999999Z"),
-    ],
-)
-def test_timestamps_format_as_protojson(seconds, nanos, text):
-    assert format_timestamp(seconds, nanos) == text
-    assert parse_timestamp(text) == (seconds, nanos)
-    reference = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
-    assert json_format.MessageToJson(reference) == f'"{text}"'
-
-
-def test_timestamp_parsing_takes_offsets_and_rejects_nonsense():
-    assert parse_timestamp("2024-01-15T12:30:00+02:00") == (1705314600, 0)
-    assert parse_timestamp("2024-01-15t10:30:00.5z") == (1705314600, 500_000_000)
-    assert parse_timestamp("2024-01-15T07:00:00-03:30") == (1705314600, 0)
-    for bad in ("2024-01-15", "2024-01-15T10:30:00", "2024-13-01T00:00:00Z", "2024-01-15T25:00:00Z", 5):
-        with pytest.raises(TranscodeError):
-            parse_timestamp(bad)
-    with pytest.raises(ValueError):
-        format_timestamp(253402300800, 0)
+def test_error_details_are_written_as_protojson_writes_them():
+    retry, bad = any_pb2.Any(), any_pb2.Any()
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1, nanos=500_000_000)))
+    bad.Pack(error_details_pb2.BadRequest(field_violations=[{"field": "f", "description": "d"}]))
+    assert CODECS.any_to_json(retry) == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retry_delay": "1.500s"}
+    assert CODECS.any_to_json(bad)["field_violations"] == [
+        {"field": "f", "description": "d", "reason": "", "localized_message": None}
+    ]
+    info = any_pb2.Any()  # a detail type the codecs do not walk (a map): protobuf's json_format
+    info.Pack(error_details_pb2.ErrorInfo(reason="R", metadata={"k": "v"}))
+    assert CODECS.any_to_json(info) == {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "R", "metadata": {"k": "v"}
+    }
+    unknown = any_pb2.Any(type_url="type.googleapis.com/nobody.Knows", value=b"\x01")
+    assert CODECS.any_to_json(unknown) == {"@type": "type.googleapis.com/nobody.Knows", "value": "AQ=="}
 
 
 # --------------------------------------------------------------------------
-# Query strings and path parameters (grpc-gateway's DefaultQueryParser)
+# Query strings and path parameters (grpc-gateway v2's DefaultQueryParser)
 
 
 def _query(codec, pairs, skip=frozenset()):
@@ -447,7 +434,6 @@ def _query(codec, pairs, skip=frozenset()):
 
 def test_optional_presence_follows_the_query():
     assert not _query(LIST, []).HasField("limit")
-    assert not _query(LIST, [("limit", "")]).HasField("limit")  # `?limit=` means "not set"
     given = _query(LIST, [("limit", "0"), ("offset", "20")])
     assert given.HasField("limit") and given.limit == 0 and given.offset == 20
 
@@ -471,25 +457,29 @@ def test_list_query_parameters():
     assert not msg.HasField("limit")
 
 
+def test_an_empty_string_value_sets_the_empty_string():
+    assert _query(LIST, [("event", ""), ("id_type", "")]) == events_pb2.ListPersonEventsRequest()
+
+
 @pytest.mark.parametrize(
     ("pairs", "message"),
     [
         ([("limit", "abc")], 'limit: expected an integer, got "abc"'),
+        ([("limit", "")], 'limit: expected an integer, got ""'),  # grpc-gateway v2: 400 too
         ([("limit", "1_0")], 'limit: expected an integer, got "1_0"'),
         ([("limit", " 5")], 'limit: expected an integer, got " 5"'),
         ([("limit", "99999999999")], "limit: 99999999999 is out of range for int32"),
         ([("limit", "1"), ("limit", "2")], "limit: takes one value, got 2"),
-        (
-            [("since", "yesterday")],
-            'since: expected an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got "yesterday"',
-        ),
+        ([("limit", "1"), ("limit", "")], "limit: takes one value, got 2"),
+        ([("since", "")], 'since: expected an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got ""'),
+        ([("since", "noon")], 'since: expected an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got "noon"'),
         ([("since.seconds", "5")], "since.seconds: since is not a message with fields"),
     ],
 )
 def test_query_errors_name_the_parameter(pairs, message):
     with pytest.raises(TranscodeError) as info:
         _query(LIST, pairs)
-    assert str(info.value) == message
+    assert str(info.value).startswith(message)
 
 
 def test_query_repeated_nested_and_typed_values():
@@ -503,24 +493,20 @@ def test_query_repeated_nested_and_typed_values():
             ("inner.n", "0"),
             ("inner.s", "x y"),
             ("flag", "t"),
-            ("color", "RED"),
-            ("wrapped", "5"),
-            ("i64", "-9223372036854775808"),
-            ("d", "Inf"),
-            ("data", "aGk="),
             ("at", "2024-01-15T10:30:00Z"),
-            ("meta", '{"k": [1]}'),
         ],
     )
     assert list(msg.tags) == ["a", "b"] and list(msg.nums) == [1, -2]
     assert msg.inner.HasField("n") and msg.inner.n == 0 and msg.inner.s == "x y"
-    assert msg.flag is True and msg.color == 1 and msg.wrapped.value == 5
-    assert msg.i64 == -(2**63) and math.isinf(msg.d) and msg.data == b"hi"
-    assert msg.at.seconds == 1705314600 and THING.to_json(msg)["meta"] == {"k": [1]}
+    assert msg.flag is True and msg.at.seconds == 1705314600
     for text, expected in (("1", True), ("TRUE", True), ("False", False), ("0", False)):
         assert _query(THING, [("flag", text)]).flag is expected
     with pytest.raises(TranscodeError, match='flag: expected a boolean, got "yes"'):
         _query(THING, [("flag", "yes")])
+    with pytest.raises(TranscodeError, match="nums\\[1\\]: expected an integer"):
+        _query(THING, [("nums", "1"), ("nums", "x")])
+    with pytest.raises(TranscodeError, match="meta: a google.protobuf.Struct cannot be set from a query parameter"):
+        _query(THING, [("meta", "{}")])
 
 
 def test_path_parameters_set_dotted_fields():
@@ -894,17 +880,6 @@ def test_app_limits_the_body_to_one_mebibyte(client, stand_in):
     assert len(just_fits) <= 1024 * 1024
     assert client.post("/api/v1/track/batch", headers=AUTH, content=just_fits).status_code == 200
     assert len(stand_in.seen) == calls + 1
-
-
-def test_app_unknown_paths_and_methods(client):
-    reply = client.get("/api/v1/nope")
-    assert reply.status_code == 404 and reply.json() == {"code": 5, "message": "Not Found", "details": []}
-    assert client.get("/api/v1/track/").status_code == 404  # no slash redirects
-    reply = client.get("/api/v1/track")
-    assert reply.status_code == 405 and reply.headers["allow"] == "POST"
-    assert reply.json() == {"code": 12, "message": "Method Not Allowed", "details": []}
-    reply = client.post("/api/v1/people/u/events")
-    assert reply.status_code == 405 and set(reply.headers["allow"].split(", ")) == {"GET", "HEAD"}
 
 
 def test_app_serves_openapi(client):

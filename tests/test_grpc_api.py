@@ -234,8 +234,8 @@ def test_unauthenticated(service, metadata, fragment):
     assert fragment in exc.value.details()
 
 
-def test_revoked_key_is_refused(service):
-    key = service.create_key("ws_revoke_test")
+def test_revoked_key_is_refused(service, workspace):
+    key = service.create_key(workspace)
     stub = service.stub()
     assert stub.Track(pb.TrackRequest(external_id="u", event="x"), metadata=service.metadata(key)).success
     service.revoke_key(key)
@@ -244,10 +244,10 @@ def test_revoked_key_is_refused(service):
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in exc.value.details()
 
 
-def test_scopes(service):
+def test_scopes(service, workspace):
     stub = service.stub()
-    reader = service.metadata(service.create_key("ws_scopes", "events:read"))
-    writer = service.metadata(service.create_key("ws_scopes", "events:write"))
+    reader = service.metadata(service.create_key(workspace, "events:read"))
+    writer = service.metadata(service.create_key(workspace, "events:write"))
     assert stub.Track(pb.TrackRequest(external_id="u", event="x"), metadata=writer).success
     for call in (lambda: stub.Track(pb.TrackRequest(external_id="u", event="x"), metadata=reader),
                  lambda: stub.TrackBatch(pb.TrackBatchRequest(), metadata=reader),
@@ -260,9 +260,9 @@ def test_scopes(service):
                                  metadata=reader).total == 1
 
 
-def test_a_key_sees_only_its_own_workspace(service):
+def test_a_key_sees_only_its_own_workspace(service, workspace):
     stub = service.stub()
-    other = service.metadata(service.create_key("ws_isolated"))
+    other = service.metadata(service.create_key(workspace))
     mine = stub.Track(pb.TrackRequest(external_id="shared_name", event="secret"), metadata=service.metadata())
     # the same external_id in another workspace is another person
     theirs = stub.Track(pb.TrackRequest(external_id="shared_name", event="x"), metadata=other)

@@ -30,8 +30,8 @@ def test_the_gateway_loads_nothing_of_the_service():
     assert not _of(("service",), loaded)
 
 
-@pytest.mark.parametrize("module", ["procutil", "procutil.process", "procutil.cpu"])
-def test_the_process_helpers_load_neither_side(module):
+@pytest.mark.parametrize("module", ["procutil", "procutil.process", "procutil.cpu", "protoconv"])
+def test_the_shared_helpers_load_neither_side(module):
     loaded = _loaded_after_importing(module)
     assert module in loaded
     assert not _of(("service", "gateway"), loaded)

@@ -235,8 +235,8 @@ def test_401_carries_www_authenticate(service):
             assert resp.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_403_without_scope_and_401_after_revocation(service):
-    reader = service.create_key("ws_rest_scopes", "events:read")
+def test_403_without_scope_and_401_after_revocation(service, workspace):
+    reader = service.create_key(workspace, "events:read")
     with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {reader}"}) as client:
         assert_status(client.post("/api/v1/track", json={"external_id": "u", "event": "x"}), 403, 7)
         assert client.get(f"/api/v1/people/{uuid.uuid4()}/events").status_code == 200
@@ -244,9 +244,9 @@ def test_403_without_scope_and_401_after_revocation(service):
         assert_status(client.get(f"/api/v1/people/{uuid.uuid4()}/events"), 401, 16)
 
 
-def test_another_workspace_person_is_invisible(service, http):
+def test_another_workspace_person_is_invisible(service, http, workspace):
     person = http.post("/api/v1/track", json={"external_id": uid(), "event": "private"}).json()["person_id"]
-    other = service.create_key("ws_rest_other")
+    other = service.create_key(workspace)
     resp = httpx.get(f"{service.http_url}/api/v1/people/{person}/events",
                      headers={"Authorization": f"Bearer {other}"})
     assert resp.json() == {"events": [], "total": 0, "next_page_token": ""}
@@ -265,6 +265,63 @@ def test_healthz_and_openapi(service):
 def test_unknown_path_is_404_status_json(http):
     resp = http.get("/api/v1/nothing")
     assert resp.status_code == 404 and resp.json()["code"] == 5
+
+
+# REST edge cases: grpc-gateway v2 is the reference (README, "REST plumbing") ------------
+
+@pytest.mark.parametrize("query,field", [
+    ("limit=", "limit"),  # grpc-gateway v2: strconv.ParseInt("") fails, 400
+    ("offset=", "offset"),
+    ("since=", "since"),
+    ("limit=1&limit=2", "limit"),  # v2: "too many values for field"
+    ("limit=5&limit=", "limit"),
+])
+def test_empty_and_repeated_query_values_are_400(http, query, field):
+    body = assert_status(http.get(f"/api/v1/people/{uuid.uuid4()}/events?{query}"), 400, 3)
+    assert body["message"].startswith(f"{field}: ")
+    assert body["details"][0]["field_violations"][0]["field"] == field
+
+
+def test_unknown_query_parameters_and_empty_strings_are_ignored(http):
+    resp = http.get(f"/api/v1/people/{uuid.uuid4()}/events?utm_source=x&event=&id_type=&limit=7&foo.bar=1")
+    assert resp.status_code == 200 and resp.json() == {"events": [], "total": 0, "next_page_token": ""}
+
+
+def test_wrong_method_on_a_known_path_is_405_with_allow(http):
+    # grpc-gateway v2 answers 501 with the same body; 405 + Allow is our choice (README)
+    resp = http.get("/api/v1/track")
+    assert_status(resp, 405, 12)
+    assert resp.headers["allow"] == "POST" and resp.json()["message"] == "Method Not Allowed"
+    resp = http.delete(f"/api/v1/people/{uuid.uuid4()}/events")
+    assert_status(resp, 405, 12)
+    assert set(resp.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    resp = http.head(f"/api/v1/people/{uuid.uuid4()}/events")  # grpc-gateway: 501
+    assert resp.status_code == 200 and resp.content == b""
+
+
+def test_unknown_path_is_404_code_5_without_redirects(http):
+    assert assert_status(http.post("/api/v1/nothing", json={}), 404, 5)["message"] == "Not Found"
+    assert_status(http.post("/api/v1/track/", json={"external_id": "u", "event": "x"}), 404, 5)
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"", "request body is empty"),  # grpc-gateway v2 would send an empty message; ours is a 400 before the call
+    (b"   ", "request body is empty"),
+    (b"null", "request body must be a JSON object, got null"),
+    (b'{"events": [', "request body is not valid JSON"),
+])
+def test_empty_null_and_malformed_bodies_say_why(http, body, message):
+    resp = http.post("/api/v1/track/batch", content=body, headers={"Content-Type": "application/json"})
+    assert assert_status(resp, 400, 3)["message"].startswith(message)
+
+
+def test_unknown_body_fields_are_ignored_at_every_level(http):
+    user = uid()
+    resp = http.post("/api/v1/track/batch", json={"events": [{"external_id": user, "event": "x", "extra": [1]}],
+                                                   "requestId": "ignored"})
+    assert resp.status_code == 200 and resp.json()["success"] is True
+    page = http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id"}).json()
+    assert page["total"] == 1 and page["events"][0]["parameters"] == {}
 
 
 def test_message_id_dedups_track_and_batch(http):
