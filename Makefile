@@ -39,6 +39,7 @@ PROTODEP_FILES += google/api/http.proto
 PROTODEP_FILES += google/rpc/status.proto
 PROTODEP_FILES += google/rpc/error_details.proto
 PROTODEP_FILES += google/rpc/code.proto
+PROTODEP_FILES += buf/validate/validate.proto
 
 $(PROTODEPS)/.stamp: $(VENV)/.installed Makefile scripts/protodeps.py
 	rm -rf $(PROTODEPS)
@@ -46,24 +47,43 @@ $(PROTODEPS)/.stamp: $(VENV)/.installed Makefile scripts/protodeps.py
 	touch $@
 
 .PHONY: protodeps
-protodeps: $(PROTODEPS)/.stamp ## copy the imported protos (google/api, google/rpc) into build/protodeps (offline)
+protodeps: $(PROTODEPS)/.stamp ## copy the imported protos (google/api, google/rpc, buf/validate) into build/protodeps (offline)
+
+PROTOC := $(PY) -m grpc_tools.protoc -I proto -I $(PROTODEPS)
+DESCRIPTORS := build/descriptors.binpb
+
+# The descriptors with comments and imports: the OpenAPI generator's input.
+$(DESCRIPTORS): $(PROTODEPS)/.stamp $(PROTO_FILES)
+	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=$@ $(PROTO_FILES)
 
 .PHONY: generate
-generate: $(PROTODEPS)/.stamp ## regenerate generated/ from proto/ (offline)
-	rm -rf generated/flameup
-	mkdir -p generated
-	$(PY) -m grpc_tools.protoc -I proto -I $(PROTODEPS) \
-	  --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTO_FILES)
+generate: $(PROTODEPS)/.stamp $(DESCRIPTORS) ## regenerate generated/ from proto/ (offline)
+	rm -rf generated/flameup generated/buf generated/openapi
+	mkdir -p generated/openapi
+	$(PROTOC) --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTO_FILES)
+	$(PROTOC) --python_out=generated --pyi_out=generated buf/validate/validate.proto
+	$(PY) scripts/gen_openapi.py $(DESCRIPTORS) generated/openapi/events.openapi.json
 
 .PHONY: check-generated
 check-generated: generate ## fail when generated/ is stale
 	git diff --exit-code -- generated
 	@test -z "$$(git status --porcelain -- generated)" || { git status --porcelain -- generated; echo 'untracked generated files'; exit 1; }
 
+PY_PACKAGES := service gateway procutil protoconv
+
 .PHONY: lint
-lint: $(BUF) $(PROTODEPS)/.stamp breaking ## buf lint, buf format check and buf breaking
+lint: $(VENV)/.installed $(BUF) $(PROTODEPS)/.stamp breaking ## ruff, mypy, buf lint, buf format check and buf breaking
+	$(VENV)/bin/ruff check $(PY_PACKAGES)
+	$(VENV)/bin/ruff format --check $(PY_PACKAGES)
+	$(VENV)/bin/mypy
 	$(BUF) lint
 	$(BUF) format --diff --exit-code proto
+
+.PHONY: format
+format: $(VENV)/.installed ## format the Python packages (ruff) and the protos (buf)
+	$(VENV)/bin/ruff check --fix $(PY_PACKAGES)
+	$(VENV)/bin/ruff format $(PY_PACKAGES)
+	$(BUF) format --write proto
 
 # The baseline of `buf breaking`: the commit where this branch left main; on
 # main itself (or a branch with no commit of its own), main's previous commit.

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lifespan="on",
         log_level=args.log_level,
         access_log=args.access_log,
-        timeout_graceful_shutdown=args.graceful_timeout,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=args.graceful_timeout,
         backlog=args.backlog,
         server_header=False,
     )

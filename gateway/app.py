@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl
@@ -62,7 +62,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import transcode
-from gateway.openapi import build_openapi
+from gateway.openapi import openapi_document
 from gateway.rules import Binding, bindings_for
 from gateway.transcode import CodecRegistry, MessageCodec, TranscodeError
 
@@ -135,7 +135,7 @@ class GatewayState(TypedDict):
     """What the lifespan hands to every request (``request.state``)."""
 
     channels: list[grpc.aio.Channel]
-    calls: dict[str, Iterator[grpc.aio.UnaryUnaryMultiCallable]]  # endless round-robin per method
+    calls: Mapping[str, Iterator[grpc.aio.UnaryUnaryMultiCallable]]  # endless round-robin per method
     health_check: grpc.aio.UnaryUnaryMultiCallable
 
 
@@ -164,9 +164,7 @@ def bad_request(exc: TranscodeError) -> GatewayError:
     status = status_pb2.Status()
     status.details.add().Pack(
         error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
-            ]
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]
         )
     )
     return GatewayError(code_pb2.INVALID_ARGUMENT, str(exc), details=status.details)
@@ -238,9 +236,7 @@ class Operation:
         taken = {v.field_path.split(".")[0] for v in binding.variables}
         if binding.body and binding.body != "*":
             taken.add(binding.body.split(".")[0])
-        self.query_skip = frozenset(
-            key for name in taken for key in (name, self.request_codec.by_key[name].json_name)
-        )
+        self.query_skip = frozenset(key for name in taken for key in (name, self.request_codec.by_key[name].json_name))
 
     async def __call__(self, request: Request[GatewayState]) -> Response:
         scope = request.scope
@@ -375,13 +371,14 @@ def create_app(
     targets = [grpc_target] if isinstance(grpc_target, str) else list(grpc_target)
     if not targets:
         raise ValueError("create_app needs at least one gRPC target")
+    # The generated document describes the default files; other files get no /openapi.json.
+    openapi_body = openapi_document() if files is None else None
     files = list(files) if files is not None else default_files()
     codecs = CodecRegistry()
     for detail in ERROR_DETAIL_TYPES:  # what error bodies carry: fail here, not on the first error
         codecs.for_class(detail)
     bindings = bindings_for(files)
     errors = ErrorRenderer(codecs)
-    openapi_body = orjson.dumps(build_openapi(files, bindings))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[GatewayState]:
@@ -391,22 +388,28 @@ def create_app(
         pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(per_target) for target in targets]
         try:
             calls = {
-                binding.grpc_path: itertools.cycle([
-                    _unary_unary(
-                        channel,
-                        binding.grpc_path,
-                        codecs.get(binding.method.input_type).cls,
-                        codecs.get(binding.method.output_type).cls,
-                    )
-                    for channel in pool
-                ])
+                binding.grpc_path: itertools.cycle(
+                    [
+                        _unary_unary(
+                            channel,
+                            binding.grpc_path,
+                            codecs.get(binding.method.input_type).cls,
+                            codecs.get(binding.method.output_type).cls,
+                        )
+                        for channel in pool
+                    ]
+                )
                 for binding in bindings
             }
             health_check = _unary_unary(
                 pool[0], "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
             )
-            log.info("REST gateway calls gRPC at %s over %d channels (%d routes)", ", ".join(targets), len(pool),
-                     len(bindings))
+            log.info(
+                "REST gateway calls gRPC at %s over %d channels (%d routes)",
+                ", ".join(targets),
+                len(pool),
+                len(bindings),
+            )
             yield {"channels": pool, "calls": calls, "health_check": health_check}
         finally:
             for channel in pool:
@@ -452,7 +455,7 @@ def create_app(
     routes: list[BaseRoute] = [
         *build_routes(bindings, codecs, timeout, max_body_bytes),
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        *([Route("/openapi.json", openapi, methods=["GET"])] if openapi_body is not None else []),
     ]
     app = Starlette(
         routes=routes,

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from google.api import annotations_pb2, http_pb2
-from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
+from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -116,7 +116,7 @@ def _binding(method: MethodDescriptor, rule: http_pb2.HttpRule) -> Binding:
 
 
 def _check_field_path(method: MethodDescriptor, path: str) -> None:
-    message = method.input_type
+    message: Descriptor | None = method.input_type
     for name in path.split("."):
         field = message.fields_by_name.get(name) if message is not None else None
         if field is None:
@@ -174,7 +174,7 @@ def _split_verb(template: str) -> tuple[str, str]:
         elif char == "/" and depth == 0:
             break
         elif char == ":" and depth == 0:
-            return template[:index], template[index + 1:]
+            return template[:index], template[index + 1 :]
     return template, ""
 
 

@@ -59,7 +59,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -293,8 +293,7 @@ Setter = Callable[[Any, Any, int, int], None]
 class FieldCodec:
     """Everything about one field that transcoding needs, computed once."""
 
-    __slots__ = ("descriptor", "name", "json_name", "repeated", "message_codec", "set", "plain_type",
-                 "_set_text")
+    __slots__ = ("descriptor", "name", "json_name", "repeated", "message_codec", "set", "plain_type", "_set_text")
 
     def __init__(self, descriptor: FieldDescriptor, codecs: CodecRegistry) -> None:
         self.descriptor = descriptor
@@ -591,7 +590,7 @@ class CodecRegistry:
         return codec
 
     def for_class(self, cls: type[Message]) -> MessageCodec:
-        return self.get(cls.DESCRIPTOR)
+        return self.get(cast(Descriptor, cls.DESCRIPTOR))
 
     def any_to_json(self, any_msg: Any) -> dict[str, Any]:
         """An Any (an error detail) as protojson writes it: ``{"@type": url, ...fields}``.

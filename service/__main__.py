@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import uvloop
 
@@ -36,13 +36,17 @@ def _env(name: str, default):
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=_env("FLAMEUP_STORE", DEFAULT_STORE_URL),
-                   help="store URL (env FLAMEUP_STORE; default %(default)s)")
+    p.add_argument(
+        "--store",
+        default=_env("FLAMEUP_STORE", DEFAULT_STORE_URL),
+        help="store URL (env FLAMEUP_STORE; default %(default)s)",
+    )
 
 
 def _log_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default=_env("FLAMEUP_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level", default=_env("FLAMEUP_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+    )
 
 
 def _serving() -> None:
@@ -57,50 +61,86 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run gRPC workers and REST gateway workers")
     _store_arg(serve)
-    serve.add_argument("--host", default=_env("FLAMEUP_HOST", "127.0.0.1"),
-                       help="address to listen on (env FLAMEUP_HOST; 0.0.0.0 for all interfaces)")
+    serve.add_argument(
+        "--host",
+        default=_env("FLAMEUP_HOST", "127.0.0.1"),
+        help="address to listen on (env FLAMEUP_HOST; 0.0.0.0 for all interfaces)",
+    )
     serve.add_argument("--grpc-port", type=int, default=_env("FLAMEUP_GRPC_PORT", 50051))
     serve.add_argument("--http-port", type=int, default=_env("FLAMEUP_HTTP_PORT", 8080))
-    serve.add_argument("--workers", type=int, default=_env("FLAMEUP_WORKERS", default_workers()),
-                       help="gRPC worker processes (default: one per CPU)")
-    serve.add_argument("--gateway-workers", type=int,
-                       default=_env("FLAMEUP_GATEWAY_WORKERS", default_gateway_workers()),
-                       help="REST gateway processes (default: one per two CPUs, at least one)")
-    serve.add_argument("--key-cache-seconds", type=float, default=_env("FLAMEUP_KEY_CACHE_SECONDS", 10.0),
-                       help="how long a worker trusts a looked-up API key (revocations take this long)")
-    serve.add_argument("--cpu-policy", choices=CPU_POLICIES, default=_env("FLAMEUP_CPU_POLICY", DEFAULT_CPU_POLICY),
-                       help="Linux scheduling policy of every service process (env FLAMEUP_CPU_POLICY;"
-                            " default %(default)s: SCHED_BATCH, fewer context switches under load)")
-    serve.add_argument("--worker-cpu-affinity", choices=WORKER_CPU_AFFINITIES,
-                       default=_env("FLAMEUP_WORKER_CPU_AFFINITY", DEFAULT_WORKER_CPU_AFFINITY),
-                       help="auto: gRPC worker i runs on the i-th CPU (its threads hand calls to one another"
-                            " on one CPU); off: wherever the kernel puts it (env FLAMEUP_WORKER_CPU_AFFINITY)")
-    serve.add_argument("--dedup-window-days", type=float,
-                       default=_env("FLAMEUP_DEDUP_WINDOW_DAYS", float(DEFAULT_DEDUP_WINDOW_DAYS)),
-                       help="how long a message_id is remembered, in days (env FLAMEUP_DEDUP_WINDOW_DAYS;"
-                            " default %(default)g; a store URL's dedup_window_days wins)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_env("FLAMEUP_WORKERS", default_workers()),
+        help="gRPC worker processes (default: one per CPU)",
+    )
+    serve.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=_env("FLAMEUP_GATEWAY_WORKERS", default_gateway_workers()),
+        help="REST gateway processes (default: one per two CPUs, at least one)",
+    )
+    serve.add_argument(
+        "--key-cache-seconds",
+        type=float,
+        default=_env("FLAMEUP_KEY_CACHE_SECONDS", 10.0),
+        help="how long a worker trusts a looked-up API key (revocations take this long)",
+    )
+    serve.add_argument(
+        "--cpu-policy",
+        choices=CPU_POLICIES,
+        default=_env("FLAMEUP_CPU_POLICY", DEFAULT_CPU_POLICY),
+        help="Linux scheduling policy of every service process (env FLAMEUP_CPU_POLICY;"
+        " default %(default)s: SCHED_BATCH, fewer context switches under load)",
+    )
+    serve.add_argument(
+        "--worker-cpu-affinity",
+        choices=WORKER_CPU_AFFINITIES,
+        default=_env("FLAMEUP_WORKER_CPU_AFFINITY", DEFAULT_WORKER_CPU_AFFINITY),
+        help="auto: gRPC worker i runs on the i-th CPU (its threads hand calls to one another"
+        " on one CPU); off: wherever the kernel puts it (env FLAMEUP_WORKER_CPU_AFFINITY)",
+    )
+    serve.add_argument(
+        "--dedup-window-days",
+        type=float,
+        default=_env("FLAMEUP_DEDUP_WINDOW_DAYS", float(DEFAULT_DEDUP_WINDOW_DAYS)),
+        help="how long a message_id is remembered, in days (env FLAMEUP_DEDUP_WINDOW_DAYS;"
+        " default %(default)g; a store URL's dedup_window_days wins)",
+    )
     _log_arg(serve)
 
-    migrate = sub.add_parser("migrate", help="create or upgrade the store's schema (serve runs this first);"
-                                             " with FLAMEUP_BOOTSTRAP_KEY set, also ensure that key")
+    migrate = sub.add_parser(
+        "migrate",
+        help="create or upgrade the store's schema (serve runs this first);"
+        " with FLAMEUP_BOOTSTRAP_KEY set, also ensure that key",
+    )
     _store_arg(migrate)
     _log_arg(migrate)
 
     worker = sub.add_parser("grpc-worker", help="one gRPC worker process (serve starts these)")
     _store_arg(worker)
-    worker.add_argument("--sqlite-writer", default=None, metavar="SOCKET",
-                        help="send appends to the SQLite writer process on this Unix socket (serve passes it)")
+    worker.add_argument(
+        "--sqlite-writer",
+        default=None,
+        metavar="SOCKET",
+        help="send appends to the SQLite writer process on this Unix socket (serve passes it)",
+    )
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=50051)
     worker.add_argument("--key-cache-seconds", type=float, default=10.0)
-    worker.add_argument("--unix-socket", default=None,
-                        help="also listen on this Unix socket (serve gives each worker one for the gateways)")
-    worker.add_argument("--cpu", type=int, default=None,
-                        help="run on this CPU only (serve gives worker i the i-th CPU)")
+    worker.add_argument(
+        "--unix-socket",
+        default=None,
+        help="also listen on this Unix socket (serve gives each worker one for the gateways)",
+    )
+    worker.add_argument(
+        "--cpu", type=int, default=None, help="run on this CPU only (serve gives worker i the i-th CPU)"
+    )
     _log_arg(worker)
 
-    writer = sub.add_parser("sqlite-writer", help="the one process that commits appends to a SQLite file"
-                                                  " (serve starts it)")
+    writer = sub.add_parser(
+        "sqlite-writer", help="the one process that commits appends to a SQLite file (serve starts it)"
+    )
     _store_arg(writer)
     writer.add_argument("--socket", required=True, help="Unix socket the workers send appends to")
     _log_arg(writer)
@@ -134,7 +174,7 @@ async def _with_store(url: str, fn):
 
 
 def _time(us: int | None) -> str:
-    return "-" if us is None else datetime.fromtimestamp(us / 1e6, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "-" if us is None else datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def _keys(args) -> int:
@@ -156,8 +196,10 @@ async def _keys(args) -> int:
         records = await _with_store(args.store, lambda s: s.list_keys(args.workspace))
         print(f"{'KEY ID':14} {'WORKSPACE':24} {'SCOPES':26} {'CREATED':21} REVOKED")
         for r in records:
-            print(f"{r.key_id:14} {r.workspace_id:24} {','.join(sorted(r.scopes)):26} "
-                  f"{_time(r.created_at_us):21} {_time(r.revoked_at_us)}")
+            print(
+                f"{r.key_id:14} {r.workspace_id:24} {','.join(sorted(r.scopes)):26} "
+                f"{_time(r.created_at_us):21} {_time(r.revoked_at_us)}"
+            )
         return 0
     from service.domain import now_us
 
@@ -178,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         from service.supervisor import ServeConfig, serve
 
         # argparse checks a flag's value against its choices, not the environment's
-        for env, value, choices in (("FLAMEUP_CPU_POLICY", args.cpu_policy, CPU_POLICIES),
-                                    ("FLAMEUP_WORKER_CPU_AFFINITY", args.worker_cpu_affinity, WORKER_CPU_AFFINITIES)):
+        for env, value, choices in (
+            ("FLAMEUP_CPU_POLICY", args.cpu_policy, CPU_POLICIES),
+            ("FLAMEUP_WORKER_CPU_AFFINITY", args.worker_cpu_affinity, WORKER_CPU_AFFINITIES),
+        ):
             if value not in choices:
                 build_parser().error(f"{env} must be one of {', '.join(choices)}, got {value!r}")
 
@@ -189,13 +233,21 @@ def main(argv: list[str] | None = None) -> int:
             open_store(store_url)  # a bad URL or window fails here, with its reason
         except ValueError as exc:
             build_parser().error(str(exc))
-        return serve(ServeConfig(
-            store_url=store_url, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-            workers=max(1, args.workers), gateway_workers=max(1, args.gateway_workers),
-            bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
-            key_cache_seconds=args.key_cache_seconds, log_level=args.log_level, cpu_policy=args.cpu_policy,
-            worker_cpu_affinity=args.worker_cpu_affinity,
-        ))
+        return serve(
+            ServeConfig(
+                store_url=store_url,
+                host=args.host,
+                grpc_port=args.grpc_port,
+                http_port=args.http_port,
+                workers=max(1, args.workers),
+                gateway_workers=max(1, args.gateway_workers),
+                bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
+                key_cache_seconds=args.key_cache_seconds,
+                log_level=args.log_level,
+                cpu_policy=args.cpu_policy,
+                worker_cpu_affinity=args.worker_cpu_affinity,
+            )
+        )
     if args.command == "migrate":
         from service.store import StoreUnavailable
         from service.supervisor import prepare_store
@@ -209,15 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "grpc-worker":
         if args.cpu is not None:
             keep_to_cpu(args.cpu)  # before gRPC starts a thread: each inherits the mask
-        from service.server import GrpcConfig, serve
+        from service.server import GrpcConfig
+        from service.server import serve as serve_grpc
 
         exit_with_parent()
         # The long-running processes run on uvloop, as the gateways do under uvicorn (and
         # as gRPC's own benchmark worker can): a few percent less CPU per call than
         # asyncio's own loop, the same behaviour otherwise (docs/decisions/worker-runtime.md).
-        uvloop.run(serve(GrpcConfig(args.store, args.host, args.port, key_cache_seconds=args.key_cache_seconds,
-                                    unix_socket=args.unix_socket, sqlite_writer=args.sqlite_writer),
-                         on_ready=_serving))
+        uvloop.run(
+            serve_grpc(
+                GrpcConfig(
+                    args.store,
+                    args.host,
+                    args.port,
+                    key_cache_seconds=args.key_cache_seconds,
+                    unix_socket=args.unix_socket,
+                    sqlite_writer=args.sqlite_writer,
+                ),
+                on_ready=_serving,
+            )
+        )
         return 0
     if args.command == "sqlite-writer":
         from service.store.sqlite_writer import serve_writer

@@ -92,8 +92,10 @@ async def ensure_bootstrap_key(store: Store, key: str) -> None:
         await store.put_key(ApiKeyRecord(key_id, key_hash, BOOTSTRAP_WORKSPACE, SCOPES, now_us()))
         log.info("bootstrap key %s created for %s", key_id, BOOTSTRAP_WORKSPACE)
     elif existing.workspace_id != BOOTSTRAP_WORKSPACE or existing.scopes != SCOPES:
-        raise ValueError(f"FLAMEUP_BOOTSTRAP_KEY is already key {existing.key_id} of {existing.workspace_id} "
-                         "with other scopes; choose another value")
+        raise ValueError(
+            f"FLAMEUP_BOOTSTRAP_KEY is already key {existing.key_id} of {existing.workspace_id} "
+            "with other scopes; choose another value"
+        )
     elif existing.revoked:
         log.warning("bootstrap key %s was revoked; it stays revoked", existing.key_id)
     for old in await store.list_keys(BOOTSTRAP_WORKSPACE):

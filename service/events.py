@@ -50,8 +50,10 @@ class ListInput:
     limit: int | None = None
     offset: int | None = None
     event: str = ""
-    since_us: int | None = None
-    until_us: int | None = None
+    # Nanoseconds since the epoch, as the caller sent them: since < until is
+    # checked on these, the store is asked in (rounded up) microseconds.
+    since_ns: int | None = None
+    until_ns: int | None = None
     page_token: str = ""
 
 
@@ -192,7 +194,7 @@ class EventsCore:
                 domain.check_name("event", req.event)
             except ValidationError as exc:
                 violations.extend(exc.violations)
-        if req.since_us is not None and req.until_us is not None and req.since_us >= req.until_us:
+        if req.since_ns is not None and req.until_ns is not None and req.since_ns >= req.until_ns:
             violations.append(FieldViolation("since", "must be before until"))
         if req.page_token and offset > 0:
             violations.append(FieldViolation("page_token", "cannot be combined with an offset: pass one or the other"))
@@ -204,8 +206,8 @@ class EventsCore:
             limit=limit,
             offset=offset,
             event=req.event or None,
-            since_us=req.since_us,
-            until_us=req.until_us,
+            since_us=_micros_ceil(req.since_ns),
+            until_us=_micros_ceil(req.until_ns),
         )
         if req.page_token:
             after = domain.parse_page_token("page_token", req.page_token, q)
@@ -213,3 +215,8 @@ class EventsCore:
                 after = min(after, (q.until_us, ""))
             q = dataclasses.replace(q, after=after)
         return q
+
+
+def _micros_ceil(ns: int | None) -> int | None:
+    """Rounded up, so that `since` and `until` keep their meaning at the store's precision."""
+    return None if ns is None else -(-ns // 1000)

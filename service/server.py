@@ -37,8 +37,9 @@ class GrpcConfig:
     sqlite_writer: str | None = None  # the SQLite writer process's socket: appends go there (see open_store)
 
 
-async def serve(config: GrpcConfig, stop: asyncio.Event | None = None,
-                on_ready: Callable[[], None] | None = None) -> None:
+async def serve(
+    config: GrpcConfig, stop: asyncio.Event | None = None, on_ready: Callable[[], None] | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
 
     Shutdown order: health goes NOT_SERVING, the server stops taking calls and

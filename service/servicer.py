@@ -137,13 +137,13 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def Track(self, request: events_pb2.TrackRequest, context) -> events_pb2.TrackResponse:
-        result = await self._core.track(_principal.get().workspace_id, _track_input(request))
+        result = await self._core.track(_principal.get().workspace_id, track_input(request))
         return events_pb2.TrackResponse(success=True, event_id=result.event_id, person_id=result.person_id,
                                         duplicate=result.duplicate)
 
     @_grpc_errors
     async def TrackBatch(self, request: events_pb2.TrackBatchRequest, context) -> events_pb2.TrackBatchResponse:
-        items = [_track_input(item) for item in request.events]
+        items = [track_input(item) for item in request.events]
         result = await self._core.track_batch(_principal.get().workspace_id, items, request.sent_at)
         return events_pb2.TrackBatchResponse(
             success=not result.errors,
@@ -156,32 +156,28 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def ListPersonEvents(self, request: events_pb2.ListPersonEventsRequest, context):
-        result = await self._core.list_person_events(
-            _principal.get().workspace_id,
-            ListInput(
-                person_ref=request.person_id,
-                id_type=request.id_type,
-                limit=request.limit if request.HasField("limit") else None,
-                offset=request.offset if request.HasField("offset") else None,
-                event=request.event,
-                since_us=_micros_ceil(request.since) if request.HasField("since") else None,
-                until_us=_micros_ceil(request.until) if request.HasField("until") else None,
-                page_token=request.page_token,
-            ),
-        )
+        result = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
         return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in result.page.events],
                                                    total=result.page.total, next_page_token=result.next_page_token)
 
 
-def _track_input(request: events_pb2.TrackRequest) -> TrackInput:
+def track_input(request: events_pb2.TrackRequest) -> TrackInput:
     parameters = struct_to_python(request.parameters) if request.HasField("parameters") else None
     return TrackInput(request.external_id, request.event, parameters, request.timestamp, request.message_id,
                       request.sent_at)
 
 
-def _micros_ceil(ts) -> int:
-    """A Timestamp to microseconds, rounded up: `since` and `until` keep their meaning."""
-    return ts.seconds * 1_000_000 + -(-ts.nanos // 1000)
+def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
+    return ListInput(
+        person_ref=request.person_id,
+        id_type=request.id_type,
+        limit=request.limit if request.HasField("limit") else None,
+        offset=request.offset if request.HasField("offset") else None,
+        event=request.event,
+        since_ns=request.since.ToNanoseconds() if request.HasField("since") else None,
+        until_ns=request.until.ToNanoseconds() if request.HasField("until") else None,
+        page_token=request.page_token,
+    )
 
 
 def _event(e: StoredEvent) -> events_pb2.Event:

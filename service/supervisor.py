@@ -37,6 +37,7 @@ import tempfile
 import time
 from contextlib import closing
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 from procutil.cpu import DEFAULT_CPU_POLICY, DEFAULT_WORKER_CPU_AFFINITY, set_cpu_policy, worker_cpus
@@ -164,7 +165,8 @@ def report_ready() -> None:
 def _check_alive(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is not None:
-            raise SystemExit(f"worker {' '.join(p.args[2:4])} (pid {p.pid}) exited with {p.returncode} during start")
+            name = " ".join(map(str, cast(list[str], p.args)[2:4]))
+            raise SystemExit(f"worker {name} (pid {p.pid}) exited with {p.returncode} during start")
 
 
 def _spawn(args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
@@ -189,7 +191,8 @@ def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
 def serve(config: ServeConfig) -> int:
     set_cpu_policy(config.cpu_policy)  # before any worker starts: they inherit it
     migrate = subprocess.run(
-        [sys.executable, "-m", "service", "migrate", "--store", config.store_url, "--log-level", config.log_level])
+        [sys.executable, "-m", "service", "migrate", "--store", config.store_url, "--log-level", config.log_level]
+    )
     if migrate.returncode != 0:
         log.error("preparing the store %s failed", config.store_url)
         return 1
@@ -222,18 +225,50 @@ def serve(config: ServeConfig) -> int:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         if urlsplit(config.store_url).scheme == "sqlite":
             socket_path = os.path.join(run_dir, "appends.sock")
-            writer_procs.append(_spawn(["-m", "service", "sqlite-writer", "--store", config.store_url,
-                                        "--socket", socket_path, "--log-level", config.log_level],
-                                       reporting, (ready_w,)))
+            writer_procs.append(
+                _spawn(
+                    [
+                        "-m",
+                        "service",
+                        "sqlite-writer",
+                        "--store",
+                        config.store_url,
+                        "--socket",
+                        socket_path,
+                        "--log-level",
+                        config.log_level,
+                    ],
+                    reporting,
+                    (ready_w,),
+                )
+            )
             _wait_ready(ready, 1, deadline, writer_procs)
             writer_args = ["--sqlite-writer", socket_path]
         grpc_procs += [
-            _spawn(["-m", "service", "grpc-worker", "--store", config.store_url, *writer_args, "--host", config.host,
-                    "--port", str(grpc_port), "--unix-socket", path,
-                    "--key-cache-seconds", str(config.key_cache_seconds), "--log-level", config.log_level,
-                    *(["--cpu", str(cpu)] if cpu is not None else [])],
-                   reporting, (ready_w,))
-            for path, cpu in zip(worker_sockets, worker_cpus(config.workers, config.worker_cpu_affinity))
+            _spawn(
+                [
+                    "-m",
+                    "service",
+                    "grpc-worker",
+                    "--store",
+                    config.store_url,
+                    *writer_args,
+                    "--host",
+                    config.host,
+                    "--port",
+                    str(grpc_port),
+                    "--unix-socket",
+                    path,
+                    "--key-cache-seconds",
+                    str(config.key_cache_seconds),
+                    "--log-level",
+                    config.log_level,
+                    *(["--cpu", str(cpu)] if cpu is not None else []),
+                ],
+                reporting,
+                (ready_w,),
+            )
+            for path, cpu in zip(worker_sockets, worker_cpus(config.workers, config.worker_cpu_affinity), strict=True)
         ]
         _wait_ready(ready, config.workers, deadline, writer_procs + grpc_procs)
         # The gateways call each worker on its own socket, their channels spread evenly
@@ -242,8 +277,20 @@ def serve(config: ServeConfig) -> int:
         # or all of the REST traffic while another idles (docs/decisions/gateway-processes.md).
         targets = [arg for path in worker_sockets for arg in ("--grpc-target", f"unix:{path}")]
         http_procs += [
-            _spawn(["-m", "gateway", *targets, "--host", config.host,
-                    "--port", str(http_port), "--log-level", config.log_level], env)
+            _spawn(
+                [
+                    "-m",
+                    "gateway",
+                    *targets,
+                    "--host",
+                    config.host,
+                    "--port",
+                    str(http_port),
+                    "--log-level",
+                    config.log_level,
+                ],
+                env,
+            )
             for _ in range(config.gateway_workers)
         ]
         _wait_healthy(config.host, http_port, deadline, writer_procs + grpc_procs + http_procs)

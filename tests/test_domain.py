@@ -198,19 +198,19 @@ def _last_event(q):
 
 
 def test_a_page_token_round_trips_for_its_own_listing():
-    q = _token_query(event="e", since_us=NOW - HOUR, limit=10)
+    q = _token_query(event="e", since_ns=(NOW - HOUR) * 1000, limit=10)
     last = _last_event(q)
     token = domain.page_token(q, last)
     assert token.isascii() and "=" not in token
-    resumed = _token_query(event="e", since_us=NOW - HOUR, limit=20, page_token=token)  # the limit may change
+    resumed = _token_query(event="e", since_ns=(NOW - HOUR) * 1000, limit=20, page_token=token)  # the limit may change
     assert resumed.after == (last.timestamp_us, last.event_id)
 
 
 def test_an_edited_cursor_cannot_reach_past_until():
     """The checksum is no secret: a token rebuilt with a later cursor still lists only the window."""
-    q = _token_query(until_us=NOW)
+    q = _token_query(until_ns=NOW * 1000)
     late = domain.StoredEvent(domain.new_event_id(NOW), "ws_a", q.person_id, "user_1", "e", "{}", NOW + HOUR, NOW)
-    resumed = _token_query(until_us=NOW, page_token=domain.page_token(q, late))
+    resumed = _token_query(until_ns=NOW * 1000, page_token=domain.page_token(q, late))
     assert resumed.after == (NOW, "")
 
 
@@ -224,7 +224,7 @@ def _flip(token: str, at: int) -> str:
     (lambda t: _flip(t, 30), {}, "damaged or was edited"),
     (lambda t: _flip(t, len(t) - 2), {}, "damaged or was edited"),
     (lambda t: t, {"event": "other"}, "other filters"),
-    (lambda t: t, {"until_us": NOW}, "other filters"),
+    (lambda t: t, {"until_ns": NOW * 1000}, "other filters"),
     (lambda t: t, {"offset": 5}, "cannot be combined with an offset"),
 ])
 def test_bad_page_tokens_are_field_errors(make_bad, kw, fragment):

@@ -40,7 +40,6 @@ from starlette.testclient import TestClient
 
 from gateway import transcode
 from gateway.app import HTTP_STATUS_BY_CODE, create_app, http_status_from_code, status_from_rpc_error
-from gateway.openapi import build_openapi, parse_proto_comments
 from gateway.rules import TemplateError, bindings_for, parse_template
 from gateway.transcode import (
     DEFAULT_CODECS,
@@ -582,79 +581,6 @@ def test_path_templates(template, route, values):
 def test_bad_templates_are_refused(template):
     with pytest.raises(TemplateError):
         parse_template(template)
-
-
-def test_openapi_lists_the_paths_with_parameters_bodies_and_errors():
-    doc = build_openapi([events_pb2.DESCRIPTOR], bindings_for([events_pb2.DESCRIPTOR]))
-    assert doc["openapi"].startswith("3.0")
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events"}
-    assert list(doc["paths"]["/api/v1/track/batch"]) == ["post"]
-    batch = doc["paths"]["/api/v1/track/batch"]["post"]
-    assert batch["operationId"] == "EventsService_TrackBatch"
-    assert batch["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/flameup.events.v1.TrackBatchRequest"
-    }
-    assert batch["responses"]["413"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/google.rpc.Status"
-    }
-    listing = doc["paths"]["/api/v1/people/{person_id}/events"]["get"]
-    params = {(p["name"], p["in"]): p for p in listing["parameters"]}
-    assert set(params) == {
-        ("person_id", "path"),
-        ("id_type", "query"),
-        ("limit", "query"),
-        ("offset", "query"),
-        ("event", "query"),
-        ("since", "query"),
-        ("until", "query"),
-        ("page_token", "query"),
-    }
-    assert params[("since", "query")]["schema"]["format"] == "date-time"
-    assert params[("limit", "query")]["schema"]["type"] == "integer"
-    assert "requestBody" not in listing
-    schemas = doc["components"]["schemas"]
-    assert set(schemas["google.rpc.Status"]["properties"]) == {"code", "message", "details"}
-    event = schemas["flameup.events.v1.Event"]["properties"]
-    assert event["parameters"]["type"] == "object" and event["timestamp"]["format"] == "date-time"
-    assert schemas["flameup.events.v1.ListPersonEventsResponse"]["properties"]["total"]["format"] == "int32"
-    # Comments of the proto source become descriptions (the source is in the repository).
-    assert listing["summary"].startswith("ListPersonEvents returns one person's events")
-    assert params[("limit", "query")]["description"] == "Page size, 1 to 500; 50 when absent."
-
-
-def test_proto_comment_reader():
-    source = """
-    // Svc does things.
-    service Svc {
-      // Get gets.
-      rpc Get(A) returns (A) {
-        option (google.api.http) = {get: "/v1/{name}"}; // braces in strings are not blocks
-      }
-    }
-    // A is "quoted" // twice.
-    message A {
-      // The name.
-      optional string name = 1;
-      int32 n = 2; // trailing
-      message B {
-        // Deep.
-        repeated string tags = 1;
-      }
-      option deprecated = false;
-    }
-    """
-    assert parse_proto_comments(source, "p") == {
-        "p.Svc": "Svc does things.",
-        "p.Svc.Get": "Get gets.",
-        "p.A": 'A is "quoted" // twice.',
-        "p.A.name": "The name.",
-        "p.A.n": "trailing",
-        "p.A.B.tags": "Deep.",
-    }
-
-
-# --------------------------------------------------------------------------
-# Errors
 
 
 def test_grpc_gateway_status_table():

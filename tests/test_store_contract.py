@@ -216,8 +216,9 @@ async def test_a_message_id_is_forgotten_after_the_dedup_window(store, workspace
 async def walk(store, q, *, during=None):
     """Every page of a listing by page token, through the core: (events, pages)."""
     core = EventsCore(store)
-    listing = ListInput(person_ref=q.person_id, limit=q.limit, event=q.event or "", since_us=q.since_us,
-                        until_us=q.until_us)
+    listing = ListInput(person_ref=q.person_id, limit=q.limit, event=q.event or "",
+                        since_ns=None if q.since_us is None else q.since_us * 1000,
+                        until_ns=None if q.until_us is None else q.until_us * 1000)
     seen, pages = [], 0
     while True:
         result = await core.list_person_events(q.workspace_id, listing)

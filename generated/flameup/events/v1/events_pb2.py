@@ -22,40 +22,67 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66lameup/events/v1/events.proto\x12\x11\x66lameup.events.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x0cTrackRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttimestamp\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0f\n\x07sent_at\x18\x06 \x01(\t\"X\n\rTrackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"U\n\x11TrackBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.flameup.events.v1.TrackRequest\x12\x0f\n\x07sent_at\x18\x02 \x01(\t\"{\n\x12TrackBatchResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12-\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x1d.flameup.events.v1.BatchError\x12\x12\n\nduplicates\x18\x04 \x03(\x05\";\n\nBatchError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xf4\x01\n\x17ListPersonEventsRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0f\n\x07id_type\x18\x02 \x01(\t\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\npage_token\x18\x08 \x01(\tB\x08\n\x06_limitB\t\n\x07_offset\"l\n\x18ListPersonEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.flameup.events.v1.Event\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xec\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x89\x03\n\rEventsService\x12\x64\n\x05Track\x12\x1f.flameup.events.v1.TrackRequest\x1a .flameup.events.v1.TrackResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/track:\x01*\x12y\n\nTrackBatch\x12$.flameup.events.v1.TrackBatchRequest\x1a%.flameup.events.v1.TrackBatchResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/track/batch:\x01*\x12\x96\x01\n\x10ListPersonEvents\x12*.flameup.events.v1.ListPersonEventsRequest\x1a+.flameup.events.v1.ListPersonEventsResponse\")\x82\xd3\xe4\x93\x02#\x12!/api/v1/people/{person_id}/eventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66lameup/events/v1/events.proto\x12\x11\x66lameup.events.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe7\x04\n\x0cTrackRequest\x12<\n\x0b\x65xternal_id\x18\x01 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12\x36\n\x05\x65vent\x18\x02 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\xbd\x01\n\ttimestamp\x18\x04 \x01(\tB\xa9\x01\xbaH\xa5\x01r\xa2\x01\x32\x9f\x01^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$\x12\x36\n\nmessage_id\x18\x05 \x01(\tB\"\xbaH\x1fr\x1d\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\x12\xbb\x01\n\x07sent_at\x18\x06 \x01(\tB\xa9\x01\xbaH\xa5\x01r\xa2\x01\x32\x9f\x01^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$\"X\n\rTrackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x93\x02\n\x11TrackBatchRequest\x12@\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.flameup.events.v1.TrackRequestB\x0f\xbaH\x0c\x92\x01\t\x08\x01\x10\x64\"\x03\xd8\x01\x03\x12\xbb\x01\n\x07sent_at\x18\x02 \x01(\tB\xa9\x01\xbaH\xa5\x01r\xa2\x01\x32\x9f\x01^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$\"{\n\x12TrackBatchResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12-\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x1d.flameup.events.v1.BatchError\x12\x12\n\nduplicates\x18\x04 \x03(\x05\";\n\nBatchError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xe7\x05\n\x17ListPersonEventsRequest\x12:\n\tperson_id\x18\x01 \x01(\tB\'\xbaH$r\x1f\x10\x01\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\xc8\x01\x01\x12\x30\n\x07id_type\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1aR\x00R\tperson_idR\x0b\x65xternal_id\x12\x1e\n\x05limit\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x01H\x00\x88\x01\x01\x12\x1c\n\x06offset\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00H\x01\x88\x01\x01\x12\x31\n\x05\x65vent\x18\x05 \x01(\tB\"\xbaH\x1fr\x1d\x18\xff\x01\x32\x18^[^\\x00-\\x1F\\x7F-\\x9F]*$\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\npage_token\x18\x08 \x01(\t:\xed\x02\xbaH\xe9\x02\x1a\xf3\x01\n\x0eperson_id.uuid\x12Vperson_id must be a UUID (pass id_type=external_id to look a person up by your own id)\x1a\x88\x01this.id_type == \'external_id\' || this.person_id.matches(\'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\')\x1aq\n\x12since.before_until\x12\x1asince must be before until\x1a?!has(this.since) || !has(this.until) || this.since < this.untilB\x08\n\x06_limitB\t\n\x07_offset\"l\n\x18ListPersonEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.flameup.events.v1.Event\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xec\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12+\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x89\x03\n\rEventsService\x12\x64\n\x05Track\x12\x1f.flameup.events.v1.TrackRequest\x1a .flameup.events.v1.TrackResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/track:\x01*\x12y\n\nTrackBatch\x12$.flameup.events.v1.TrackBatchRequest\x1a%.flameup.events.v1.TrackBatchResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/track/batch:\x01*\x12\x96\x01\n\x10ListPersonEvents\x12*.flameup.events.v1.ListPersonEventsRequest\x1a+.flameup.events.v1.ListPersonEventsResponse\")\x82\xd3\xe4\x93\x02#\x12!/api/v1/people/{person_id}/eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flameup.events.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TRACKREQUEST'].fields_by_name['external_id']._loaded_options = None
+  _globals['_TRACKREQUEST'].fields_by_name['external_id']._serialized_options = b'\272H$r\037\020\001\030\377\0012\030^[^\\x00-\\x1F\\x7F-\\x9F]*$\310\001\001'
+  _globals['_TRACKREQUEST'].fields_by_name['event']._loaded_options = None
+  _globals['_TRACKREQUEST'].fields_by_name['event']._serialized_options = b'\272H$r\037\020\001\030\377\0012\030^[^\\x00-\\x1F\\x7F-\\x9F]*$\310\001\001'
+  _globals['_TRACKREQUEST'].fields_by_name['timestamp']._loaded_options = None
+  _globals['_TRACKREQUEST'].fields_by_name['timestamp']._serialized_options = b'\272H\245\001r\242\0012\237\001^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$'
+  _globals['_TRACKREQUEST'].fields_by_name['message_id']._loaded_options = None
+  _globals['_TRACKREQUEST'].fields_by_name['message_id']._serialized_options = b'\272H\037r\035\030\377\0012\030^[^\\x00-\\x1F\\x7F-\\x9F]*$'
+  _globals['_TRACKREQUEST'].fields_by_name['sent_at']._loaded_options = None
+  _globals['_TRACKREQUEST'].fields_by_name['sent_at']._serialized_options = b'\272H\245\001r\242\0012\237\001^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$'
+  _globals['_TRACKBATCHREQUEST'].fields_by_name['events']._loaded_options = None
+  _globals['_TRACKBATCHREQUEST'].fields_by_name['events']._serialized_options = b'\272H\014\222\001\t\010\001\020d\"\003\330\001\003'
+  _globals['_TRACKBATCHREQUEST'].fields_by_name['sent_at']._loaded_options = None
+  _globals['_TRACKBATCHREQUEST'].fields_by_name['sent_at']._serialized_options = b'\272H\245\001r\242\0012\237\001^$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$'
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['person_id']._loaded_options = None
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['person_id']._serialized_options = b'\272H$r\037\020\001\030\377\0012\030^[^\\x00-\\x1F\\x7F-\\x9F]*$\310\001\001'
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['id_type']._loaded_options = None
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['id_type']._serialized_options = b'\272H\034r\032R\000R\tperson_idR\013external_id'
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['limit']._loaded_options = None
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['limit']._serialized_options = b'\272H\007\032\005\030\364\003(\001'
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['offset']._loaded_options = None
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['offset']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['event']._loaded_options = None
+  _globals['_LISTPERSONEVENTSREQUEST'].fields_by_name['event']._serialized_options = b'\272H\037r\035\030\377\0012\030^[^\\x00-\\x1F\\x7F-\\x9F]*$'
+  _globals['_LISTPERSONEVENTSREQUEST']._loaded_options = None
+  _globals['_LISTPERSONEVENTSREQUEST']._serialized_options = b'\272H\351\002\032\363\001\n\016person_id.uuid\022Vperson_id must be a UUID (pass id_type=external_id to look a person up by your own id)\032\210\001this.id_type == \'external_id\' || this.person_id.matches(\'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\')\032q\n\022since.before_until\022\032since must be before until\032?!has(this.since) || !has(this.until) || this.since < this.until'
   _globals['_EVENTSSERVICE'].methods_by_name['Track']._loaded_options = None
   _globals['_EVENTSSERVICE'].methods_by_name['Track']._serialized_options = b'\202\323\344\223\002\022\"\r/api/v1/track:\001*'
   _globals['_EVENTSSERVICE'].methods_by_name['TrackBatch']._loaded_options = None
   _globals['_EVENTSSERVICE'].methods_by_name['TrackBatch']._serialized_options = b'\202\323\344\223\002\030\"\023/api/v1/track/batch:\001*'
   _globals['_EVENTSSERVICE'].methods_by_name['ListPersonEvents']._loaded_options = None
   _globals['_EVENTSSERVICE'].methods_by_name['ListPersonEvents']._serialized_options = b'\202\323\344\223\002#\022!/api/v1/people/{person_id}/events'
-  _globals['_TRACKREQUEST']._serialized_start=147
-  _globals['_TRACKREQUEST']._serialized_end=298
-  _globals['_TRACKRESPONSE']._serialized_start=300
-  _globals['_TRACKRESPONSE']._serialized_end=388
-  _globals['_TRACKBATCHREQUEST']._serialized_start=390
-  _globals['_TRACKBATCHREQUEST']._serialized_end=475
-  _globals['_TRACKBATCHRESPONSE']._serialized_start=477
-  _globals['_TRACKBATCHRESPONSE']._serialized_end=600
-  _globals['_BATCHERROR']._serialized_start=602
-  _globals['_BATCHERROR']._serialized_end=661
-  _globals['_LISTPERSONEVENTSREQUEST']._serialized_start=664
-  _globals['_LISTPERSONEVENTSREQUEST']._serialized_end=908
-  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_start=910
-  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_end=1018
-  _globals['_EVENT']._serialized_start=1021
-  _globals['_EVENT']._serialized_end=1257
-  _globals['_EVENTSSERVICE']._serialized_start=1260
-  _globals['_EVENTSSERVICE']._serialized_end=1653
+  _globals['_TRACKREQUEST']._serialized_start=176
+  _globals['_TRACKREQUEST']._serialized_end=791
+  _globals['_TRACKRESPONSE']._serialized_start=793
+  _globals['_TRACKRESPONSE']._serialized_end=881
+  _globals['_TRACKBATCHREQUEST']._serialized_start=884
+  _globals['_TRACKBATCHREQUEST']._serialized_end=1159
+  _globals['_TRACKBATCHRESPONSE']._serialized_start=1161
+  _globals['_TRACKBATCHRESPONSE']._serialized_end=1284
+  _globals['_BATCHERROR']._serialized_start=1286
+  _globals['_BATCHERROR']._serialized_end=1345
+  _globals['_LISTPERSONEVENTSREQUEST']._serialized_start=1348
+  _globals['_LISTPERSONEVENTSREQUEST']._serialized_end=2091
+  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_start=2093
+  _globals['_LISTPERSONEVENTSRESPONSE']._serialized_end=2201
+  _globals['_EVENT']._serialized_start=2204
+  _globals['_EVENT']._serialized_end=2440
+  _globals['_EVENTSSERVICE']._serialized_start=2443
+  _globals['_EVENTSSERVICE']._serialized_end=2836
 # @@protoc_insertion_point(module_scope)
