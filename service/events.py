@@ -153,7 +153,7 @@ class EventsCore:
             accepted.append((index, stored))
         originals = await self._store.append([stored for _, stored in accepted])
         duplicates = []
-        for (index, _), original in zip(accepted, originals):
+        for (index, _), original in zip(accepted, originals, strict=True):
             if original is not None:
                 event_ids[index] = original[0]
                 duplicates.append(index)

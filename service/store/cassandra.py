@@ -806,7 +806,7 @@ class CassandraStore(Store):
         if claims:
             firsts = [events[indexes[0]] for indexes in claims.values()]
             originals = await self._gather(self._claim(e) for e in firsts)
-            for e, original, indexes in zip(firsts, originals, claims.values()):
+            for e, original, indexes in zip(firsts, originals, claims.values(), strict=True):
                 writes[original.event_id] = original
                 for i in indexes if original is not e else indexes[1:]:
                     results[i] = (original.event_id, original.person_id)
@@ -938,10 +938,12 @@ class CassandraStore(Store):
             return EventPage([], 0)
         event_key = q.event if q.event is not None else ALL_EVENTS
         pk = (q.workspace_id, q.person_id, event_key)
-        if q.after is not None:
-            whole = q.since_us is None and q.until_us is None
-            (total, *_), (events, more) = await self._gather([
-                self._whole_history(pk, 0, 0) if whole else self._window(q, pk), self._read_after(q, pk)])
+        if q.after is not None:  # the total (from the counts) and the page, concurrently
+            counted = asyncio.ensure_future(self._total(q, pk))
+            try:
+                events, more = await self._read_after(q, pk)
+            finally:
+                total = await counted
             return EventPage(events, total, more)
         prefetched = None
         if q.since_us is None and q.until_us is None:
@@ -1173,6 +1175,12 @@ class CassandraStore(Store):
     async def _read_day(self, q: EventQuery, d: _Bucket, skip: int, take: int) -> list[StoredEvent]:
         return await self._read_rows(q, "select_events", "select_events_by_name", (d.bucket, d.start_us, d.end_us),
                                      skip + take, skip=skip)
+
+    async def _total(self, q: EventQuery, pk: tuple[str, str, str]) -> int:
+        """The exact count of the listing's events (a cursor page reads no days for it)."""
+        if q.since_us is None and q.until_us is None:
+            return (await self._whole_history(pk, 0, 0))[0]
+        return (await self._window(q, pk))[0]
 
     async def _read_after(self, q: EventQuery, pk: tuple[str, str, str]) -> tuple[list[StoredEvent], bool]:
         """Keyset paging: up to q.limit events after q.after, and whether more follow.

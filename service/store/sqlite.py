@@ -177,7 +177,7 @@ class SqliteStore(_SqliteReads):
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, list[Original | None]]]] = {}
             start = 0
             for events, loop, done in group:
-                mine = [] if error is not None else results[start:start + len(events)]
+                mine = [] if isinstance(results, BaseException) else results[start : start + len(events)]
                 start += len(events)
                 by_loop.setdefault(loop, []).append((done, mine))
             for loop, waiters in by_loop.items():

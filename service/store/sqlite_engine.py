@@ -505,6 +505,7 @@ class GroupCommitter:
         (which leave the group), need it first.
         """
         conn = self._conn
+        assert conn is not None  # commit_or_error checked
         cached = self._person_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
         statements = None if missing else self._statements(events, cached)
@@ -515,7 +516,7 @@ class GroupCommitter:
             if claims:
                 results = self._claim_messages(conn, events)
                 if any(results):
-                    events = [e for e, original in zip(events, results) if original is None]
+                    events = [e for e, original in zip(events, results, strict=True) if original is None]
                     missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
                     statements = None
             conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,

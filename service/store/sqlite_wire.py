@@ -85,7 +85,7 @@ class WriterClient:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[tuple[str | None, list]]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._frames: Frames | None = None
         self._reading: asyncio.Task | None = None
@@ -98,7 +98,7 @@ class WriterClient:
         self._pending[request_id] = answer
         frames.send([request_id, [event_row(e) for e in events]])
         # A cancelled caller must not lose track of a commit in flight: it completes anyway.
-        error, found = await asyncio.shield(answer)
+        error, found = await asyncio.shield(answer)  # (str | None, [[index, event_id, person_id], ...])
         if error is not None:
             raise StoreUnavailable(f"sqlite writer: {error}")
         results: list[Original | None] = [None] * len(events)
