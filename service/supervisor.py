@@ -11,13 +11,17 @@ gRPC worker does; they call the workers on those sockets, in equal shares. On a
 SQLite store it first starts the one process that commits appends
 (`python -m service sqlite-writer`, see service/store/sqlite_writer.py) on a
 Unix socket in a private directory and passes that socket to each gRPC worker
-(`--sqlite-writer`). It imports neither gRPC nor a store driver
-itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways first
-(they finish in-flight requests), then the gRPC workers (health NOT_SERVING,
-in-flight calls finish, the store commits and closes), then the SQLite writer
-(it commits what it holds). When a worker dies unexpectedly the supervisor
-stops the rest and exits non-zero, so a process manager can restart the whole
-unit. Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
+(`--sqlite-writer`). With the feed on (service/feed/) it first starts a
+nats-server (unless given a NATS URL) and, once the store is ready, the feed
+publisher (`python -m service feed-publisher`); the gRPC workers get the NATS
+URL for StreamEvents. It imports neither gRPC nor a store driver nor a NATS
+client itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways
+first (they finish in-flight requests), then the gRPC workers (health
+NOT_SERVING, in-flight calls finish, the store commits and closes), then the
+publisher, the SQLite writer (it commits what it holds) and nats-server. When
+a gRPC worker, gateway or the writer dies unexpectedly the supervisor stops the
+rest and exits non-zero, so a process manager can restart the whole unit; the
+publisher and nats-server are off the request path and are started again. Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
 otherwise), which every process inherits, and it gives gRPC worker i the i-th
 CPU to keep to (see procutil.cpu).
 """
