@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from flameup.events.v1 import events_pb2, events_pb2_grpc
 from protoconv import struct_to_python
 from service import domain
-from service.auth import READ, WRITE, AuthError, Authenticator, Principal
+from service.auth import READ, WRITE, Authenticator, AuthError, Principal
 from service.domain import ValidationError
 from service.events import EventsCore, ListInput, TrackInput
 from service.feed.consumer import CursorError, Feed, FeedUnavailable
@@ -194,13 +194,15 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         every event stored from now on is in it), then the events as they reach the stream."""
         workspace_id = _principal.get().workspace_id
         events = stream_filters(request)
-        if self._feed is None:
+        feed = self._feed
+        if feed is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the real-time feed is off on this service")
+            return
         try:
-            start = await self._feed.start_sequence(
+            start = await feed.start_sequence(
                 workspace_id, request.after, request.since.ToJsonString() if request.HasField("since") else None)
             await context.send_initial_metadata(())
-            async for message in self._feed.messages(workspace_id, events, start):
+            async for message in feed.messages(workspace_id, events, start):
                 response = events_pb2.StreamEventsResponse(cursor=message.cursor)
                 json_format.Parse(message.body, response.event, ignore_unknown_fields=True)
                 await context.write(response)

@@ -21,7 +21,8 @@ NOT_SERVING, in-flight calls finish, the store commits and closes), then the
 publisher, the SQLite writer (it commits what it holds) and nats-server. When
 a gRPC worker, gateway or the writer dies unexpectedly the supervisor stops the
 rest and exits non-zero, so a process manager can restart the whole unit; the
-publisher and nats-server are off the request path and are started again. Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
+publisher and nats-server are off the request path and are started again.
+Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
 otherwise), which every process inherits, and it gives gRPC worker i the i-th
 CPU to keep to (see procutil.cpu).
 """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 
@@ -12,12 +11,12 @@ import grpc
 import httpx
 import nats
 import pytest
+from feed_support import WAIT, Reader
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import given
 from hypothesis import strategies as st
 
-from feed_support import WAIT, Reader, stream_ids
 from flameup.events.v1 import events_pb2 as pb
 from service.feed.subjects import decode_token, encode_token, event_filters, event_subject
 
@@ -40,9 +39,9 @@ def ws(service):
         stub = service.stub()
         http = httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {key}"}, timeout=WAIT)
 
-        def track(self, event: str = "signup", external_id: str | None = None, **parameters) -> str:
-            reply = self.stub.Track(pb.TrackRequest(external_id=external_id or uid(), event=event), metadata=self.metadata,
-                                    timeout=10)
+        def track(self, event: str = "signup", external_id: str | None = None) -> str:
+            request = pb.TrackRequest(external_id=external_id or uid(), event=event)
+            reply = self.stub.Track(request, metadata=self.metadata, timeout=10)
             return reply.event_id
 
         def reader(self, **request) -> Reader:

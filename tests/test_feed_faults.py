@@ -20,11 +20,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from feed_support import stream_ids
+from service_support import start_service, stop_service
+
 from flameup.events.v1 import events_pb2 as pb
 from service.feed import natsd
-from service_support import start_service, stop_service
 
 pytestmark = pytest.mark.slow
 

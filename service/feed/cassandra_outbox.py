@@ -31,6 +31,7 @@ import os
 import secrets
 import socket
 from collections import deque
+from typing import cast
 
 from service.domain import StoredEvent, now_us
 from service.feed.outbox import OUTBOX_BATCH, Outbox, Position, Window
@@ -112,17 +113,19 @@ class CassandraOutbox(Outbox):
         return trail, trail
 
     async def save_checkpoint(self, position: Position) -> None:
-        _, trail = position  # type: ignore[misc]
+        _, trail = _cursors(position)
         await self.store.save_feed_checkpoints(self.name, dict(enumerate(trail)))
 
     async def after(self, position: Position, limit: int = OUTBOX_BATCH) -> Window:
-        lead, trail = position  # type: ignore[misc]
+        lead, trail = _cursors(position)
         now = now_us()
         per_shard = max(1, limit // OUTBOX_SHARDS)
         reads = await asyncio.gather(
             *(self._walk(s, lead[s], (now // OUTBOX_MINUTE_US, ALL_IDS), per_shard) for s in range(OUTBOX_SHARDS)),
-            *(self._walk(s, trail[s], _min_cursor(lead[s], _cursor_at(now - LOOKBACK_US)), per_shard)
-              for s in range(OUTBOX_SHARDS)),
+            *(
+                self._walk(s, trail[s], _min_cursor(lead[s], _cursor_at(now - LOOKBACK_US)), per_shard)
+                for s in range(OUTBOX_SHARDS)
+            ),
         )
         events: list[StoredEvent] = []
         for rows, _ in reads[:OUTBOX_SHARDS]:
@@ -134,7 +137,7 @@ class CassandraOutbox(Outbox):
         return Window(events, (new_lead, new_trail))
 
     def published(self, window: Window) -> None:
-        _, trail = window.position  # type: ignore[misc]
+        _, trail = _cursors(window.position)
         for e in window.events:
             if e.event_id not in self._seen:
                 self._seen.add(e.event_id)
@@ -163,6 +166,11 @@ class CassandraOutbox(Outbox):
 
     async def wait_for_more(self, timeout: float) -> None:
         await asyncio.sleep(min(timeout, POLL_SECONDS))
+
+
+def _cursors(position: Position) -> tuple[tuple[Cursor, ...], tuple[Cursor, ...]]:
+    """(lead, trail): a position of this outbox is the cursors of each shard."""
+    return cast(tuple[tuple[Cursor, ...], tuple[Cursor, ...]], position)
 
 
 def _cursor_at(at_us: int) -> Cursor:

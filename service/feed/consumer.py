@@ -113,8 +113,11 @@ class Feed:
                 return info.state.last_seq + 1
             seq, check = parse_cursor(after)
             if seq + 1 < (info.state.first_seq or 1):
-                raise CursorError("the cursor is older than the feed keeps (its retention); start from a"
-                                  " time with since, or from now", out_of_range=True)
+                raise CursorError(
+                    "the cursor is older than the feed keeps (its retention); start from a"
+                    " time with since, or from now",
+                    out_of_range=True,
+                )
             if seq > info.state.last_seq:
                 raise CursorError("the cursor is ahead of the feed stream (not one of its cursors)")
             try:
@@ -128,8 +131,7 @@ class Feed:
             raise CursorError("not a cursor of this workspace's feed")
         return seq + 1
 
-    async def messages(self, workspace_id: str, events: list[str], start: int | str
-                       ) -> AsyncIterator[FeedMessage]:
+    async def messages(self, workspace_id: str, events: list[str], start: int | str) -> AsyncIterator[FeedMessage]:
         """The workspace's events from ``start`` (see start_sequence), as they reach the stream."""
         filters = event_filters(workspace_id, events)
         next_seq: int | str = start
@@ -166,14 +168,16 @@ class Feed:
         if isinstance(start, int):
             config.deliver_policy, config.opt_start_seq = api.DeliverPolicy.BY_START_SEQUENCE, start
         else:
-            config.deliver_policy, config.opt_start_time = api.DeliverPolicy.BY_START_TIME, start
+            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = start  # type: ignore[assignment]  # RFC 3339, sent as it is
         info = await js._jsm.add_consumer(self.settings.name, config=config)
         consumer = info.name
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, pending_msgs_limit=4 * PULL_BATCH, pending_bytes_limit=-1)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.settings.name}.{consumer}"
-        request = json.dumps({"batch": PULL_BATCH, "expires": int(PULL_EXPIRES_S * 1e9),
-                              "idle_heartbeat": int(HEARTBEAT_S * 1e9)}).encode()
+        request = json.dumps(
+            {"batch": PULL_BATCH, "expires": int(PULL_EXPIRES_S * 1e9), "idle_heartbeat": int(HEARTBEAT_S * 1e9)}
+        ).encode()
         credit = 0  # messages still owed by the outstanding pull requests
         try:
             while True:

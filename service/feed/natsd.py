@@ -53,21 +53,24 @@ def default_data_dir(store_url: str) -> str:
 def config_text(host: str, port: int, store_dir: str, sync_interval: str, ports_dir: str) -> str:
     """The server's configuration; port 0 asks for a free port (nats-server's -1: its own 0 means 4222)."""
     port = port or -1
-    return "\n".join([
-        f"listen: {json.dumps(f'{host}:{port}')}",
-        "server_name: flameup_local",
-        f"ports_file_dir: {json.dumps(ports_dir)}",
-        "jetstream {",
-        f"  store_dir: {json.dumps(store_dir)}",
-        f"  sync_interval: {json.dumps(sync_interval)}",
-        "  max_memory_store: 64MB",
-        "}",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"listen: {json.dumps(f'{host}:{port}')}",
+            "server_name: flameup_local",
+            f"ports_file_dir: {json.dumps(ports_dir)}",
+            "jetstream {",
+            f"  store_dir: {json.dumps(store_dir)}",
+            f"  sync_interval: {json.dumps(sync_interval)}",
+            "  max_memory_store: 64MB",
+            "}",
+            "",
+        ]
+    )
 
 
-def start(binary: str, run_dir: str, port: int, store_dir: str, sync_interval: str,
-          host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+def start(
+    binary: str, run_dir: str, port: int, store_dir: str, sync_interval: str, host: str = "127.0.0.1"
+) -> tuple[subprocess.Popen, str]:
     """Start nats-server; returns the process and its client URL once it listens."""
     ports_dir = os.path.join(run_dir, "nats-ports")
     os.makedirs(ports_dir, exist_ok=True)
@@ -77,8 +80,9 @@ def start(binary: str, run_dir: str, port: int, store_dir: str, sync_interval: s
     env = {**os.environ, "GOMEMLIMIT": GOMEMLIMIT}
     log_path = os.path.join(run_dir, "nats-server.log")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([binary, "-c", conf], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(
+            [binary, "-c", conf], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log
+        )
     return proc, wait_for_url(proc, ports_dir, log_path)
 
 

@@ -66,7 +66,7 @@ class Outbox(abc.ABC):
         """About ``limit`` stored events after ``position``, in store order (the same
         window again for the same position, plus what was stored meanwhile)."""
 
-    def published(self, window: Window) -> None:
+    def published(self, window: Window) -> None:  # noqa: B027 - most outboxes need no word of it
         """JetStream acknowledged every event of ``window``."""
 
     @abc.abstractmethod
@@ -135,9 +135,10 @@ class SqliteOutbox(Outbox):
             conn = self._c()
             self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
             rows = conn.execute(SELECT_AFTER, (position, limit)).fetchall()
-            events = [StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at)
-                      for _, event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at
-                      in rows]
+            events = [
+                StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at)
+                for _, event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at in rows
+            ]
             return Window(events, rows[-1][0] if rows else position)
 
         return await asyncio.to_thread(read)

@@ -29,7 +29,7 @@ from nats.js import api
 from nats.js.errors import BadRequestError
 
 from service.domain import StoredEvent
-from service.feed.outbox import Outbox, open_outbox
+from service.feed.outbox import Outbox, Position, open_outbox
 from service.feed.render import event_json
 from service.feed.subjects import StreamSettings, deletion_subject, event_subject
 
@@ -108,8 +108,11 @@ class Publisher:
         acks: list[asyncio.Future] = []
         try:
             for e in events:
-                acks.append(await self.js.publish_async(
-                    event_subject(e.workspace_id, e.event), event_json(e), headers={"Nats-Msg-Id": e.event_id}))
+                acks.append(
+                    await self.js.publish_async(
+                        event_subject(e.workspace_id, e.event), event_json(e), headers={"Nats-Msg-Id": e.event_id}
+                    )
+                )
             await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT)
         finally:
             for ack in acks:  # a cancelled ack gives its slot of the publish window back
@@ -118,7 +121,7 @@ class Publisher:
     async def run(self, stop: asyncio.Event) -> None:
         position = await self.outbox.checkpoint()
         saved, saved_at = position, time.monotonic()
-        acked: collections.deque[tuple[float, int]] = collections.deque()  # (when, position) not yet saved
+        acked: collections.deque[tuple[float, Position]] = collections.deque()  # (when, position) not yet saved
         while not stop.is_set():
             if not await self.outbox.lead():
                 await _wait(stop, RETRY_SECONDS)
@@ -150,8 +153,9 @@ class Publisher:
             try:
                 await self.publish(window.events)
             except Exception as exc:  # noqa: BLE001 - unreachable, timeout, stream error: retry the window
-                log.warning("publishing %d events failed (%s: %s); retrying", len(window.events),
-                            type(exc).__name__, exc)
+                log.warning(
+                    "publishing %d events failed (%s: %s); retrying", len(window.events), type(exc).__name__, exc
+                )
                 await _wait(stop, RETRY_SECONDS)
                 continue
             self.outbox.published(window)
@@ -167,8 +171,13 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         pass
 
 
-async def serve_publisher(store_url: str, nats_url: str, settings: StreamSettings,
-                          stop: asyncio.Event | None = None, on_ready: Callable[[], None] | None = None) -> None:
+async def serve_publisher(
+    store_url: str,
+    nats_url: str,
+    settings: StreamSettings,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Publish until SIGTERM/SIGINT (or ``stop``)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -76,5 +76,13 @@ class StreamSettings:
 
     def as_args(self) -> list[str]:
         """The command-line options that carry these settings to a child process."""
-        return ["--feed-stream", self.name, "--feed-max-age", str(self.max_age_s),
-                "--feed-duplicate-window", str(self.duplicate_window_s), "--feed-replicas", str(self.replicas)]
+        return [
+            "--feed-stream",
+            self.name,
+            "--feed-max-age",
+            str(self.max_age_s),
+            "--feed-duplicate-window",
+            str(self.duplicate_window_s),
+            "--feed-replicas",
+            str(self.replicas),
+        ]
