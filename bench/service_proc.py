@@ -66,7 +66,7 @@ def start(store_url: str, *, workers: int, gateway_workers: int, cpu_policy: str
         for line in proc.stdout:
             output.append(line)
             for name, pattern in (("grpc", r"gRPC listening on (\S+)"), ("http", r"REST listening on (\S+)"),
-                                  ("nats", r"Feed: NATS (\S+),"), ("feed_off", r"Feed: (off)")):
+                                  ("nats", r"Feed: NATS (\S+?)[,\s]"), ("feed_off", r"Feed: (off)")):
                 if m := re.search(pattern, line):
                     found[name] = m.group(1)
 

@@ -70,6 +70,33 @@ def test_plain_names_stay_readable_and_the_encoding_is_documented_percent_encodi
         decode_token("a.b")
 
 
+# The message body ------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.text(max_size=8)
+    | st.integers(min_value=-(2**53), max_value=2**53)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=5),
+       st.integers(min_value=0, max_value=4_000_000_000_000_000), st.sampled_from([0, 1000, 123_456, 7]))
+def test_the_body_is_the_event_as_the_gateway_writes_it(parameters, ts_us, micros):
+    from gateway.transcode import CodecRegistry
+    from service import domain
+    from service.domain import StoredEvent
+    from service.feed.render import event_json
+    from service.messages import event_message
+
+    stored = StoredEvent("evt_" + "0" * 32, "ws_a", "p", "x", "größe.✓", domain.canonical_parameters("p", parameters),
+                         ts_us, ts_us - ts_us % 1_000_000 + micros)
+    gateway = CodecRegistry().for_class(pb.Event).to_json(event_message(stored))
+    assert json.loads(event_json(stored)) == gateway
+    assert list(json.loads(event_json(stored))) == list(gateway)  # the fields in the same order
+
+
 # StreamEvents over gRPC ---------------------------------------------------------
 
 def test_a_tracked_event_is_delivered_once_with_the_listed_json(service, ws):

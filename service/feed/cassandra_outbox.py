@@ -119,7 +119,7 @@ class CassandraOutbox(Outbox):
     async def after(self, position: Position, limit: int = OUTBOX_BATCH) -> Window:
         lead, trail = _cursors(position)
         now = now_us()
-        per_shard = max(1, limit // OUTBOX_SHARDS)
+        per_shard = max(1, limit // (2 * OUTBOX_SHARDS))  # lead and trail: a window stays within limit
         reads = await asyncio.gather(
             *(self._walk(s, lead[s], (now // OUTBOX_MINUTE_US, ALL_IDS), per_shard) for s in range(OUTBOX_SHARDS)),
             *(

@@ -1,41 +1,54 @@
 """An event as the JSON object ListPersonEvents returns for it (the feed's message body).
 
-The gateway writes responses as protojson with proto field names and every
-field present; an Event holds scalars, a Struct and Timestamps, written the
-same way here from the same message (service.messages.event_message), so a
-feed message and a listed event are the same JSON.
+The gateway writes an Event as protojson with proto field names and every
+field present: the fields in proto order, ``parameters`` with its keys sorted
+and integral numbers (within +-2**53) as integers, Timestamps as RFC 3339 in
+UTC with 0, 3 or 6 fractional digits. Stored parameters are already canonical
+(service.domain.canonical_parameters: integral numbers as integers), so the
+object is written here straight from the stored row, with no protobuf
+message in between: the publisher renders every event. tests/test_feed.py
+checks it against the gateway's own rendering of service.messages.event_message.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from datetime import UTC, datetime
 
 import orjson
-from google.protobuf import struct_pb2, timestamp_pb2
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
-from protoconv import struct_to_python
 from service.domain import StoredEvent
-from service.messages import event_message
+
+_SORTED = orjson.OPT_SORT_KEYS
 
 
-def message_json(msg: Message) -> dict[str, Any]:
-    """protojson of the scalar, Struct and Timestamp fields of a message (UseProtoNames, EmitUnpopulated)."""
-    out: dict[str, Any] = {}
-    for field in msg.DESCRIPTOR.fields:
-        value = getattr(msg, field.name)
-        if field.type != FieldDescriptor.TYPE_MESSAGE:
-            out[field.name] = list(value) if field.is_repeated else value
-        elif isinstance(value, struct_pb2.Struct):
-            out[field.name] = struct_to_python(value, sort_keys=True)
-        elif isinstance(value, timestamp_pb2.Timestamp):
-            out[field.name] = value.ToJsonString() if msg.HasField(field.name) else None
-        else:
-            out[field.name] = message_json(value) if msg.HasField(field.name) else None
-    return out
+@functools.lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def event_json(event: StoredEvent) -> bytes:
+def rfc3339(micros: int) -> str:
+    """A time as protobuf's Timestamp.ToJsonString writes it (microsecond precision)."""
+    seconds, rest = divmod(micros, 1_000_000)
+    if not rest:
+        return _second(seconds) + "Z"
+    if rest % 1000 == 0:
+        return f"{_second(seconds)}.{rest // 1000:03d}Z"
+    return f"{_second(seconds)}.{rest:06d}Z"
+
+
+def event_json(e: StoredEvent) -> bytes:
     """The event's JSON body, UTF-8."""
-    return orjson.dumps(message_json(event_message(event)))
+    parameters = b"{}" if e.parameters == "{}" else orjson.dumps(orjson.loads(e.parameters), option=_SORTED)
+    return orjson.dumps(
+        {
+            "id": e.event_id,
+            "workspace_id": e.workspace_id,
+            "person_id": e.person_id,
+            "external_id": e.external_id,
+            "event": e.event,
+            "parameters": orjson.Fragment(parameters),
+            "timestamp": rfc3339(e.timestamp_us),
+            "created_at": rfc3339(e.created_at_us),
+        }
+    )

@@ -15,6 +15,7 @@ and ``~`` encoded too). ``purchase_completed`` stays ``purchase_completed``;
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -29,6 +30,7 @@ _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 _TOKEN = re.compile(r"(?:[A-Za-z0-9_-]|%[0-9A-F]{2})+")
 
 
+@functools.lru_cache(maxsize=65_536)  # a workspace has few event names; the publisher encodes each event's
 def encode_token(name: str) -> str:
     """An event name as one NATS subject token (see the module docstring)."""
     return "".join(chr(b) if b in _PLAIN else f"%{b:02X}" for b in name.encode("utf-8"))
@@ -41,6 +43,7 @@ def decode_token(token: str) -> str:
     return unquote(token, errors="strict")
 
 
+@functools.lru_cache(maxsize=65_536)
 def event_subject(workspace_id: str, event: str) -> str:
     return f"{SUBJECT_PREFIX}.{workspace_id}.{encode_token(event)}"
 
