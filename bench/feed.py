@@ -8,8 +8,8 @@
   counts 0.
 - ``feed_drain``: the service starts on a store holding a backlog the feed has
   not published, and a marker event is tracked after it; the rate is the
-  messages the stream gained from the first look (right after the start) to
-  the marker's arrival, over that time.
+  backlog's messages over the time between the stream's own timestamps of its
+  first message and of the marker.
 """
 
 from __future__ import annotations
@@ -125,47 +125,50 @@ class DrainResult:
 MARKER = "bench_drain_marker"
 
 
-def measure_drain(nats_url: str, grpc_target: str, key: str, timeout: float = 900.0) -> DrainResult:
-    """The service has just started on a store with a backlog: tracks a marker event (stored
-    after the whole backlog), then counts the stream's messages from the first sample that
-    grew to the marker's arrival."""
-    return asyncio.run(_drain(nats_url, grpc_target, key, timeout))
+def last_seq(nats_url: str) -> int:
+    """The stream's last sequence now (0: no stream yet)."""
 
-
-async def _drain(nats_url: str, grpc_target: str, key: str, timeout: float) -> DrainResult:
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-
-    async def count() -> int:
+    async def read() -> int:
+        nc = await nats.connect(nats_url)
         try:
-            return (await js.stream_info(DEFAULT_STREAM)).state.messages
+            return (await nc.jetstream().stream_info(DEFAULT_STREAM)).state.last_seq
         except nats.js.errors.NotFoundError:
             return 0
+        finally:
+            await nc.close()
 
-    first = (time.monotonic(), await count())
+    return asyncio.run(read())
+
+
+def measure_drain(nats_url: str, grpc_target: str, key: str, first_seq: int, timeout: float = 900.0) -> DrainResult:
+    """The service has just started on a store with a backlog, which the stream takes from
+    ``first_seq`` on: tracks a marker event (stored after the whole backlog), waits for it
+    on the stream, and takes the rate from the stream's own times of the backlog's first
+    message and the marker."""
+    return asyncio.run(_drain(nats_url, grpc_target, key, first_seq, timeout))
+
+
+async def _drain(nats_url: str, grpc_target: str, key: str, first_seq: int, timeout: float) -> DrainResult:
     async with grpc.aio.insecure_channel(grpc_target) as channel:
-        stub = channel.unary_unary(
+        track = channel.unary_unary(
             "/flameup.events.v1.EventsService/Track",
             request_serializer=pb.TrackRequest.SerializeToString,
             response_deserializer=pb.TrackResponse.FromString,
         )
-        await stub(
-            pb.TrackRequest(external_id="bench_drain", event=MARKER),
-            metadata=(("authorization", f"Bearer {key}"),),
-            timeout=30,
-        )
-    subject = f"flameup.events.{WORKSPACE}.{MARKER}"
+        await track(pb.TrackRequest(external_id="bench_drain", event=MARKER),
+                    metadata=(("authorization", f"Bearer {key}"),), timeout=30)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            n = await count()
-            now = time.monotonic()
             try:
-                await js.get_last_msg(DEFAULT_STREAM, subject)
+                marker = await js.get_last_msg(DEFAULT_STREAM, f"flameup.events.{WORKSPACE}.{MARKER}")
             except nats.js.errors.NotFoundError:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
                 continue
-            return DrainResult(n - first[1], now - first[0])
+            first = await js.get_msg(DEFAULT_STREAM, first_seq)
+            return DrainResult(marker.seq - first_seq, (marker.time - first.time).total_seconds())
     finally:
         await nc.close()
     raise RuntimeError(f"the feed did not publish its backlog within {timeout:.0f} s")

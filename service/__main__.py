@@ -339,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving))
         return 0
     if args.command == "feed-publisher":
+        from service.feed.natsd import lower_priority
         from service.feed.publisher import serve_publisher
 
+        lower_priority()
         exit_with_parent()
         uvloop.run(serve_publisher(args.store, args.nats_url, _stream_settings(args), on_ready=_serving))
         return 0

@@ -28,6 +28,25 @@ from urllib.parse import urlsplit
 DEFAULT_SYNC_INTERVAL = "1s"
 # A Go runtime soft limit: the server's heap stays small next to the service's processes.
 GOMEMLIMIT = "256MiB"
+# The feed's processes (this server, the publisher) run at this nice value: when the CPUs are
+# saturated, ingest goes first and the feed catches up after (docs/decisions/feed.md).
+FEED_NICE = 10
+
+
+def lower_priority() -> None:
+    """Give way to the request path (FEED_NICE); every thread started later inherits it.
+
+    Call it in a process that leads its own session (serve starts each so): with Linux's
+    autogroup scheduling a session's processes share one group, and the CPU is shared
+    between groups by the group's nice, set in /proc/self/autogroup; a process's own nice
+    only orders it within its group.
+    """
+    os.nice(FEED_NICE)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(FEED_NICE))
+    except OSError:  # not Linux, or no autogroup scheduling: the process nice is all there is
+        pass
 
 
 def nats_server_binary() -> str:
