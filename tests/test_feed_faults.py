@@ -172,3 +172,56 @@ def test_nats_away_for_30_seconds_then_back_loses_nothing(store_url):
             nats_proc.wait(30)
         except subprocess.TimeoutExpired:
             nats_proc.kill()
+
+
+def test_cassandra_instances_elect_one_publisher_and_another_takes_over(cassandra_url):
+    """Two instances over one keyspace and one NATS: one lease holder publishes; when its
+    instance dies, the other's publisher takes the lease and nothing acknowledged is lost."""
+    from service.store.cassandra import CassandraStore
+
+    run_dir = tempfile.mkdtemp(prefix="flameup-test-nats-run-")
+    nats_proc, nats_url = natsd.start(natsd.nats_server_binary(), run_dir, 0, os.path.join(run_dir, "data"),
+                                      natsd.DEFAULT_SYNC_INTERVAL)
+    stream = f"ELECT_{uuid.uuid4().hex[:8].upper()}"
+    args = ("--nats-url", nats_url, "--feed-stream", stream)
+    first, second = start_service(cassandra_url, extra_args=args), start_service(cassandra_url, extra_args=args)
+    workspace = f"ws_elect_{uuid.uuid4().hex[:8]}"
+    try:
+        key = first.create_key(workspace)
+
+        def lease_owner() -> str | None:
+            async def read():
+                store = CassandraStore.from_url(cassandra_url)
+                await store.open()
+                try:
+                    return await store.feed_lease_owner(stream)
+                finally:
+                    await store.close()
+            import asyncio
+            return asyncio.run(read())
+
+        deadline = time.monotonic() + 60
+        while (owner := lease_owner()) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert owner is not None
+        leader_pid = int(owner.split("-")[-2])
+        leader = next(s for s in (first, second) if _children(s.proc.pid).get("feed-publisher") == leader_pid)
+        survivor = second if leader is first else first
+
+        ingest = Ingest(survivor.grpc_target, key)
+        time.sleep(2)
+        for pid in _children(leader.proc.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        os.kill(leader.proc.pid, signal.SIGKILL)
+        time.sleep(4)
+        acked = ingest.stop()
+        assert ingest.failures == 0
+        on_stream = stream_ids(nats_url, stream, f"flameup.events.{workspace}.>", expect=acked, timeout=120)
+        assert set(on_stream) == acked
+        assert lease_owner() != owner
+    finally:
+        for s in (first, second):
+            if s.proc.poll() is None:
+                stop_service(s)
+        nats_proc.terminate()
+        nats_proc.wait(30)

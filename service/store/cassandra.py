@@ -354,6 +354,7 @@ SELECT_FEED_CHECKPOINTS = "SELECT shard, minute, event_id FROM feed_checkpoint W
 SAVE_FEED_CHECKPOINT = "UPDATE feed_checkpoint SET minute = ?, event_id = ? WHERE name = ? AND shard = ?"
 TAKE_FEED_LEASE = "INSERT INTO feed_lease (name, owner) VALUES (?, ?) IF NOT EXISTS USING TTL ?"
 RENEW_FEED_LEASE = "UPDATE feed_lease USING TTL ? SET owner = ? WHERE name = ? IF owner = ?"
+SELECT_FEED_LEASE = "SELECT owner FROM feed_lease WHERE name = ?"
 SELECT_EVENTS = (
     "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_person"
     " WHERE workspace_id = ? AND person_id = ? AND bucket = ? AND ts >= ? AND ts < ? LIMIT ?"
@@ -726,6 +727,7 @@ class CassandraStore(Store):
             "revoke_key": REVOKE_KEY, "revoke_key_by_hash": REVOKE_KEY_BY_HASH,
             "insert_outbox": INSERT_OUTBOX, "select_outbox": SELECT_OUTBOX,
             "select_feed_checkpoints": SELECT_FEED_CHECKPOINTS, "save_feed_checkpoint": SAVE_FEED_CHECKPOINT,
+            "select_feed_lease": SELECT_FEED_LEASE,
         }
         # Lightweight transactions report whether *this* attempt applied: a retry
         # could see its own first attempt as "not applied".
@@ -1016,6 +1018,11 @@ class CassandraStore(Store):
         else:
             rows = await self._execute("take_feed_lease", (name, owner, ttl_s))
         return bool(rows) and bool(rows[0][0])
+
+    async def feed_lease_owner(self, name: str) -> str | None:
+        """Which publisher holds the feed's lease now (None: nobody)."""
+        rows = await self._execute("select_feed_lease", (name,))
+        return rows[0].owner if rows else None
 
     async def list_events(self, query: EventQuery) -> EventPage:
         self._require_session()
