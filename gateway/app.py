@@ -505,36 +505,27 @@ def create_app(
         per_target = -(-max(1, channels) // len(targets))  # ceil: every target gets as many
         pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(per_target) for target in targets]
         try:
-            calls = {
-                binding.grpc_path: itertools.cycle(
-                    [
-                        _unary_unary(
-                            channel,
-                            binding.grpc_path,
-                            codecs.get(binding.method.input_type).cls,
-                            codecs.get(binding.method.output_type).cls,
-                        )
-                        for channel in pool
-                    ]
-                )
-                for binding in bindings
-                if not binding.method.server_streaming
-            }
-            stream_calls = {
-                binding.grpc_path: itertools.cycle(
-                    [
-                        _unary_stream(
-                            channel,
-                            binding.grpc_path,
-                            codecs.get(binding.method.input_type).cls,
-                            codecs.get(binding.method.output_type).cls,
-                        )
-                        for channel in pool
-                    ]
-                )
-                for binding in bindings
-                if binding.method.server_streaming
-            }
+
+            def round_robin(streaming: bool) -> dict[str, Iterator[Any]]:
+                """Each method's calls over every channel in turn (server-streaming ones, or the others)."""
+                make = _unary_stream if streaming else _unary_unary
+                return {
+                    b.grpc_path: itertools.cycle(
+                        [
+                            make(
+                                channel,
+                                b.grpc_path,
+                                codecs.get(b.method.input_type).cls,
+                                codecs.get(b.method.output_type).cls,
+                            )
+                            for channel in pool
+                        ]
+                    )
+                    for b in bindings
+                    if b.method.server_streaming == streaming
+                }
+
+            calls, stream_calls = round_robin(False), round_robin(True)
             health_check = _unary_unary(
                 pool[0], "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
             )

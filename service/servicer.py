@@ -88,26 +88,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the API key now: {exc}")
             _principal.set(principal)
 
-        if handler.unary_stream is not None:
-            streaming = handler.unary_stream
-
-            async def authenticated_stream(request, context):
+        def checked(inner):
+            async def authenticated(request, context):
                 await authenticate(request, context)
-                return await streaming(request, context)
+                return await inner(request, context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                authenticated_stream,
-                request_deserializer=tolerant_deserialize,
-                response_serializer=handler.response_serializer,
-            )
-        unary = handler.unary_unary
+            return authenticated
 
-        async def authenticated(request, context):
-            await authenticate(request, context)
-            return await unary(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            authenticated,
+        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
+        return make(
+            checked(handler.unary_stream or handler.unary_unary),
             request_deserializer=tolerant_deserialize,
             response_serializer=handler.response_serializer,
         )
