@@ -269,6 +269,8 @@ class _Builder:
                 "type": "string", "enum": [v.name for v in field.enum_type.values]
             }
         if field.is_repeated:
+            if message is None:  # each item's own rules
+                item |= _scalar_constraints(rules.repeated.items)
             schema = {"type": "array", "items": item}
             if rules.repeated.HasField("min_items"):
                 schema["minItems"] = rules.repeated.min_items

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_SYNC_INTERVAL = "1s"
 # A Go runtime soft limit: the server's heap stays small next to the service's processes.
-GOMEMLIMIT = "256MiB"
+GOMEMLIMIT = "128MiB"
 # The feed's processes (this server, the publisher) run at this nice value: when the CPUs are
 # saturated, ingest goes first and the feed catches up after (docs/decisions/feed.md).
 FEED_NICE = 10
