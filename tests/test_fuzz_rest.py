@@ -54,7 +54,8 @@ def within_the_rules_json_schema_cannot_state(ctx, case):
     """Keep generated requests inside the rules the document states only in
     words (see the proto comments), so that "schema-valid" means valid: a
     well-formed timestamp is a real time, not before 1970 nor more than a day
-    ahead; since < until; person_id is a UUID unless id_type is external_id.
+    ahead; since < until; person_id is a UUID unless id_type is external_id;
+    event counts span at most 1,000 buckets.
     Only values the schema allows are changed, so invalid requests stay invalid."""
     for item in _items(case):
         timestamp = item.get("timestamp") if isinstance(item, dict) else None
@@ -71,6 +72,14 @@ def within_the_rules_json_schema_cannot_state(ctx, case):
         query["since"], query["until"] = query["until"], query["since"]
         if since == until:
             del query["until"]
+    interval = query.get("interval")
+    interval_us = domain.INTERVALS.get(interval) if isinstance(interval, str) else None
+    if case.path == "/api/v1/events/counts" and interval_us and _datetime(query.get("since")) is not None:
+        # at most 1,000 buckets: without since the range is the 30 days before until
+        until_us = domain.now_us() if _datetime(query.get("until")) is None else domain.parse_timestamp(
+            "until", query["until"])
+        if -(-until_us // interval_us) - domain.parse_timestamp("since", query["since"]) // interval_us > 1000:
+            del query["since"]
     person_id = path.get("person_id")
     if isinstance(person_id, str) and query.get("id_type", "") in ("", "person_id"):
         try:

@@ -47,12 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import EventPage, EventQuery, StoredEvent
+from service.domain import HOUR_US, CountBucket, EventPage, EventQuery, NameStats, StoredEvent
 from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, split_window
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Each version is a list of statements, applied in order in one transaction.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -136,6 +136,75 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """INSERT INTO timeline (person_key, ts, event_id, event, seq)
             SELECT person_key, ts, event_id, event, seq FROM events ORDER BY person_key, ts, event_id""",
     ),
+    # Aggregates (docs/aggregations.md): the day counts gain the first and last time of
+    # their day, ``person_events`` sums a person's history per event name (both kept by
+    # the merge step, for timeline's entries), and a workspace's series (one per event
+    # name, '' for every event) count events and distinct persons per hour and day,
+    # kept by every group commit. Built here from the rows already stored.
+    4: (
+        "ALTER TABLE bucket_counts ADD COLUMN first_ts INTEGER",
+        "ALTER TABLE bucket_counts ADD COLUMN last_ts INTEGER",
+        f"""UPDATE bucket_counts SET (first_ts, last_ts) = (
+            SELECT min(t.ts), max(t.ts) FROM timeline AS t
+            WHERE t.person_key = bucket_counts.person_key
+              AND t.ts >= bucket_counts.bucket * {BUCKET_US} AND t.ts < (bucket_counts.bucket + 1) * {BUCKET_US}
+              AND (bucket_counts.event_key = '' OR t.event = bucket_counts.event_key))""",
+        """CREATE TABLE person_events (
+            person_key   INTEGER NOT NULL,
+            event        TEXT NOT NULL,
+            n            INTEGER NOT NULL,
+            first_ts     INTEGER NOT NULL,
+            last_ts      INTEGER NOT NULL,
+            PRIMARY KEY (person_key, event)
+        ) WITHOUT ROWID""",
+        """INSERT INTO person_events (person_key, event, n, first_ts, last_ts)
+            SELECT person_key, event, count(*), min(ts), max(ts) FROM timeline GROUP BY person_key, event""",
+        """CREATE TABLE series (
+            series_key   INTEGER PRIMARY KEY,
+            workspace_id TEXT NOT NULL,
+            event_key    TEXT NOT NULL,     -- '' = every event
+            UNIQUE (workspace_id, event_key)
+        )""",
+        # grain: HOUR_US, DAY_US, or 0 for the whole history (bucket 0, no person set)
+        """CREATE TABLE series_counts (
+            series_key   INTEGER NOT NULL,
+            grain        INTEGER NOT NULL,
+            bucket       INTEGER NOT NULL,  -- the bucket's first microsecond
+            n            INTEGER NOT NULL,
+            u            INTEGER NOT NULL,  -- distinct persons (rows of series_persons)
+            first_ts     INTEGER NOT NULL,
+            last_ts      INTEGER NOT NULL,
+            PRIMARY KEY (series_key, grain, bucket)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE series_persons (
+            series_key   INTEGER NOT NULL,
+            grain        INTEGER NOT NULL,
+            bucket       INTEGER NOT NULL,
+            person_key   INTEGER NOT NULL,
+            PRIMARY KEY (series_key, grain, bucket, person_key)
+        ) WITHOUT ROWID""",
+        """INSERT INTO series (workspace_id, event_key)
+            SELECT DISTINCT p.workspace_id, k.event_key FROM persons AS p
+            JOIN (SELECT DISTINCT person_key, event AS event_key FROM events
+                  UNION SELECT DISTINCT person_key, '' FROM events) AS k ON k.person_key = p.person_key""",
+        *(f"""INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key)
+            SELECT s.series_key, {grain}, e.ts - ((e.ts % {grain}) + {grain}) % {grain}, e.person_key
+            FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
+            JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)"""
+          for grain in (HOUR_US, BUCKET_US)),
+        *(f"""INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts)
+            SELECT s.series_key, {grain}, {bucket}, count(*), 0, min(e.ts), max(e.ts)
+            FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
+            JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)
+            GROUP BY 1, 2, 3""" for grain, bucket in (
+              (HOUR_US, f"e.ts - ((e.ts % {HOUR_US}) + {HOUR_US}) % {HOUR_US}"),
+              (BUCKET_US, f"e.ts - ((e.ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}"),
+              (0, "0"))),
+        """UPDATE series_counts SET u = (
+            SELECT count(*) FROM series_persons AS sp WHERE sp.series_key = series_counts.series_key
+              AND sp.grain = series_counts.grain AND sp.bucket = series_counts.bucket)
+            WHERE grain != 0""",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
@@ -168,12 +237,21 @@ _BUCKET_SQL = f"(ts - ((ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}) / {BUCKE
 # Each moved entry counts once under its event name and once under '' (every event).
 # (WHERE true: SQLite's parser needs it between a SELECT and ON CONFLICT.)
 MERGE_COUNTS = (
-    "INSERT INTO bucket_counts (person_key, event_key, bucket, n)"
-    " SELECT person_key, event_key, bucket, count(*) FROM ("
-    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket FROM recent"
+    "INSERT INTO bucket_counts (person_key, event_key, bucket, n, first_ts, last_ts)"
+    " SELECT person_key, event_key, bucket, count(*), min(ts), max(ts) FROM ("
+    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket, ts FROM recent"
                          " WHERE person_key > ? AND person_key <= ?" for key in ("event", "''"))
     + ") WHERE true GROUP BY person_key, event_key, bucket"
-    " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n"
+    " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
+)
+# A person's whole history per event name, moved along with the entries.
+MERGE_PERSON_EVENTS = (
+    "INSERT INTO person_events (person_key, event, n, first_ts, last_ts)"
+    " SELECT person_key, event, count(*), min(ts), max(ts) FROM recent"
+    " WHERE person_key > ? AND person_key <= ? GROUP BY person_key, event"
+    " ON CONFLICT (person_key, event) DO UPDATE SET n = n + excluded.n,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
 )
 DROP_MERGED = "DELETE FROM recent WHERE person_key > ? AND person_key <= ?"
 # Reads merge both tables in timeline order (SQLite walks the two ranges side by
@@ -192,6 +270,43 @@ COUNT_ENTRIES = "SELECT count(*) FROM {table} WHERE person_key = :person{filters
 SUM_BUCKETS = (
     "SELECT coalesce(sum(n), 0) FROM bucket_counts"
     " WHERE person_key = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
+)
+# A workspace's aggregates, kept by every group commit (see GroupCommitter._aggregate).
+GRAINS = (HOUR_US, BUCKET_US)  # per hour and per day; grain 0 is the whole history
+WHOLE_HISTORY = 0
+INSERT_SERIES = "INSERT OR IGNORE INTO series (workspace_id, event_key) VALUES "
+SELECT_SERIES_KEYS = (
+    "SELECT workspace_id, event_key, series_key FROM series WHERE (workspace_id, event_key) IN (VALUES {values})"
+)
+SELECT_SERIES_KEY = "SELECT series_key FROM series WHERE workspace_id = ? AND event_key = ?"
+# Only the rows really inserted come back: a person counts once per bucket, whoever commits.
+INSERT_SERIES_PERSONS = (
+    "INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key) VALUES {values}"
+    " RETURNING series_key, grain, bucket"
+)
+UPSERT_SERIES_COUNTS = (
+    "INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts) VALUES {values}"
+    " ON CONFLICT (series_key, grain, bucket) DO UPDATE SET n = n + excluded.n, u = u + excluded.u,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
+)
+SELECT_SERIES_BUCKETS = (
+    "SELECT bucket, n, u FROM series_counts WHERE series_key = ? AND grain = ? AND bucket >= ? AND bucket < ?"
+    " ORDER BY bucket"
+)
+SELECT_NAMES = (
+    "SELECT s.event_key, c.n, c.first_ts, c.last_ts FROM series AS s JOIN series_counts AS c"
+    " ON c.series_key = s.series_key AND c.grain = ? AND c.bucket >= ? AND c.bucket < ?"
+    " WHERE s.workspace_id = ? AND s.event_key != ''"
+)
+# A person's summary: person_events covers timeline's entries, recent adds the rest.
+SELECT_PERSON_EVENTS = "SELECT event, n, first_ts, last_ts FROM person_events WHERE person_key = ?"
+SELECT_DAY_STATS = (
+    "SELECT event_key, n, first_ts, last_ts FROM bucket_counts"
+    " WHERE person_key = ? AND event_key != '' AND bucket >= ? AND bucket <= ?"
+)
+ENTRY_STATS = (
+    "SELECT event, count(*), min(ts), max(ts) FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ?"
+    " GROUP BY event"
 )
 INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
@@ -388,6 +503,7 @@ class GroupCommitter:
         # (workspace_id, person_id) -> person_key, known committed; the entries in
         # ``recent`` (None: not counted yet) and the merge cursor.
         self._person_keys: dict[tuple[str, str], int] = {}
+        self._series_keys: dict[tuple[str, str], int] = {}  # (workspace_id, event_key) -> series_key
         self._recent_rows: int | None = None
         self._merged_through = -1
 
@@ -456,24 +572,32 @@ class GroupCommitter:
         already has a key (the usual case); only new persons need it first.
         """
         conn = self._conn
-        cached = self._person_keys
+        cached, series_cached = self._person_keys, self._series_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+        missing_series = {k for e in events for k in ((e.workspace_id, e.event), (e.workspace_id, ""))
+                          if k not in series_cached}
         statements = None if missing else self._statements(events, cached)
+        aggregates = None if missing or missing_series else _aggregates(events, cached, series_cached)
         conn.execute("BEGIN IMMEDIATE")
         try:
             new_keys = self._assign_person_keys(conn, missing) if missing else {}
+            new_series = _assign_series_keys(conn, missing_series) if missing_series else {}
             (last_seq,) = conn.execute(MAX_SEQ).fetchone()
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
                 conn.execute(sql, values)
             conn.execute(STAGE_ENTRIES, (last_seq,))
+            _store_aggregates(conn, aggregates or _aggregates(events, {**cached, **new_keys},
+                                                              {**series_cached, **new_series}))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if new_keys:  # only keys of a committed transaction may be remembered
-            if len(cached) + len(new_keys) > self._tuning.max_person_key_cache:
-                cached.clear()
-            cached.update(new_keys)
+        # only keys of a committed transaction may be remembered
+        for known, new in ((cached, new_keys), (series_cached, new_series)):
+            if new:
+                if len(known) + len(new) > self._tuning.max_person_key_cache:
+                    known.clear()
+                known.update(new)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
 
@@ -501,6 +625,7 @@ class GroupCommitter:
                 through = row[0] if row else _MAX_KEY
                 conn.execute(MERGE_ENTRIES, (after, through))
                 conn.execute(MERGE_COUNTS, (after, through) * 2)
+                conn.execute(MERGE_PERSON_EVENTS, (after, through))
                 moved = conn.execute(DROP_MERGED, (after, through)).rowcount
                 conn.execute("COMMIT")
             except BaseException:
@@ -546,6 +671,64 @@ class GroupCommitter:
         return found
 
 
+def _assign_series_keys(conn: sqlite3.Connection, series: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The series_key of each (workspace, event_key), created when new."""
+    found: dict[tuple[str, str], int] = {}
+    for chunk in _chunks(sorted(series)):
+        flat = [v for k in chunk for v in k]
+        conn.execute(INSERT_SERIES + _values(len(chunk), 2), flat)
+        for workspace_id, event_key, key in conn.execute(SELECT_SERIES_KEYS.format(values=_values(len(chunk), 2)),
+                                                         flat):
+            found[(workspace_id, event_key)] = key
+    return found
+
+
+@dataclass(slots=True)
+class _Aggregates:
+    """What one group commit adds to its workspaces' series."""
+
+    persons: list[tuple[int, int, int, int]]  # (series_key, grain, bucket, person_key), sorted, distinct
+    counts: dict[tuple[int, int, int], list[int]]  # (series_key, grain, bucket) -> [n, first_ts, last_ts]
+
+
+def _aggregates(events: list[StoredEvent], person_keys: dict[tuple[str, str], int],
+                series_keys: dict[tuple[str, str], int]) -> _Aggregates:
+    persons: set[tuple[int, int, int, int]] = set()
+    counts: dict[tuple[int, int, int], list[int]] = {}
+    for e in events:
+        person = person_keys[(e.workspace_id, e.person_id)]
+        ts = e.timestamp_us
+        for series in (series_keys[(e.workspace_id, e.event)], series_keys[(e.workspace_id, "")]):
+            for grain, bucket in ((HOUR_US, ts - ts % HOUR_US), (BUCKET_US, ts - ts % BUCKET_US),
+                                  (WHOLE_HISTORY, 0)):
+                if grain:
+                    persons.add((series, grain, bucket, person))
+                c = counts.get((series, grain, bucket))
+                if c is None:
+                    counts[(series, grain, bucket)] = [1, ts, ts]
+                else:
+                    c[0] += 1
+                    if ts < c[1]:
+                        c[1] = ts
+                    elif ts > c[2]:
+                        c[2] = ts
+    return _Aggregates(sorted(persons), counts)
+
+
+def _store_aggregates(conn: sqlite3.Connection, agg: _Aggregates) -> None:
+    """Insert the commit's person rows, then add its counts: ``u`` grows by the
+    person rows really inserted (a person already counted in a bucket is not
+    returned by the insert), inside the commit's transaction."""
+    new_persons: dict[tuple[int, int, int], int] = {}
+    for chunk in _chunks(agg.persons):
+        for key in conn.execute(INSERT_SERIES_PERSONS.format(values=_values(len(chunk), 4)),
+                                [v for row in chunk for v in row]):
+            new_persons[key] = new_persons.get(key, 0) + 1
+    rows = [(*key, n, new_persons.get(key, 0), first, last) for key, (n, first, last) in sorted(agg.counts.items())]
+    for chunk in _chunks(rows):
+        conn.execute(UPSERT_SERIES_COUNTS.format(values=_values(len(chunk), 7)), [v for row in chunk for v in row])
+
+
 # Reads and small writes, on any connection ------------------------------------
 
 def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
@@ -586,6 +769,88 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
         for event_id, external_id, event, parameters, ts, created_at in rows
     ]
     return EventPage(events, total)
+
+
+def _add_stats(into: dict[str, list[int]], rows) -> None:
+    """Sum (event, n, first_ts, last_ts) rows into event -> [n, first, last]."""
+    for event, n, first, last in rows:
+        if not n:
+            continue
+        have = into.get(event)
+        if have is None:
+            into[event] = [n, first, last]
+        else:
+            have[0] += n
+            have[1] = min(have[1], first)
+            have[2] = max(have[2], last)
+
+
+def _name_stats(stats: dict[str, list[int]]) -> list[NameStats]:
+    return [NameStats(event, n, first, last) for event, (n, first, last) in stats.items()]
+
+
+def person_summary(conn: sqlite3.Connection, workspace_id: str, person_id: str, since_us: int | None,
+                   until_us: int | None) -> list[NameStats]:
+    """Per event name: person_events (no window) or the window's whole days'
+    counts and its edges' entries, for timeline; the person's entries in recent
+    added; from one snapshot."""
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute(SELECT_PERSON_KEY, (workspace_id, person_id)).fetchone()
+        if row is None:
+            return []
+        person = row[0]
+        lo = _MIN_BUCKET if since_us is None else since_us
+        hi = _MAX_BUCKET if until_us is None else until_us
+        stats: dict[str, list[int]] = {}
+        if since_us is None and until_us is None:
+            _add_stats(stats, conn.execute(SELECT_PERSON_EVENTS, (person,)))
+        else:
+            first, last, edges = split_window(since_us, until_us)
+            if (first is None or last is None) or first <= last:
+                _add_stats(stats, conn.execute(SELECT_DAY_STATS, (
+                    person, _MIN_BUCKET if first is None else first, _MAX_BUCKET if last is None else last)))
+            for start, end in edges:
+                _add_stats(stats, conn.execute(ENTRY_STATS.format(table="timeline"), (person, start, end)))
+        _add_stats(stats, conn.execute(ENTRY_STATS.format(table="recent"), (person, lo, hi)))
+    finally:
+        conn.execute("COMMIT")
+    return _name_stats(stats)
+
+
+def event_counts(conn: sqlite3.Connection, workspace_id: str, event: str | None, interval_us: int, start_us: int,
+                 end_us: int) -> list[CountBucket]:
+    row = conn.execute(SELECT_SERIES_KEY, (workspace_id, event or "")).fetchone()
+    if row is None:
+        return []
+    return [CountBucket(bucket, n, u)
+            for bucket, n, u in conn.execute(SELECT_SERIES_BUCKETS, (row[0], interval_us, start_us, end_us))]
+
+
+def event_names(conn: sqlite3.Connection, workspace_id: str, since_us: int | None,
+                until_us: int | None) -> list[NameStats]:
+    """The whole-history rows, or the window's whole days plus the hours of its
+    partial edge days (the window is in whole hours)."""
+    stats: dict[str, list[int]] = {}
+    if since_us is None and until_us is None:
+        _add_stats(stats, conn.execute(SELECT_NAMES, (WHOLE_HISTORY, 0, 1, workspace_id)))
+        return _name_stats(stats)
+    lo = _MIN_BUCKET if since_us is None else since_us
+    hi = _MAX_BUCKET if until_us is None else until_us
+    day_lo, day_hi = -(-lo // BUCKET_US) * BUCKET_US, hi // BUCKET_US * BUCKET_US
+    conn.execute("BEGIN")
+    try:
+        if day_lo < day_hi:
+            _add_stats(stats, conn.execute(SELECT_NAMES, (BUCKET_US, day_lo, day_hi, workspace_id)))
+            hour_ranges = [(lo, day_lo), (day_hi, hi)]
+        else:
+            hour_ranges = [(lo, hi)]
+        for a, b in hour_ranges:
+            if a < b:
+                _add_stats(stats, conn.execute(SELECT_NAMES, (HOUR_US, a, b, workspace_id)))
+    finally:
+        conn.execute("COMMIT")
+    return _name_stats(stats)
 
 
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:
