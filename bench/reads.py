@@ -6,9 +6,12 @@ matching events and the page must hold min(limit, total) events, newest first.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -53,29 +56,43 @@ def variants(p: Person) -> list[tuple[str, pb.ListPersonEventsRequest, int]]:
 
 
 def measure(target: str, key: str, person: Person, calls: int, warmup_calls: int = 10) -> list[ReadResult]:
-    metadata = (("authorization", f"Bearer {key}"),)
-    results = []
+    with stub_for(target) as stub:
+        return [timed(workload, lambda r=request: stub.ListPersonEvents(r, metadata=auth(key), timeout=30),
+                      lambda response, w=workload, e=expected, r=request: _check(w, response, e, r),
+                      calls, warmup_calls, expected)
+                for workload, request, expected in variants(person)]
+
+
+def auth(key: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+@contextlib.contextmanager
+def stub_for(target: str) -> Iterator[events_pb2_grpc.EventsServiceStub]:
     with grpc.insecure_channel(target) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)  # first_ms: the call, not the connection
-        stub = events_pb2_grpc.EventsServiceStub(channel)
-        for workload, request, expected in variants(person):
-            latencies = []
-            for i in range(warmup_calls + calls):
-                started = time.perf_counter()
-                response = stub.ListPersonEvents(request, metadata=metadata, timeout=30)
-                elapsed = (time.perf_counter() - started) * 1000
-                if i == 0:
-                    first = elapsed
-                if i >= warmup_calls:
-                    latencies.append(elapsed)
-                if i == 0 or i == warmup_calls:
-                    _check(workload, response, expected, request)
-            latencies.sort()
-            results.append(ReadResult(
-                workload, calls, percentile(latencies, 50), percentile(latencies, 99),
-                statistics.fmean(latencies), expected, first,
-            ))
-    return results
+        yield events_pb2_grpc.EventsServiceStub(channel)
+
+
+def timed(workload: str, call: Callable[[], Any], check: Callable[[Any], None], calls: int, warmup_calls: int,
+          total: int) -> ReadResult:
+    """``calls`` sequential calls after ``warmup_calls``; the first call's answer and
+    the first measured one are checked."""
+    latencies = []
+    first = 0.0
+    for i in range(warmup_calls + calls):
+        started = time.perf_counter()
+        response = call()
+        elapsed = (time.perf_counter() - started) * 1000
+        if i == 0:
+            first = elapsed
+        if i >= warmup_calls:
+            latencies.append(elapsed)
+        if i == 0 or i == warmup_calls:
+            check(response)
+    latencies.sort()
+    return ReadResult(workload, calls, percentile(latencies, 50), percentile(latencies, 99),
+                      statistics.fmean(latencies), total, first)
 
 
 def _check(workload: str, response: pb.ListPersonEventsResponse, expected: int,
