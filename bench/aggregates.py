@@ -11,13 +11,20 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from bench import data
 from bench.data import EVENT_NAMES, Person
-from bench.reads import ReadResult, auth, stub_for, timed
+from bench.metrics import percentile
+from bench.reads import ReadResult, timed
+from flameup.events.v1 import events_pb2_grpc
 from flameup.events.v1 import events_pb2 as pb
 from service import domain
 from service.domain import DAY_US, HOUR_US, StoredEvent
@@ -49,6 +56,22 @@ def range_end(now_us: int) -> int:
     return -(-now_us // HOUR_US) * HOUR_US
 
 
+@contextmanager
+def _stub(target: str) -> Iterator[events_pb2_grpc.EventsServiceStub]:
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)  # first_ms: the call, not the connection
+        yield events_pb2_grpc.EventsServiceStub(channel)
+
+
+def _measure(workload: str, call: Callable[[], Any], check: Callable[[Any], None], calls: int,
+             total: int, warmup_calls: int = 10) -> ReadResult:
+    """Sequential calls; the first answer and the first measured one are checked."""
+    latencies, first = timed(call, calls, warmup_calls,
+                             lambda i, response: check(response) if i in (0, warmup_calls) else None)
+    return ReadResult(workload, calls, percentile(latencies, 50), percentile(latencies, 99),
+                      statistics.fmean(latencies), total, first)
+
+
 def _ts(us: int) -> timestamp_pb2.Timestamp:
     seconds, micros = divmod(us, 1_000_000)
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
@@ -56,7 +79,8 @@ def _ts(us: int) -> timestamp_pb2.Timestamp:
 
 def measure_summaries(target: str, key: str, persons: list[Person], calls: int) -> list[ReadResult]:
     results = []
-    with stub_for(target) as stub:
+    metadata = (("authorization", f"Bearer {key}"),)
+    with _stub(target) as stub:
         for p in persons:
             request = pb.GetPersonSummaryRequest(person_id=p.person_id)
 
@@ -66,9 +90,9 @@ def measure_summaries(target: str, key: str, persons: list[Person], calls: int) 
                 if response.total != p.size or got != counted:
                     raise AssertionError(f"person_summary_{p.label}: total {response.total}, expected {p.size}")
 
-            results.append(timed(f"person_summary_{p.label}",
-                                 lambda r=request: stub.GetPersonSummary(r, metadata=auth(key), timeout=30),
-                                 check, calls, 10, p.size))
+            results.append(_measure(f"person_summary_{p.label}",
+                                    lambda r=request: stub.GetPersonSummary(r, metadata=metadata, timeout=60),
+                                    check, calls, p.size))
     return results
 
 
@@ -76,7 +100,8 @@ def measure_counts(target: str, key: str, label: str, end_us: int, calls: int,
                    expected_rows: list[StoredEvent] | None = None) -> list[ReadResult]:
     """GetEventCounts of COUNT_EVENT over RANGES; with ``expected_rows``, every bucket is checked exactly."""
     results = []
-    with stub_for(target) as stub:
+    metadata = (("authorization", f"Bearer {key}"),)
+    with _stub(target) as stub:
         for interval, size, buckets in RANGES:
             request = pb.GetEventCountsRequest(event=COUNT_EVENT, interval=interval, since=_ts(end_us - buckets * size),
                                                until=_ts(end_us))
@@ -97,7 +122,7 @@ def measure_counts(target: str, key: str, label: str, end_us: int, calls: int,
                 if any(b.unique_persons > b.count for b in response.buckets):
                     raise AssertionError(f"{workload}: more persons than events in a bucket")
 
-            results.append(timed(f"event_counts_{interval}_{label}",
-                                 lambda r=request: stub.GetEventCounts(r, metadata=auth(key), timeout=30),
-                                 check, calls, 10, sum(want) if want else 0))
+            results.append(_measure(f"event_counts_{interval}_{label}",
+                                    lambda r=request: stub.GetEventCounts(r, metadata=metadata, timeout=60),
+                                    check, calls, sum(want) if want else 0))
     return results

@@ -1,8 +1,8 @@
 """The aggregates' contract: every store's person summary, event counts and event
 names equal what counting the stored events gives, through the ``store`` fixture
 (every backend). The property tests draw random sequences of tracks, batches,
-backdated events and repeated appends and compare every aggregate with a count
-over the events the store lists back."""
+backdated events, duplicates (message_id) and retried appends and compare every
+aggregate with a count over the events the store lists back."""
 
 from __future__ import annotations
 
@@ -141,6 +141,19 @@ async def test_backdated_events_count_in_their_own_bucket(store, workspace):
     assert got == [CountBucket(DAY0, 1, 1), CountBucket(DAY0 + 10 * DAY_US, 3, 1)]
 
 
+async def test_a_duplicate_counts_nowhere(store, workspace):
+    first = make_event(workspace, event="purchase_completed", ts_us=DAY0 + HOUR_US, message_id="m1")
+    assert await store.append([first]) == [None]
+    copies = [make_event(workspace, "user_2", event="cart_updated", ts_us=DAY0 + 5 * DAY_US, message_id="m1"),
+              make_event(workspace, event="purchase_completed", ts_us=DAY0 + HOUR_US, message_id="m1")]
+    assert await store.append(copies) == [(first.event_id, first.person_id)] * 2
+    assert await store.event_names(workspace, None, None) == [
+        NameStats("purchase_completed", 1, first.timestamp_us, first.timestamp_us)]
+    assert await store.event_counts(workspace, None, DAY_US, DAY0, DAY0 + 10 * DAY_US) == [CountBucket(DAY0, 1, 1)]
+    assert await store.person_summary(workspace, copies[0].person_id, None, None) == []
+    await check_all(store, workspace, ["user_1", "user_2"], [(None, None)])
+
+
 async def test_concurrent_appends_count_exactly(store, workspace):
     batches = [[make_event(workspace, f"user_{(b + i) % 5}", event=NAMES[i % 3], ts_us=DAY0 + (b * 7 + i) * 600_000_000)
                 for i in range(20)] for b in range(8)]
@@ -152,11 +165,14 @@ async def test_concurrent_appends_count_exactly(store, workspace):
 # Property tests ---------------------------------------------------------------
 
 _times = st.integers(min_value=-3 * DAY_US, max_value=3 * DAY_US).map(lambda d: DAY0 + d)
-_event = st.tuples(st.integers(0, 3), st.sampled_from(NAMES), _times)
+# (person, event name, time, message_id or None): message ids from a small pool, so
+# that copies within an append, across appends and across persons are duplicates.
+_event = st.tuples(st.integers(0, 3), st.sampled_from(NAMES), _times, st.one_of(st.none(), st.integers(0, 5)))
 # An append: 1 to 12 events (a track is one); whether it is retried: the same
-# events again, as new events, the way a client's retry without a message_id is
-# stored; whether the aggregates are checked right after it (later appends then
-# land in buckets already counted, backdated or not).
+# events again, concurrently with another append (those with a message_id are
+# duplicates, the others are stored again, as a retry without one is); whether
+# the aggregates are checked right after it (later appends then land in buckets
+# already counted, backdated or not).
 _append = st.tuples(st.lists(_event, min_size=1, max_size=12), st.booleans(), st.booleans())
 _window = st.tuples(st.one_of(st.none(), _times), st.one_of(st.none(), _times)).filter(
     lambda w: w[0] is None or w[1] is None or w[0] < w[1])
@@ -175,7 +191,8 @@ async def test_aggregates_equal_a_count_of_the_stored_events(store):
         people = [f"user_{p}" for p in (0, 1, 2, 3, 9)]
         for items, twice, check_now in appends:
             def prepare():
-                return [make_event(workspace, f"user_{p}", event=name, ts_us=ts) for p, name, ts in items]
+                return [make_event(workspace, f"user_{p}", event=name, ts_us=ts,
+                                   message_id=None if m is None else f"m{m}") for p, name, ts, m in items]
 
             await store.append(prepare())
             if twice:  # retried, concurrently with another append
