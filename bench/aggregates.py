@@ -3,7 +3,7 @@
 - ``person_summary_<size>``: GetPersonSummary of the list_person persons; the
   answer's total must be the person's size.
 - ``event_counts_<day|hour>_<big|small>``: GetEventCounts, 30 daily and 168
-  hourly buckets ending at the next whole hour, over the benchmark's workspace
+  hourly buckets ending with the current day or hour, over the benchmark's workspace
   (the ingest runs' millions of events: ``big``) and over a workspace of 10,000
   events loaded before the service starts (``small``, whose counts are checked
   exactly).
@@ -51,9 +51,9 @@ def small_workspace_rows(end_us: int) -> list[StoredEvent]:
     return rows
 
 
-def range_end(now_us: int) -> int:
-    """The end of the measured ranges: the next whole hour (so the current hour is a bucket)."""
-    return -(-now_us // HOUR_US) * HOUR_US
+def range_end(now_us: int, size: int = HOUR_US) -> int:
+    """The end of a measured range: the next whole bucket (so the current one is in it)."""
+    return -(-now_us // size) * size
 
 
 @contextmanager
@@ -96,13 +96,15 @@ def measure_summaries(target: str, key: str, persons: list[Person], calls: int) 
     return results
 
 
-def measure_counts(target: str, key: str, label: str, end_us: int, calls: int,
+def measure_counts(target: str, key: str, label: str, now_us: int, calls: int,
                    expected_rows: list[StoredEvent] | None = None) -> list[ReadResult]:
-    """GetEventCounts of COUNT_EVENT over RANGES; with ``expected_rows``, every bucket is checked exactly."""
+    """GetEventCounts of COUNT_EVENT over RANGES, each ending with the bucket that holds
+    ``now_us``; with ``expected_rows``, every bucket is checked exactly."""
     results = []
     metadata = (("authorization", f"Bearer {key}"),)
     with _stub(target) as stub:
         for interval, size, buckets in RANGES:
+            end_us = range_end(now_us, size)
             request = pb.GetEventCountsRequest(event=COUNT_EVENT, interval=interval, since=_ts(end_us - buckets * size),
                                                until=_ts(end_us))
             want = None

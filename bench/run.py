@@ -387,7 +387,7 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
     url = bs.service_url()
     persons = [data.person(n) for n in s.persons] if wanted & {"list_person", "aggregates"} else []
     svc: service_proc.Service | None = None
-    counts_end = aggregates.range_end(data.domain.now_us())
+    counts_end = aggregates.range_end(data.domain.now_us())  # the small workspace's events end there
     small_rows = aggregates.small_workspace_rows(counts_end) if "aggregates" in wanted else []
     small_key = ""
 

@@ -1372,7 +1372,7 @@ class CassandraStore(Store):
             n = summary.n
         else:
             await self._count_dirty(pk, days)
-            n = sum(d.n for d in days)  # type: ignore[misc]
+            n = sum(d.n for d in days)
             if whole_history and (summary is None or started >= (summary.written_at or 0)):
                 self._write_back(pk, SUMMARY_BUCKET, n, started)
         if not n:
