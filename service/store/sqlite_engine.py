@@ -386,6 +386,9 @@ class Tuning:
     merge_from_rows: int = 50_000
     merge_step_rows: int = 2_000
     max_person_key_cache: int = 100_000
+    # series_persons rows the writer remembers as committed (about 60 bytes each): a
+    # person seen again in the same hour or day then costs no insert.
+    known_person_rows: int = 300_000
     # Expired dedup entries one commit deletes at most: more than a group inserts, so
     # the table shrinks back to the window's entries; bounded, so no commit stalls.
     dedup_cleanup_rows: int = 2000
@@ -550,6 +553,9 @@ class GroupCommitter:
         # ``recent`` (None: not counted yet) and the merge cursor.
         self._person_keys: dict[tuple[str, str], int] = {}
         self._series_keys: dict[tuple[str, str], int] = {}  # (workspace_id, event_key) -> series_key
+        # series_persons rows known committed, by (series_key, grain, bucket): see _remember_persons
+        self._known_persons: dict[tuple[int, int, int], set[int]] = {}
+        self._known_person_rows = 0
         self._recent_rows: int | None = None
         self._merged_through = -1
 
@@ -646,18 +652,20 @@ class GroupCommitter:
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
                 conn.execute(sql, values)
             conn.execute(STAGE_ENTRIES, (last_seq,))
-            _store_aggregates(conn, aggregates or _aggregates(events, {**cached, **new_keys},
-                                                              {**series_cached, **new_series}))
+            written = _store_aggregates(conn, aggregates or _aggregates(events, {**cached, **new_keys},
+                                                                        {**series_cached, **new_series}),
+                                        self._known_persons)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        # only keys of a committed transaction may be remembered
+        # only keys and rows of a committed transaction may be remembered
         for known, new in ((cached, new_keys), (series_cached, new_series)):
             if new:
                 if len(known) + len(new) > self._tuning.max_person_key_cache:
                     known.clear()
                 known.update(new)
+        self._remember_persons(written)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
         return results
@@ -697,6 +705,27 @@ class GroupCommitter:
             conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END,
                          chunk)
         return results
+
+    def _remember_persons(self, written: dict[tuple[int, int, int], set[int]]) -> None:
+        """Keep the series_persons rows of committed groups, so that a person seen
+        again in a bucket costs no insert; at most known_person_rows of them."""
+        known = self._known_persons
+        added = sum(map(len, written.values()))
+        if self._known_person_rows + added > self._tuning.known_person_rows:
+            known.clear()
+            self._known_person_rows = 0
+        for key, persons in written.items():
+            if (have := known.get(key)) is None:
+                known[key] = set(persons)
+            else:
+                have |= persons
+        self._known_person_rows += added
+
+    def forget_persons(self) -> None:
+        """Drop the remembered series_persons rows: whatever deletes such rows
+        (a person's deletion, retention) calls this on the writer."""
+        self._known_persons.clear()
+        self._known_person_rows = 0
 
     def merge_if_due(self) -> None:
         """One merge step when ``recent`` has grown past merge_from_rows.
@@ -780,50 +809,56 @@ def _assign_series_keys(conn: sqlite3.Connection, series: set[tuple[str, str]]) 
     return found
 
 
-@dataclass(slots=True)
-class _Aggregates:
-    """What one group commit adds to its workspaces' series."""
-
-    persons: list[tuple[int, int, int, int]]  # (series_key, grain, bucket, person_key), sorted, distinct
-    counts: dict[tuple[int, int, int], list[int]]  # (series_key, grain, bucket) -> [n, first_ts, last_ts]
+# (series_key, grain, bucket) -> [n, first_ts, last_ts, person keys (None for the whole history)]
+_Buckets = dict[tuple[int, int, int], list]
 
 
 def _aggregates(events: list[StoredEvent], person_keys: dict[tuple[str, str], int],
-                series_keys: dict[tuple[str, str], int]) -> _Aggregates:
-    persons: set[tuple[int, int, int, int]] = set()
-    counts: dict[tuple[int, int, int], list[int]] = {}
+                series_keys: dict[tuple[str, str], int]) -> _Buckets:
+    """What one group commit adds to its workspaces' series. One dictionary step
+    per event (its workspace, name and hour); the rest per group, with set
+    operations: a group commit's events share few hours."""
+    by_hour: dict[tuple[str, str, int], tuple[list[int], set[int]]] = {}
     for e in events:
-        person = person_keys[(e.workspace_id, e.person_id)]
         ts = e.timestamp_us
-        for series in (series_keys[(e.workspace_id, e.event)], series_keys[(e.workspace_id, "")]):
-            for grain, bucket in ((HOUR_US, ts - ts % HOUR_US), (BUCKET_US, ts - ts % BUCKET_US),
-                                  (WHOLE_HISTORY, 0)):
-                if grain:
-                    persons.add((series, grain, bucket, person))
-                c = counts.get((series, grain, bucket))
-                if c is None:
-                    counts[(series, grain, bucket)] = [1, ts, ts]
+        group = by_hour.get(key := (e.workspace_id, e.event, ts - ts % HOUR_US))
+        if group is None:
+            group = by_hour[key] = ([], set())
+        group[0].append(ts)
+        group[1].add(person_keys[(e.workspace_id, e.person_id)])
+    buckets: _Buckets = {}
+    for (workspace_id, event, hour), (times, persons) in by_hour.items():
+        n, first, last = len(times), min(times), max(times)
+        for series in (series_keys[(workspace_id, event)], series_keys[(workspace_id, "")]):
+            for grain, bucket in ((HOUR_US, hour), (BUCKET_US, hour - hour % BUCKET_US), (WHOLE_HISTORY, 0)):
+                b = buckets.get(key3 := (series, grain, bucket))
+                if b is None:
+                    buckets[key3] = [n, first, last, set(persons) if grain else None]
                 else:
-                    c[0] += 1
-                    if ts < c[1]:
-                        c[1] = ts
-                    elif ts > c[2]:
-                        c[2] = ts
-    return _Aggregates(sorted(persons), counts)
+                    b[0] += n
+                    b[1], b[2] = min(b[1], first), max(b[2], last)
+                    if grain:
+                        b[3] |= persons
+    return buckets
 
 
-def _store_aggregates(conn: sqlite3.Connection, agg: _Aggregates) -> None:
+def _store_aggregates(conn: sqlite3.Connection, buckets: _Buckets,
+                      known: dict[tuple[int, int, int], set[int]]) -> dict[tuple[int, int, int], set[int]]:
     """Insert the commit's person rows, then add its counts: ``u`` grows by the
     person rows really inserted (a person already counted in a bucket is not
-    returned by the insert), inside the commit's transaction."""
+    returned by the insert), inside the commit's transaction. ``known``: rows
+    committed earlier, which need no insert. Returns the rows it wrote or found."""
+    written = {key: fresh for key, b in buckets.items() if b[3] and (fresh := b[3] - known.get(key, set()))}
+    rows = sorted((*key, person) for key, fresh in written.items() for person in fresh)
     new_persons: dict[tuple[int, int, int], int] = {}
-    for chunk in _chunks(agg.persons):
+    for chunk in _chunks(rows):
         for key in conn.execute(INSERT_SERIES_PERSONS.format(values=_values(len(chunk), 4)),
                                 [v for row in chunk for v in row]):
             new_persons[key] = new_persons.get(key, 0) + 1
-    rows = [(*key, n, new_persons.get(key, 0), first, last) for key, (n, first, last) in sorted(agg.counts.items())]
-    for chunk in _chunks(rows):
+    counts = sorted((*key, n, new_persons.get(key, 0), first, last) for key, (n, first, last, _) in buckets.items())
+    for chunk in _chunks(counts):
         conn.execute(UPSERT_SERIES_COUNTS.format(values=_values(len(chunk), 7)), [v for row in chunk for v in row])
+    return written
 
 
 # Reads and small writes, on any connection ------------------------------------
