@@ -162,6 +162,27 @@ async def test_concurrent_appends_count_exactly(store, workspace):
                     [(None, None), (DAY0 + HOUR_US, DAY0 + 9 * HOUR_US)])
 
 
+async def test_reads_racing_appends_never_leave_a_wrong_count(store, workspace):
+    """Reads that count dirty buckets (and store their counts) while appends land in
+    the same buckets: once the appends are done, every aggregate is exact."""
+    person = query(workspace).person_id
+
+    async def append(round_):
+        await store.append([make_event(workspace, f"user_{i % 3}", event=NAMES[i % 2],
+                                       ts_us=DAY0 + HOUR_US + round_ * 1000 + i) for i in range(10)])
+
+    async def read():
+        await store.event_counts(workspace, None, HOUR_US, DAY0, DAY0 + DAY_US)
+        await store.event_counts(workspace, NAMES[0], DAY_US, DAY0, DAY0 + DAY_US)
+        await store.event_names(workspace, None, None)
+        await store.person_summary(workspace, person, None, None)
+
+    for round_ in range(8):
+        await asyncio.gather(append(round_), read(), read())
+    await check_all(store, workspace, ["user_0", "user_1", "user_2"], [(None, None), (DAY0, DAY0 + DAY_US)])
+    assert await store.event_counts(workspace, None, DAY_US, DAY0, DAY0 + DAY_US) == [CountBucket(DAY0, 80, 3)]
+
+
 # Property tests ---------------------------------------------------------------
 
 _times = st.integers(min_value=-3 * DAY_US, max_value=3 * DAY_US).map(lambda d: DAY0 + d)
