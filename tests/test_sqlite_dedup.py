@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 from service.domain import StoredEvent, new_event_id, now_us, person_id_for
+from service.store import sqlite_engine
 from service.store.sqlite_engine import GroupCommitter, SqliteFile, Tuning
 
 WS = "ws_dedup"
@@ -20,7 +21,7 @@ def _event(message_id: str | None, created_at_us: int, external_id: str = "u") -
 def _claims(path: str) -> list[str]:
     conn = sqlite3.connect(path)
     try:
-        return sorted(r[0] for r in conn.execute("SELECT message_id FROM dedup"))
+        return sorted(r[0] for r in conn.execute("SELECT e.message_id FROM claims AS c JOIN events AS e ON e.seq = c.seq"))
     finally:
         conn.close()
 
@@ -68,3 +69,77 @@ def test_a_commit_that_fails_keeps_no_claim(tmp_path):
         assert committer.commit([good]) == [None]
     finally:
         committer.close()
+
+
+def _stored(path: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_messages_of_one_claim_key_are_told_apart_by_the_original(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_engine, "claim_key", lambda workspace_id, message_id: 7)  # every id collides
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, dedup_window_s=WINDOW_S)
+    db.migrate()
+    committer = GroupCommitter(db)
+    committer.open()
+    try:
+        first = _event("m1", now_us())
+        assert committer.commit([first]) == [None]
+        # another message of the key, while m1's claim lives: stored, without a claim
+        assert committer.commit([_event("m2", now_us())]) == [None]
+        assert committer.commit([_event("m2", now_us())]) == [None]
+        assert _claims(path) == ["m1"]
+        # copies in one group are still told apart, claim or no claim
+        m3 = _event("m3", now_us())
+        assert committer.commit([m3, _event("m3", now_us()), _event("m1", now_us())]) == [
+            None, (m3.event_id, m3.person_id), (first.event_id, first.person_id)]
+        # the same message_id in another workspace is another message
+        other = StoredEvent(new_event_id(now_us()), "ws_other", person_id_for("ws_other", "u"), "u", "e", "{}",
+                            now_us(), now_us(), "m1")
+        assert committer.commit([other]) == [None]
+        assert _stored(path) == 5 and _claims(path) == ["m1"]
+    finally:
+        committer.close()
+
+
+def test_migration_keeps_the_claims_of_schema_4(tmp_path):
+    path = str(tmp_path / "events.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version in range(1, 5):
+        for statement in sqlite_engine.MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 4")
+    received = now_us()
+    original = _event("m1", received)
+    unclaimed = _event(None, received, external_id="v")
+    conn.execute("INSERT INTO persons (workspace_id, person_id) VALUES (?, ?), (?, ?)",
+                 (WS, original.person_id, WS, unclaimed.person_id))
+    for e in (original, unclaimed):
+        conn.execute("INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at)"
+                     " SELECT ?, person_key, ?, ?, ?, ?, ? FROM persons WHERE person_id = ?",
+                     (e.event_id, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us, e.person_id))
+    conn.execute("INSERT INTO dedup (workspace_id, message_id, event_id, person_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                 (WS, "m1", original.event_id, original.person_id, received))
+    conn.close()
+    db = SqliteFile(path, dedup_window_s=WINDOW_S)
+    db.migrate()
+    assert _claims(path) == ["m1"]
+    committer = GroupCommitter(db)
+    committer.open()
+    try:
+        assert committer.commit([_event("m1", now_us(), external_id="w"), _event("m2", now_us())]) == [
+            (original.event_id, original.person_id), None]
+        assert committer.commit([_event("m2", now_us())])[0] is not None
+    finally:
+        committer.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'dedup%'").fetchall() == []
+        assert conn.execute("SELECT message_id FROM events WHERE event_id = ?", (unclaimed.event_id,)).fetchone() == (
+            None,)
+    finally:
+        conn.close()

@@ -17,10 +17,11 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
     ("statement", "table"),
     [
         (sqlite_engine.SELECT_PERSON_KEYS.format(values=sqlite_engine._values(3, 2)), "persons"),
-        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "dedup"),
-        (sqlite_engine.EXPIRE_CLAIMS, "dedup"),
+        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "claims"),
+        (sqlite_engine.SELECT_CLAIMING_ROWS, "events"),
+        (sqlite_engine.EXPIRE_CLAIMS, "claims"),
     ],
-    ids=["person_keys", "claims", "expire_claims"],
+    ids=["person_keys", "claims", "claiming_rows", "expire_claims"],
 )
 def test_a_lookup_by_key_searches_an_index(tmp_path, statement, table):
     conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
