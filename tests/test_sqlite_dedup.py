@@ -21,7 +21,9 @@ def _event(message_id: str | None, created_at_us: int, external_id: str = "u") -
 def _claims(path: str) -> list[str]:
     conn = sqlite3.connect(path)
     try:
-        return sorted(r[0] for r in conn.execute("SELECT e.message_id FROM claims AS c JOIN events AS e ON e.seq = c.seq"))
+        return sorted(r[0] for r in conn.execute(
+            "SELECT e.message_id FROM (SELECT seq FROM claims UNION ALL SELECT seq FROM new_claims) AS c"
+            " JOIN events AS e ON e.seq = c.seq"))
     finally:
         conn.close()
 

@@ -34,12 +34,14 @@ Exact totals: per-day counts (``bucket_counts``) cover the entries in
 transaction. A read sums at most a few hundred day rows and counts the
 person's few entries still in ``recent``.
 
-Idempotent ingest (docs/idempotent-ingest.md): ``dedup`` maps (workspace,
-message_id) to the event that claimed it. A commit looks its events' ids up in
-the same transaction that inserts them, under SQLite's write lock, so no two
+Idempotent ingest (docs/idempotent-ingest.md): ``claims`` maps
+``claim_key(workspace, message_id)``, a 64-bit hash, to the row of the event
+that claimed it, which keeps its message_id: a hit is verified against that row,
+and the duplicate answer read from it. A commit looks its events' keys up in the
+same transaction that inserts them, under SQLite's write lock, so no two
 commits, of any process, can both claim one message_id; a duplicate is never
 inserted and so counts nowhere. Each commit also deletes at most
-``dedup_cleanup_rows`` expired entries, oldest first by the ``created_at`` index.
+``dedup_cleanup_rows`` expired claims, oldest first by the ``created_at`` index.
 
 Keyset paging: a page after (ts, event_id) adds ``(ts, event_id) < (?, ?)`` to
 both timeline ranges, which SQLite seeks to in the (person_key, ts, event_id)
@@ -66,6 +68,8 @@ from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, dedup_
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 5
+# The claims of message_ids: new ones are staged in the first, merged into the second.
+CLAIM_TABLES = ("new_claims", "claims")
 # Each version is a list of statements, applied in order in one transaction.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -164,16 +168,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Compact claims (docs/idempotent-ingest.md): a claim is keyed by claim_key(),
     # a 64-bit hash of (workspace_id, message_id), and points at the original's row,
-    # which now keeps its message_id to verify a hit. About a fifth of a version 4
-    # claim's bytes, so a commit's randomly placed claims share pages five times as
-    # often. claim_key() is a function of the migrating connection (see migrate).
+    # which now keeps its message_id to verify a hit: about a fifth of a version 4
+    # claim's bytes. New claims go to the small ``new_claims`` and move into
+    # ``claims`` in key-range steps, as the timeline's entries do, so a commit
+    # dirties few of the big table's pages. claim_key() is a function of the
+    # migrating connection (see migrate).
     5: (
         "ALTER TABLE events ADD COLUMN message_id TEXT",  # the client's id; NULL: none
-        """CREATE TABLE claims (
+        *(f"""CREATE TABLE {table} (
             claim_key    INTEGER PRIMARY KEY,  -- claim_key(workspace_id, message_id)
             seq          INTEGER NOT NULL,     -- the original's row in events
             created_at   INTEGER NOT NULL      -- when the original was received
-        )""",
+        )""" for table in CLAIM_TABLES),
         "CREATE INDEX dedup_by_event ON dedup (event_id)",
         """UPDATE events SET message_id = d.message_id FROM dedup AS d WHERE d.event_id = events.event_id""",
         # Two ids of one hash (never seen): the first keeps the claim, the other's row is a stored event.
@@ -181,7 +187,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             SELECT claim_key(d.workspace_id, d.message_id), e.seq, d.created_at
             FROM events AS e JOIN dedup AS d ON d.event_id = e.event_id ORDER BY e.seq""",
         "DROP TABLE dedup",
-        "CREATE INDEX claims_expiry ON claims (created_at)",
+        *(f"CREATE INDEX {table}_expiry ON {table} (created_at)" for table in CLAIM_TABLES),
     ),
 }
 
@@ -207,24 +213,35 @@ STAGE_ENTRIES = (
     " SELECT person_key, ts, event_id, event, seq FROM events WHERE seq > ?"
 )
 COUNT_RECENT = "SELECT count(*) FROM recent"
-# The claims of a group's keys, with what a hit is verified against and answered
-# with: the original's workspace, message_id, event_id and person_id. A claim
-# whose row is gone (removed with its person) finds nothing and is replaced.
+# The claims of a group's keys in both tables, with what a hit is verified against
+# and answered with: the original's workspace, message_id, event_id and person_id.
+# A claim whose row is gone (removed with its person) finds nothing and is replaced.
 SELECT_CLAIMS = (
-    "SELECT c.claim_key, c.created_at, p.workspace_id, e.message_id, e.event_id, p.person_id"
-    " FROM claims AS c JOIN events AS e ON e.seq = c.seq JOIN persons AS p ON p.person_key = e.person_key"
-    " WHERE c.claim_key IN ({marks})"
+    "SELECT c.claim_key, c.created_at, p.workspace_id, e.message_id, e.event_id, p.person_id FROM ("
+    + " UNION ALL ".join(f"SELECT claim_key, seq, created_at FROM {t} WHERE claim_key IN ({{marks}})"
+                         for t in CLAIM_TABLES)
+    + ") AS c JOIN events AS e ON e.seq = c.seq JOIN persons AS p ON p.person_key = e.person_key"
 )
 # The rows of this commit that claim their message_id get a claim pointing at them.
 SELECT_CLAIMING_ROWS = "SELECT seq, event_id, created_at FROM events WHERE seq > ? AND message_id IS NOT NULL"
 CLAIM_COLUMNS = 3
 # A claim replaces an expired one that the cleanup has not reached yet.
-INSERT_CLAIMS = "INSERT INTO claims (claim_key, seq, created_at) VALUES "
-INSERT_CLAIMS_END = " ON CONFLICT (claim_key) DO UPDATE SET seq = excluded.seq, created_at = excluded.created_at"
+_REPLACE_CLAIM = " ON CONFLICT (claim_key) DO UPDATE SET seq = excluded.seq, created_at = excluded.created_at"
+INSERT_CLAIMS = "INSERT INTO new_claims (claim_key, seq, created_at) VALUES "
+INSERT_CLAIMS_END = _REPLACE_CLAIM
+# The oldest expired claims of a table, through its created_at index.
 EXPIRE_CLAIMS = (
-    "DELETE FROM claims WHERE claim_key IN"
-    " (SELECT claim_key FROM claims WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+    "DELETE FROM {table} WHERE claim_key IN"
+    " (SELECT claim_key FROM {table} WHERE created_at < ? ORDER BY created_at LIMIT ?)"
 )
+# A claims merge step: new_claims' keys from the cursor up to the n-th one, into claims.
+COUNT_NEW_CLAIMS = "SELECT count(*) FROM new_claims"
+CLAIMS_MERGE_BOUNDARY = "SELECT claim_key FROM new_claims WHERE claim_key >= ? ORDER BY claim_key LIMIT 1 OFFSET ?"
+MERGE_CLAIMS = (
+    "INSERT INTO claims (claim_key, seq, created_at)"
+    " SELECT claim_key, seq, created_at FROM new_claims WHERE claim_key >= ? AND claim_key <= ?" + _REPLACE_CLAIM
+)
+DROP_MERGED_CLAIMS = "DELETE FROM new_claims WHERE claim_key >= ? AND claim_key <= ?"
 # A merge step: the persons after the cursor up to the one holding the n-th entry.
 MERGE_BOUNDARY = "SELECT person_key FROM recent WHERE person_key > ? ORDER BY person_key LIMIT 1 OFFSET ?"
 MERGE_ENTRIES = (
@@ -276,6 +293,7 @@ REVOKE_KEY = "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key
 PAGE_BYTES = 16 * 1024
 _MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
 _MAX_KEY = 2**63 - 1
+_MIN_KEY = -(2**63)
 
 
 @dataclass(frozen=True)
@@ -302,6 +320,12 @@ class Tuning:
     # Expired dedup entries one commit deletes at most: more than a group inserts, so
     # the table shrinks back to the window's entries; bounded, so no commit stalls.
     dedup_cleanup_rows: int = 2000
+    # New claims wait in ``new_claims`` (a commit's random inserts then dirty its few
+    # pages) until it holds claims_merge_from_rows; then every commit with claims
+    # moves about claims_merge_step_rows of them, a range of keys, into ``claims``
+    # (more than a group adds, so the staged table stays near its size).
+    claims_merge_from_rows: int = 50_000
+    claims_merge_step_rows: int = 2_000
     # The writer process: a group of fewer than small_group_rows rows waits until
     # commit_gap_s after the start of the previous commit, gathering what arrives meanwhile.
     commit_gap_s: float = 0.002
@@ -474,6 +498,9 @@ class GroupCommitter:
         self._person_keys: dict[tuple[str, str], int] = {}
         self._recent_rows: int | None = None
         self._merged_through = -1
+        # The claims in ``new_claims`` (None: not counted yet) and where the next claims merge step starts.
+        self._new_claims: int | None = None
+        self._claims_merge_from = _MIN_KEY
 
     def open(self) -> None:
         """Open the writing connection and start the checkpointer thread (the schema must be current)."""
@@ -562,10 +589,13 @@ class GroupCommitter:
             (last_seq,) = conn.execute(MAX_SEQ).fetchone()
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
                 conn.execute(sql, values)
+            claims_merge = None
             if claimed:
                 self._insert_claims(conn, claimed, last_seq)
-            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
-                                         self._tuning.dedup_cleanup_rows))
+                claims_merge = self._merge_claims_if_due(conn, len(claimed))
+            for table in CLAIM_TABLES:
+                conn.execute(EXPIRE_CLAIMS.format(table=table), (now_us() - self.db.dedup_window_s * 1_000_000,
+                                                                 self._tuning.dedup_cleanup_rows))
             conn.execute(STAGE_ENTRIES, (last_seq,))
             conn.execute("COMMIT")
         except BaseException:
@@ -577,6 +607,8 @@ class GroupCommitter:
             cached.update(new_keys)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
+        if claims_merge is not None:
+            self._new_claims, self._claims_merge_from = claims_merge
         return results
 
     def _claim_messages(self, conn: sqlite3.Connection,
@@ -593,8 +625,9 @@ class GroupCommitter:
         held: dict[int, tuple[str, str, str, str, int]] = {}
         for chunk in _chunks(sorted(set(keys.values()))):
             for key, created_at, workspace_id, message_id, event_id, person_id in conn.execute(
-                    SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), chunk):
-                held[key] = (workspace_id, message_id, event_id, person_id, created_at)
+                    SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), chunk * len(CLAIM_TABLES)):
+                if key not in held or held[key][4] < created_at:  # staged: replaced an expired one
+                    held[key] = (workspace_id, message_id, event_id, person_id, created_at)
         results: list[Original | None] = []
         stored: dict[tuple[str, str], Original] = {}  # this group's events with a message_id
         claimed: dict[str, int] = {}
@@ -629,6 +662,26 @@ class GroupCommitter:
         for chunk in _chunks(flat, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
             conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END,
                          chunk)
+
+    def _merge_claims_if_due(self, conn: sqlite3.Connection, added: int) -> tuple[int | None, int]:
+        """One claims merge step inside the commit when ``new_claims`` has grown past
+        claims_merge_from_rows: the staged claims from the cursor's key up to the
+        claims_merge_step_rows-th one move into ``claims``, whose pages of that key
+        range each take many claims at once. Past the last key the cursor starts
+        over and the staged claims are counted afresh. Returns the count and cursor
+        to keep once the commit is through."""
+        staged = self._new_claims
+        staged = conn.execute(COUNT_NEW_CLAIMS).fetchone()[0] if staged is None else staged + added
+        start = self._claims_merge_from
+        if staged < self._tuning.claims_merge_from_rows:
+            return staged, start
+        row = conn.execute(CLAIMS_MERGE_BOUNDARY, (start, self._tuning.claims_merge_step_rows - 1)).fetchone()
+        through = row[0] if row else _MAX_KEY
+        conn.execute(MERGE_CLAIMS, (start, through))
+        moved = conn.execute(DROP_MERGED_CLAIMS, (start, through)).rowcount
+        if through == _MAX_KEY:
+            return None, _MIN_KEY
+        return staged - moved, through + 1
 
     def merge_if_due(self) -> None:
         """One merge step when ``recent`` has grown past merge_from_rows.
