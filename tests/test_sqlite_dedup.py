@@ -145,3 +145,50 @@ def test_migration_keeps_the_claims_of_schema_4(tmp_path):
             None,)
     finally:
         conn.close()
+
+
+def _staged(path: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT count(*) FROM new_claims").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_staged_claims_move_into_claims_in_key_range_steps_and_still_answer(tmp_path):
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, tuning=Tuning(claims_merge_from_rows=4, claims_merge_step_rows=2), dedup_window_s=WINDOW_S)
+    db.migrate()
+    committer = GroupCommitter(db)
+    committer.open()
+    try:
+        originals = [_event(f"m{i}", now_us(), external_id=f"u{i}") for i in range(12)]
+        for i in range(0, 12, 3):
+            assert committer.commit(originals[i:i + 3]) == [None] * 3
+            assert _staged(path) <= 4 + 3  # a step after each commit with claims keeps the staged table small
+        assert _claims(path) == sorted(f"m{i}" for i in range(12))
+        assert _staged(path) < 12  # some moved
+        copies = [_event(f"m{i}", now_us()) for i in range(12)]
+        assert committer.commit(copies) == [(e.event_id, e.person_id) for e in originals]
+        assert _stored(path) == 12
+    finally:
+        committer.close()
+
+
+def test_a_staged_claim_wins_over_the_expired_one_it_replaces(tmp_path):
+    path = str(tmp_path / "events.db")
+    tuning = Tuning(claims_merge_from_rows=2, claims_merge_step_rows=1000, dedup_cleanup_rows=0)
+    db = SqliteFile(path, tuning=tuning, dedup_window_s=WINDOW_S)
+    db.migrate()
+    committer = GroupCommitter(db)
+    committer.open()
+    try:
+        old = now_us() - WINDOW_S * 1_000_000 - 5_000_000
+        assert committer.commit([_event("x", old), _event("a", now_us()), _event("b", now_us())]) == [None] * 3
+        assert _staged(path) == 0  # all merged into claims
+        fresh = _event("x", now_us())
+        assert committer.commit([fresh]) == [None]  # the expired claim is no claim
+        assert _staged(path) == 1  # x now in both tables: expired in claims, fresh in new_claims
+        assert committer.commit([_event("x", now_us())]) == [(fresh.event_id, fresh.person_id)]
+    finally:
+        committer.close()
