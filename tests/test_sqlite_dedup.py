@@ -30,7 +30,9 @@ def _claims(path: str) -> list[str]:
 
 def test_each_commit_deletes_at_most_a_bounded_number_of_expired_claims(tmp_path):
     path = str(tmp_path / "events.db")
-    db = SqliteFile(path, tuning=Tuning(dedup_cleanup_rows=3), dedup_window_s=WINDOW_S)
+    # every commit with claims merges all staged claims into claims, where the cleanup runs
+    tuning = Tuning(dedup_cleanup_rows=3, claims_merge_from_rows=1, claims_merge_step_rows=1000)
+    db = SqliteFile(path, tuning=tuning, dedup_window_s=WINDOW_S)
     db.migrate()
     committer = GroupCommitter(db)
     committer.open()

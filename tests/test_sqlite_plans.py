@@ -20,7 +20,7 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
         (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "claims"),
         (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "new_claims"),
         (sqlite_engine.SELECT_CLAIMING_ROWS, "events"),
-        (sqlite_engine.EXPIRE_CLAIMS.format(table="claims"), "claims"),
+        (sqlite_engine.EXPIRE_CLAIMS, "claims"),
         (sqlite_engine.CLAIMS_MERGE_BOUNDARY, "new_claims"),
         (sqlite_engine.MERGE_CLAIMS, "new_claims"),
         (sqlite_engine.DROP_MERGED_CLAIMS, "new_claims"),
