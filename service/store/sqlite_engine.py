@@ -40,8 +40,11 @@ that claimed it, which keeps its message_id: a hit is verified against that row,
 and the duplicate answer read from it. A commit looks its events' keys up in the
 same transaction that inserts them, under SQLite's write lock, so no two
 commits, of any process, can both claim one message_id; a duplicate is never
-inserted and so counts nowhere. Each commit also deletes at most
-``dedup_cleanup_rows`` expired claims, oldest first by the ``created_at`` index.
+inserted and so counts nowhere. Claims are keyed at random, so new ones go to
+the small ``new_claims`` and move into ``claims`` a key range at a time, as the
+timeline's entries do (a step inside a commit with claims). Each commit also
+deletes at most ``dedup_cleanup_rows`` expired claims of ``claims``, oldest
+first by its ``created_at`` index.
 
 Keyset paging: a page after (ts, event_id) adds ``(ts, event_id) < (?, ?)`` to
 both timeline ranges, which SQLite seeks to in the (person_key, ts, event_id)
