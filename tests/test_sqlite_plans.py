@@ -25,7 +25,8 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
         (sqlite_engine.MERGE_CLAIMS, "new_claims"),
         (sqlite_engine.DROP_MERGED_CLAIMS, "new_claims"),
     ],
-    ids=["person_keys", "claims", "new_claims", "claiming_rows", "expire_claims", "claims_boundary", "merge_claims", "drop_merged_claims"],
+    ids=["person_keys", "claims", "new_claims", "claiming_rows", "expire_claims", "claims_boundary", "merge_claims",
+         "drop_merged_claims"],
 )
 def test_a_lookup_by_key_searches_an_index(tmp_path, statement, table):
     conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
