@@ -647,7 +647,7 @@ class GroupCommitter:
             key = keys[message]
             claim = held.get(key)
             live = claim is not None and claim[4] + window_us > e.created_at_us
-            if live and claim[:2] == message:
+            if claim is not None and live and claim[:2] == message:
                 results.append(claim[2:4])
                 continue
             if not live:  # a live claim of another message of this key: stored without a claim
