@@ -163,3 +163,17 @@ def test_a_staged_claim_wins_over_the_expired_one_it_replaces(tmp_path):
         assert committer.commit([fresh]) == [None]  # the expired claim is no claim
         assert _staged(path) == 1  # x now in both tables: expired in claims, fresh in new_claims
         assert committer.commit([_event("x", now_us())]) == [(fresh.event_id, fresh.person_id)]
+
+
+def test_a_claim_whose_row_is_gone_is_replaced_even_when_its_seq_is_taken_again(tmp_path):
+    path = str(tmp_path / "events.db")
+    with _committer(path) as committer:
+        assert committer.commit([_event("m1", now_us())]) == [None]
+        conn = sqlite3.connect(path)
+        conn.execute("DELETE FROM events")  # as removing its person does, leaving the claim
+        conn.commit()
+        conn.close()
+        assert committer.commit([_event(None, now_us(), external_id="v")]) == [None]  # takes the freed seq
+        again = _event("m1", now_us())
+        assert committer.commit([again]) == [None]
+        assert committer.commit([_event("m1", now_us())]) == [(again.event_id, again.person_id)]

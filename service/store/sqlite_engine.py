@@ -221,12 +221,14 @@ STAGE_ENTRIES = (
 COUNT_RECENT = "SELECT count(*) FROM recent"
 # The claims of a group's keys in both tables, with what a hit is verified against
 # and answered with: the original's workspace, message_id, event_id and person_id.
-# A claim whose row is gone (removed with its person) finds nothing and is replaced.
+# A claim whose row is gone (removed with its person) finds nothing and is replaced,
+# also when a later row took its seq (its created_at differs).
 SELECT_CLAIMS = (
     "SELECT c.claim_key, c.created_at, p.workspace_id, e.message_id, e.event_id, p.person_id FROM ("
     + " UNION ALL ".join(f"SELECT claim_key, seq, created_at FROM {t} WHERE claim_key IN ({{marks}})"
                          for t in CLAIM_TABLES)
-    + ") AS c JOIN events AS e ON e.seq = c.seq JOIN persons AS p ON p.person_key = e.person_key"
+    + ") AS c JOIN events AS e ON e.seq = c.seq AND e.created_at = c.created_at"
+    " JOIN persons AS p ON p.person_key = e.person_key"
 )
 # The rows of this commit that claim their message_id get a claim pointing at them.
 SELECT_CLAIMING_ROWS = "SELECT seq, event_id, created_at FROM events WHERE seq > ? AND message_id IS NOT NULL"
