@@ -735,7 +735,7 @@ class GroupCommitter:
         entries of a person land on the same page (arrival order within a group
         means nothing).
         """
-        rows = []
+        rows: list = []
         keyed = sorted(((keys[(e.workspace_id, e.person_id)], e.timestamp_us, i) for i, e in enumerate(events)))
         for key, _, i in keyed:
             e = events[i]
