@@ -34,12 +34,17 @@ Exact totals: per-day counts (``bucket_counts``) cover the entries in
 transaction. A read sums at most a few hundred day rows and counts the
 person's few entries still in ``recent``.
 
-Idempotent ingest (docs/idempotent-ingest.md): ``dedup`` maps (workspace,
-message_id) to the event that claimed it. A commit looks its events' ids up in
-the same transaction that inserts them, under SQLite's write lock, so no two
+Idempotent ingest (docs/idempotent-ingest.md): ``claims`` maps
+``claim_key(workspace, message_id)``, a 64-bit hash, to the row of the event
+that claimed it, which keeps its message_id: a hit is verified against that row,
+and the duplicate answer read from it. A commit looks its events' keys up in the
+same transaction that inserts them, under SQLite's write lock, so no two
 commits, of any process, can both claim one message_id; a duplicate is never
-inserted and so counts nowhere. Each commit also deletes at most
-``dedup_cleanup_rows`` expired entries, oldest first by the ``created_at`` index.
+inserted and so counts nowhere. Claims are keyed at random, so new ones go to
+the small ``new_claims`` and move into ``claims`` a key range at a time, as the
+timeline's entries do (a step inside a commit with claims). Each commit also
+deletes at most ``dedup_cleanup_rows`` expired claims of ``claims``, oldest
+first by its ``created_at`` index.
 
 Keyset paging: a page after (ts, event_id) adds ``(ts, event_id) < (?, ?)`` to
 both timeline ranges, which SQLite seeks to in the (person_key, ts, event_id)
@@ -49,6 +54,7 @@ key: a deep page reads what the first one does.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import logging
 import os
@@ -59,12 +65,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
+from service.domain import HOUR_US, CountBucket, EventPage, EventQuery, NameStats, Original, StoredEvent, now_us
 from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, dedup_window_seconds, split_window
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
+# The claims of message_ids: new ones are staged in the first, merged into the second.
+CLAIM_TABLES = ("new_claims", "claims")
 # Each version is a list of statements, applied in order in one transaction.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -161,13 +169,108 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX dedup_expiry ON dedup (created_at)",
     ),
+    # Compact claims (docs/idempotent-ingest.md): a claim is keyed by claim_key(),
+    # a 64-bit hash of (workspace_id, message_id), and points at the original's row,
+    # which now keeps its message_id to verify a hit: about a fifth of a version 4
+    # claim's bytes. New claims go to the small ``new_claims`` and move into
+    # ``claims`` in key-range steps, as the timeline's entries do, so a commit
+    # dirties few of the big table's pages. claim_key() is a function of the
+    # migrating connection (see migrate).
+    5: (
+        "ALTER TABLE events ADD COLUMN message_id TEXT",  # the client's id; NULL: none
+        *(f"""CREATE TABLE {table} (
+            claim_key    INTEGER PRIMARY KEY,  -- claim_key(workspace_id, message_id)
+            seq          INTEGER NOT NULL,     -- the original's row in events
+            created_at   INTEGER NOT NULL      -- when the original was received
+        )""" for table in CLAIM_TABLES),
+        "CREATE INDEX dedup_by_event ON dedup (event_id)",
+        """UPDATE events SET message_id = d.message_id FROM dedup AS d WHERE d.event_id = events.event_id""",
+        # Two ids of one hash (never seen): the first keeps the claim, the other's row is a stored event.
+        """INSERT OR IGNORE INTO claims (claim_key, seq, created_at)
+            SELECT claim_key(d.workspace_id, d.message_id), e.seq, d.created_at
+            FROM events AS e JOIN dedup AS d ON d.event_id = e.event_id ORDER BY e.seq""",
+        "DROP TABLE dedup",
+        # Only claims expires through an index: new_claims' claims all move there within
+        # one sweep of the keys, and an index merge steps delete from at random would
+        # cost each step about as many pages as the claims it moves.
+        "CREATE INDEX claims_expiry ON claims (created_at)",
+    ),
+    # Aggregates (docs/aggregations.md): the day counts gain the first and last time of
+    # their day, ``person_events`` sums a person's history per event name (both kept by
+    # the merge step, for timeline's entries), and a workspace's series (one per event
+    # name, '' for every event) count events and distinct persons per hour and day,
+    # kept by every group commit. Built here from the rows already stored.
+    6: (
+        "ALTER TABLE bucket_counts ADD COLUMN first_ts INTEGER",
+        "ALTER TABLE bucket_counts ADD COLUMN last_ts INTEGER",
+        f"""UPDATE bucket_counts SET (first_ts, last_ts) = (
+            SELECT min(t.ts), max(t.ts) FROM timeline AS t
+            WHERE t.person_key = bucket_counts.person_key
+              AND t.ts >= bucket_counts.bucket * {BUCKET_US} AND t.ts < (bucket_counts.bucket + 1) * {BUCKET_US}
+              AND (bucket_counts.event_key = '' OR t.event = bucket_counts.event_key))""",
+        """CREATE TABLE person_events (
+            person_key   INTEGER NOT NULL,
+            event        TEXT NOT NULL,
+            n            INTEGER NOT NULL,
+            first_ts     INTEGER NOT NULL,
+            last_ts      INTEGER NOT NULL,
+            PRIMARY KEY (person_key, event)
+        ) WITHOUT ROWID""",
+        """INSERT INTO person_events (person_key, event, n, first_ts, last_ts)
+            SELECT person_key, event, count(*), min(ts), max(ts) FROM timeline GROUP BY person_key, event""",
+        """CREATE TABLE series (
+            series_key   INTEGER PRIMARY KEY,
+            workspace_id TEXT NOT NULL,
+            event_key    TEXT NOT NULL,     -- '' = every event
+            UNIQUE (workspace_id, event_key)
+        )""",
+        # grain: HOUR_US, DAY_US, or 0 for the whole history (bucket 0, no person set)
+        """CREATE TABLE series_counts (
+            series_key   INTEGER NOT NULL,
+            grain        INTEGER NOT NULL,
+            bucket       INTEGER NOT NULL,  -- the bucket's first microsecond
+            n            INTEGER NOT NULL,
+            u            INTEGER NOT NULL,  -- distinct persons (rows of series_persons)
+            first_ts     INTEGER NOT NULL,
+            last_ts      INTEGER NOT NULL,
+            PRIMARY KEY (series_key, grain, bucket)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE series_persons (
+            series_key   INTEGER NOT NULL,
+            grain        INTEGER NOT NULL,
+            bucket       INTEGER NOT NULL,
+            person_key   INTEGER NOT NULL,
+            PRIMARY KEY (series_key, grain, bucket, person_key)
+        ) WITHOUT ROWID""",
+        """INSERT INTO series (workspace_id, event_key)
+            SELECT DISTINCT p.workspace_id, k.event_key FROM persons AS p
+            JOIN (SELECT DISTINCT person_key, event AS event_key FROM events
+                  UNION SELECT DISTINCT person_key, '' FROM events) AS k ON k.person_key = p.person_key""",
+        *(f"""INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key)
+            SELECT s.series_key, {grain}, e.ts - ((e.ts % {grain}) + {grain}) % {grain}, e.person_key
+            FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
+            JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)"""
+          for grain in (HOUR_US, BUCKET_US)),
+        *(f"""INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts)
+            SELECT s.series_key, {grain}, {bucket}, count(*), 0, min(e.ts), max(e.ts)
+            FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
+            JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)
+            GROUP BY 1, 2, 3""" for grain, bucket in (
+              (HOUR_US, f"e.ts - ((e.ts % {HOUR_US}) + {HOUR_US}) % {HOUR_US}"),
+              (BUCKET_US, f"e.ts - ((e.ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}"),
+              (0, "0"))),
+        """UPDATE series_counts SET u = (
+            SELECT count(*) FROM series_persons AS sp WHERE sp.series_key = series_counts.series_key
+              AND sp.grain = series_counts.grain AND sp.bucket = series_counts.bucket)
+            WHERE grain != 0""",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
 ROWS_PER_STATEMENT = 500
-EVENT_COLUMNS = 7
+EVENT_COLUMNS = 8
 INSERT_EVENTS = (
-    "INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at) VALUES "
+    "INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at, message_id) VALUES "
 )
 INSERT_PERSONS = "INSERT OR IGNORE INTO persons (workspace_id, person_id) VALUES "
 # The VALUES drive a join on the (workspace_id, person_id) index: a row-value
@@ -185,21 +288,37 @@ STAGE_ENTRIES = (
     " SELECT person_key, ts, event_id, event, seq FROM events WHERE seq > ?"
 )
 COUNT_RECENT = "SELECT count(*) FROM recent"
-# One workspace at a time: a row-value IN (VALUES ...) over both key columns scans the table.
+# The claims of a group's keys in both tables, with what a hit is verified against
+# and answered with: the original's workspace, message_id, event_id and person_id.
+# A claim whose row is gone (removed with its person) finds nothing and is replaced,
+# also when a later row took its seq (its created_at differs).
 SELECT_CLAIMS = (
-    "SELECT message_id, event_id, person_id, created_at FROM dedup WHERE workspace_id = ? AND message_id IN ({marks})"
+    "SELECT c.claim_key, c.created_at, p.workspace_id, e.message_id, e.event_id, p.person_id FROM ("
+    + " UNION ALL ".join(f"SELECT claim_key, seq, created_at FROM {t} WHERE claim_key IN ({{marks}})"
+                         for t in CLAIM_TABLES)
+    + ") AS c JOIN events AS e ON e.seq = c.seq AND e.created_at = c.created_at"
+    " JOIN persons AS p ON p.person_key = e.person_key"
 )
-CLAIM_COLUMNS = 5
+# The rows of this commit that claim their message_id get a claim pointing at them.
+SELECT_CLAIMING_ROWS = "SELECT seq, event_id, created_at FROM events WHERE seq > ? AND message_id IS NOT NULL"
+CLAIM_COLUMNS = 3
 # A claim replaces an expired one that the cleanup has not reached yet.
-INSERT_CLAIMS = "INSERT INTO dedup (workspace_id, message_id, event_id, person_id, created_at) VALUES "
-INSERT_CLAIMS_END = (
-    " ON CONFLICT (workspace_id, message_id) DO UPDATE SET event_id = excluded.event_id,"
-    " person_id = excluded.person_id, created_at = excluded.created_at"
-)
+_REPLACE_CLAIM = " ON CONFLICT (claim_key) DO UPDATE SET seq = excluded.seq, created_at = excluded.created_at"
+INSERT_CLAIMS = "INSERT INTO new_claims (claim_key, seq, created_at) VALUES "
+INSERT_CLAIMS_END = _REPLACE_CLAIM
+# The oldest expired claims, through the created_at index.
 EXPIRE_CLAIMS = (
-    "DELETE FROM dedup WHERE (workspace_id, message_id) IN"
-    " (SELECT workspace_id, message_id FROM dedup WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+    "DELETE FROM claims WHERE claim_key IN"
+    " (SELECT claim_key FROM claims WHERE created_at < ? ORDER BY created_at LIMIT ?)"
 )
+# A claims merge step: new_claims' keys from the cursor up to the n-th one, into claims.
+COUNT_NEW_CLAIMS = "SELECT count(*) FROM new_claims"
+CLAIMS_MERGE_BOUNDARY = "SELECT claim_key FROM new_claims WHERE claim_key >= ? ORDER BY claim_key LIMIT 1 OFFSET ?"
+MERGE_CLAIMS = (
+    "INSERT INTO claims (claim_key, seq, created_at)"
+    " SELECT claim_key, seq, created_at FROM new_claims WHERE claim_key >= ? AND claim_key <= ?" + _REPLACE_CLAIM
+)
+DROP_MERGED_CLAIMS = "DELETE FROM new_claims WHERE claim_key >= ? AND claim_key <= ?"
 # A merge step: the persons after the cursor up to the one holding the n-th entry.
 MERGE_BOUNDARY = "SELECT person_key FROM recent WHERE person_key > ? ORDER BY person_key LIMIT 1 OFFSET ?"
 MERGE_ENTRIES = (
@@ -211,12 +330,21 @@ _BUCKET_SQL = f"(ts - ((ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}) / {BUCKE
 # Each moved entry counts once under its event name and once under '' (every event).
 # (WHERE true: SQLite's parser needs it between a SELECT and ON CONFLICT.)
 MERGE_COUNTS = (
-    "INSERT INTO bucket_counts (person_key, event_key, bucket, n)"
-    " SELECT person_key, event_key, bucket, count(*) FROM ("
-    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket FROM recent"
+    "INSERT INTO bucket_counts (person_key, event_key, bucket, n, first_ts, last_ts)"
+    " SELECT person_key, event_key, bucket, count(*), min(ts), max(ts) FROM ("
+    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket, ts FROM recent"
                          " WHERE person_key > ? AND person_key <= ?" for key in ("event", "''"))
     + ") WHERE true GROUP BY person_key, event_key, bucket"
-    " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n"
+    " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
+)
+# A person's whole history per event name, moved along with the entries.
+MERGE_PERSON_EVENTS = (
+    "INSERT INTO person_events (person_key, event, n, first_ts, last_ts)"
+    " SELECT person_key, event, count(*), min(ts), max(ts) FROM recent"
+    " WHERE person_key > ? AND person_key <= ? GROUP BY person_key, event"
+    " ON CONFLICT (person_key, event) DO UPDATE SET n = n + excluded.n,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
 )
 DROP_MERGED = "DELETE FROM recent WHERE person_key > ? AND person_key <= ?"
 # Reads merge both tables in timeline order (SQLite walks the two ranges side by
@@ -236,6 +364,44 @@ SUM_BUCKETS = (
     "SELECT coalesce(sum(n), 0) FROM bucket_counts"
     " WHERE person_key = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
 )
+# A workspace's aggregates, kept by every group commit (see GroupCommitter._aggregate).
+GRAINS = (HOUR_US, BUCKET_US)  # per hour and per day; grain 0 is the whole history
+WHOLE_HISTORY = 0
+INSERT_SERIES = "INSERT OR IGNORE INTO series (workspace_id, event_key) VALUES "
+SELECT_SERIES_KEYS = (  # the VALUES drive a join on the index, as for persons
+    "SELECT s.workspace_id, s.event_key, s.series_key FROM (VALUES {values}) AS v"
+    " JOIN series AS s ON s.workspace_id = v.column1 AND s.event_key = v.column2"
+)
+SELECT_SERIES_KEY = "SELECT series_key FROM series WHERE workspace_id = ? AND event_key = ?"
+# Only the rows really inserted come back: a person counts once per bucket, whoever commits.
+INSERT_SERIES_PERSONS = (
+    "INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key) VALUES {values}"
+    " RETURNING series_key, grain, bucket"
+)
+UPSERT_SERIES_COUNTS = (
+    "INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts) VALUES {values}"
+    " ON CONFLICT (series_key, grain, bucket) DO UPDATE SET n = n + excluded.n, u = u + excluded.u,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
+)
+SELECT_SERIES_BUCKETS = (
+    "SELECT bucket, n, u FROM series_counts WHERE series_key = ? AND grain = ? AND bucket >= ? AND bucket < ?"
+    " ORDER BY bucket"
+)
+SELECT_NAMES = (
+    "SELECT s.event_key, c.n, c.first_ts, c.last_ts FROM series AS s JOIN series_counts AS c"
+    " ON c.series_key = s.series_key AND c.grain = ? AND c.bucket >= ? AND c.bucket < ?"
+    " WHERE s.workspace_id = ? AND s.event_key != ''"
+)
+# A person's summary: person_events covers timeline's entries, recent adds the rest.
+SELECT_PERSON_EVENTS = "SELECT event, n, first_ts, last_ts FROM person_events WHERE person_key = ?"
+SELECT_DAY_STATS = (
+    "SELECT event_key, n, first_ts, last_ts FROM bucket_counts"
+    " WHERE person_key = ? AND event_key != '' AND bucket >= ? AND bucket <= ?"
+)
+ENTRY_STATS = (
+    "SELECT event, count(*), min(ts), max(ts) FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ?"
+    " GROUP BY event"
+)
 INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
 INSERT_KEY = (
@@ -251,6 +417,7 @@ REVOKE_KEY = "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key
 PAGE_BYTES = 16 * 1024
 _MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
 _MAX_KEY = 2**63 - 1
+_MIN_KEY = -(2**63)
 
 
 @dataclass(frozen=True)
@@ -274,9 +441,18 @@ class Tuning:
     merge_from_rows: int = 50_000
     merge_step_rows: int = 2_000
     max_person_key_cache: int = 100_000
+    # series_persons rows the writer remembers as committed (about 60 bytes each): a
+    # person seen again in the same hour or day then costs no insert.
+    known_person_rows: int = 300_000
     # Expired dedup entries one commit deletes at most: more than a group inserts, so
     # the table shrinks back to the window's entries; bounded, so no commit stalls.
     dedup_cleanup_rows: int = 2000
+    # New claims wait in ``new_claims`` (a commit's random inserts then dirty its few
+    # pages) until it holds claims_merge_from_rows; then every commit with claims
+    # moves about claims_merge_step_rows of them, a range of keys, into ``claims``
+    # (more than a group adds, so the staged table stays near its size).
+    claims_merge_from_rows: int = 50_000
+    claims_merge_step_rows: int = 2_000
     # The writer process: a group of fewer than small_group_rows rows waits until
     # commit_gap_s after the start of the previous commit, gathering what arrives meanwhile.
     commit_gap_s: float = 0.002
@@ -350,6 +526,7 @@ class SqliteFile:
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Create or upgrade the schema to SCHEMA_VERSION, in one transaction."""
+    conn.create_function("claim_key", 2, claim_key, deterministic=True)
     conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see the version
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -363,6 +540,15 @@ def migrate(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def claim_key(workspace_id: str, message_id: str) -> int:
+    """The key of a message's claim: BLAKE2b of (workspace_id, message_id) cut to
+    64 bits, signed (an INTEGER PRIMARY KEY). Two messages of one key are told
+    apart by the original's row; the later one, while the first's claim lives, is
+    stored without a claim (one chance in 2**64 per pair of ids)."""
+    digest = hashlib.blake2b(f"{workspace_id}\0{message_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class _Writeback:
@@ -437,8 +623,15 @@ class GroupCommitter:
         # (workspace_id, person_id) -> person_key, known committed; the entries in
         # ``recent`` (None: not counted yet) and the merge cursor.
         self._person_keys: dict[tuple[str, str], int] = {}
+        self._series_keys: dict[tuple[str, str], int] = {}  # (workspace_id, event_key) -> series_key
+        # series_persons rows known committed, by (series_key, grain, bucket): see _remember_persons
+        self._known_persons: dict[tuple[int, int, int], set[int]] = {}
+        self._known_person_rows = 0
         self._recent_rows: int | None = None
         self._merged_through = -1
+        # The claims in ``new_claims`` (None: not counted yet) and where the next claims merge step starts.
+        self._new_claims: int | None = None
+        self._claims_merge_from = _MIN_KEY
 
     def open(self) -> None:
         """Open the writing connection and start the checkpointer thread (the schema must be current)."""
@@ -509,73 +702,147 @@ class GroupCommitter:
         """
         conn = self._conn
         assert conn is not None  # commit_or_error checked
-        cached = self._person_keys
+        cached, series_cached = self._person_keys, self._series_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+        missing_series = {k for e in events for k in ((e.workspace_id, e.event), (e.workspace_id, ""))
+                          if k not in series_cached}
         statements = None if missing else self._statements(events, cached)
+        aggregates = None if missing or missing_series else _aggregates(events, cached, series_cached)
         claims = any(e.message_id is not None for e in events)
         conn.execute("BEGIN IMMEDIATE")
         try:
             results: list[Original | None] = [None] * len(events)
+            claimed: dict[str, int] = {}
             if claims:
-                results = self._claim_messages(conn, events)
+                results, claimed = self._claim_messages(conn, events)
                 if any(results):
                     events = [e for e, original in zip(events, results, strict=True) if original is None]
                     missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
-                    statements = None
-            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
-                                         self._tuning.dedup_cleanup_rows))
+                    statements = aggregates = None
             new_keys = self._assign_person_keys(conn, missing) if missing else {}
+            new_series = _assign_series_keys(conn, missing_series) if missing_series else {}
             (last_seq,) = conn.execute(MAX_SEQ).fetchone()
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
                 conn.execute(sql, values)
+            claims_merge = None
+            if claimed:
+                self._insert_claims(conn, claimed, last_seq)
+                claims_merge = self._merge_claims_if_due(conn, len(claimed))
+            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
+                                         self._tuning.dedup_cleanup_rows))
             conn.execute(STAGE_ENTRIES, (last_seq,))
+            written = _store_aggregates(conn, aggregates or _aggregates(events, {**cached, **new_keys},
+                                                                        {**series_cached, **new_series}),
+                                        self._known_persons)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if new_keys:  # only keys of a committed transaction may be remembered
-            if len(cached) + len(new_keys) > self._tuning.max_person_key_cache:
-                cached.clear()
-            cached.update(new_keys)
+        # only keys and rows of a committed transaction may be remembered
+        for known, new in ((cached, new_keys), (series_cached, new_series)):
+            if new:
+                if len(known) + len(new) > self._tuning.max_person_key_cache:
+                    known.clear()
+                known.update(new)
+        self._remember_persons(written)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
+        if claims_merge is not None:
+            self._new_claims, self._claims_merge_from = claims_merge
         return results
 
-    def _claim_messages(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> list[Original | None]:
-        """Per event, None when it claims its message_id (or has none), else the
-        original it duplicates: a live claim from before this group, or an
-        earlier event of this group. Runs inside the commit's transaction."""
+    def _claim_messages(self, conn: sqlite3.Connection,
+                        events: list[StoredEvent]) -> tuple[list[Original | None], dict[str, int]]:
+        """Per event, None when it is stored (it has no message_id, claims it, or
+        its key is held by another message's live claim), else the original it
+        duplicates: a live claim from before this group, or an earlier event of
+        this group; and the claim keys of the claiming events, by event_id. Runs
+        inside the commit's transaction."""
         window_us = self.db.dedup_window_s * 1_000_000
-        wanted: dict[str, set[str]] = {}
-        for e in events:
-            if e.message_id is not None:
-                wanted.setdefault(e.workspace_id, set()).add(e.message_id)
-        claims: dict[tuple[str, str], tuple[str, str, int]] = {}
-        for workspace_id, message_ids in wanted.items():
-            for chunk in _chunks(list(message_ids)):
-                for message_id, event_id, person_id, created_at in conn.execute(
-                        SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), [workspace_id, *chunk]):
-                    claims[(workspace_id, message_id)] = (event_id, person_id, created_at)
+        keys = {(e.workspace_id, e.message_id): claim_key(e.workspace_id, e.message_id)
+                for e in events if e.message_id is not None}
+        # claim key -> (workspace_id, message_id, event_id, person_id, created_at) of its original
+        held: dict[int, tuple[str, str, str, str, int]] = {}
+        for chunk in _chunks(sorted(set(keys.values()))):
+            for key, created_at, workspace_id, message_id, event_id, person_id in conn.execute(
+                    SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), chunk * len(CLAIM_TABLES)):
+                if key not in held or held[key][4] < created_at:  # staged: replaced an expired one
+                    held[key] = (workspace_id, message_id, event_id, person_id, created_at)
         results: list[Original | None] = []
-        new: dict[tuple[str, str], StoredEvent] = {}
+        stored: dict[tuple[str, str], Original] = {}  # this group's events with a message_id
+        claimed: dict[str, int] = {}
         for e in events:
             if e.message_id is None:
                 results.append(None)
                 continue
-            key = (e.workspace_id, e.message_id)
-            claim = claims.get(key)
-            if claim is not None and claim[2] + window_us > e.created_at_us:
-                results.append(claim[:2])
+            message = (e.workspace_id, e.message_id)
+            if (first := stored.get(message)) is not None:
+                results.append(first)
                 continue
-            claims[key] = (e.event_id, e.person_id, e.created_at_us)
-            new[key] = e
+            key = keys[message]
+            claim = held.get(key)
+            live = claim is not None and claim[4] + window_us > e.created_at_us
+            if claim is not None and live and claim[:2] == message:
+                results.append(claim[2:4])
+                continue
+            if not live:  # a live claim of another message of this key: stored without a claim
+                held[key] = (*message, e.event_id, e.person_id, e.created_at_us)
+                claimed[e.event_id] = key
+            stored[message] = (e.event_id, e.person_id)
             results.append(None)
-        rows = [v for e in new.values()
-                for v in (e.workspace_id, e.message_id, e.event_id, e.person_id, e.created_at_us)]
-        for chunk in _chunks(rows, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
+        return results, claimed
+
+    @staticmethod
+    def _insert_claims(conn: sqlite3.Connection, claimed: dict[str, int], last_seq: int) -> None:
+        """The claims of this commit's claiming rows (seq above last_seq), in key order."""
+        rows = sorted((claimed[event_id], seq, created_at)
+                      for seq, event_id, created_at in conn.execute(SELECT_CLAIMING_ROWS, (last_seq,))
+                      if event_id in claimed)
+        flat = [v for row in rows for v in row]
+        for chunk in _chunks(flat, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
             conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END,
                          chunk)
-        return results
+
+    def _merge_claims_if_due(self, conn: sqlite3.Connection, added: int) -> tuple[int | None, int]:
+        """One claims merge step inside the commit when ``new_claims`` has grown past
+        claims_merge_from_rows: the staged claims from the cursor's key up to the
+        claims_merge_step_rows-th one move into ``claims``, whose pages of that key
+        range each take many claims at once. Past the last key the cursor starts
+        over and the staged claims are counted afresh. Returns the count and cursor
+        to keep once the commit is through."""
+        staged = self._new_claims
+        staged = conn.execute(COUNT_NEW_CLAIMS).fetchone()[0] if staged is None else staged + added
+        start = self._claims_merge_from
+        if staged < self._tuning.claims_merge_from_rows:
+            return staged, start
+        row = conn.execute(CLAIMS_MERGE_BOUNDARY, (start, self._tuning.claims_merge_step_rows - 1)).fetchone()
+        through = row[0] if row else _MAX_KEY
+        conn.execute(MERGE_CLAIMS, (start, through))
+        moved = conn.execute(DROP_MERGED_CLAIMS, (start, through)).rowcount
+        if through == _MAX_KEY:
+            return None, _MIN_KEY
+        return staged - moved, through + 1
+
+    def _remember_persons(self, written: dict[tuple[int, int, int], set[int]]) -> None:
+        """Keep the series_persons rows of committed groups, so that a person seen
+        again in a bucket costs no insert; at most known_person_rows of them."""
+        known = self._known_persons
+        added = sum(map(len, written.values()))
+        if self._known_person_rows + added > self._tuning.known_person_rows:
+            known.clear()
+            self._known_person_rows = 0
+        for key, persons in written.items():
+            if (have := known.get(key)) is None:
+                known[key] = set(persons)
+            else:
+                have |= persons
+        self._known_person_rows += added
+
+    def forget_persons(self) -> None:
+        """Drop the remembered series_persons rows: whatever deletes such rows
+        (a person's deletion, retention) calls this on the writer."""
+        self._known_persons.clear()
+        self._known_person_rows = 0
 
     def merge_if_due(self) -> None:
         """One merge step when ``recent`` has grown past merge_from_rows.
@@ -601,6 +868,7 @@ class GroupCommitter:
                 through = row[0] if row else _MAX_KEY
                 conn.execute(MERGE_ENTRIES, (after, through))
                 conn.execute(MERGE_COUNTS, (after, through) * 2)
+                conn.execute(MERGE_PERSON_EVENTS, (after, through))
                 moved = conn.execute(DROP_MERGED, (after, through)).rowcount
                 conn.execute("COMMIT")
             except BaseException:
@@ -622,11 +890,12 @@ class GroupCommitter:
         entries of a person land on the same page (arrival order within a group
         means nothing).
         """
-        rows = []
+        rows: list = []
         keyed = sorted(((keys[(e.workspace_id, e.person_id)], e.timestamp_us, i) for i, e in enumerate(events)))
         for key, _, i in keyed:
             e = events[i]
-            rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us))
+            rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us,
+                         e.message_id))
         return [
             (INSERT_EVENTS + _values(len(chunk) // EVENT_COLUMNS, EVENT_COLUMNS), chunk)
             for chunk in _chunks(rows, ROWS_PER_STATEMENT * EVENT_COLUMNS)
@@ -644,6 +913,70 @@ class GroupCommitter:
                     SELECT_PERSON_KEYS.format(values=_values(len(chunk), 2)), flat):
                 found[(workspace_id, person_id)] = key
         return found
+
+
+def _assign_series_keys(conn: sqlite3.Connection, series: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The series_key of each (workspace, event_key), created when new."""
+    found: dict[tuple[str, str], int] = {}
+    for chunk in _chunks(sorted(series)):
+        flat = [v for k in chunk for v in k]
+        conn.execute(INSERT_SERIES + _values(len(chunk), 2), flat)
+        for workspace_id, event_key, key in conn.execute(SELECT_SERIES_KEYS.format(values=_values(len(chunk), 2)),
+                                                         flat):
+            found[(workspace_id, event_key)] = key
+    return found
+
+
+# (series_key, grain, bucket) -> [n, first_ts, last_ts, person keys (None for the whole history)]
+_Buckets = dict[tuple[int, int, int], list]
+
+
+def _aggregates(events: list[StoredEvent], person_keys: dict[tuple[str, str], int],
+                series_keys: dict[tuple[str, str], int]) -> _Buckets:
+    """What one group commit adds to its workspaces' series. One dictionary step
+    per event (its workspace, name and hour); the rest per group, with set
+    operations: a group commit's events share few hours."""
+    by_hour: dict[tuple[str, str, int], tuple[list[int], set[int]]] = {}
+    for e in events:
+        ts = e.timestamp_us
+        group = by_hour.get(key := (e.workspace_id, e.event, ts - ts % HOUR_US))
+        if group is None:
+            group = by_hour[key] = ([], set())
+        group[0].append(ts)
+        group[1].add(person_keys[(e.workspace_id, e.person_id)])
+    buckets: _Buckets = {}
+    for (workspace_id, event, hour), (times, persons) in by_hour.items():
+        n, first, last = len(times), min(times), max(times)
+        for series in (series_keys[(workspace_id, event)], series_keys[(workspace_id, "")]):
+            for grain, bucket in ((HOUR_US, hour), (BUCKET_US, hour - hour % BUCKET_US), (WHOLE_HISTORY, 0)):
+                b = buckets.get(key3 := (series, grain, bucket))
+                if b is None:
+                    buckets[key3] = [n, first, last, set(persons) if grain else None]
+                else:
+                    b[0] += n
+                    b[1], b[2] = min(b[1], first), max(b[2], last)
+                    if grain:
+                        b[3] |= persons
+    return buckets
+
+
+def _store_aggregates(conn: sqlite3.Connection, buckets: _Buckets,
+                      known: dict[tuple[int, int, int], set[int]]) -> dict[tuple[int, int, int], set[int]]:
+    """Insert the commit's person rows, then add its counts: ``u`` grows by the
+    person rows really inserted (a person already counted in a bucket is not
+    returned by the insert), inside the commit's transaction. ``known``: rows
+    committed earlier, which need no insert. Returns the rows it wrote or found."""
+    written = {key: fresh for key, b in buckets.items() if b[3] and (fresh := b[3] - known.get(key, set()))}
+    rows = sorted((*key, person) for key, fresh in written.items() for person in fresh)
+    new_persons: dict[tuple[int, int, int], int] = {}
+    for chunk in _chunks(rows):
+        for key in conn.execute(INSERT_SERIES_PERSONS.format(values=_values(len(chunk), 4)),
+                                [v for row in chunk for v in row]):
+            new_persons[key] = new_persons.get(key, 0) + 1
+    counts = sorted((*key, n, new_persons.get(key, 0), first, last) for key, (n, first, last, _) in buckets.items())
+    for chunk in _chunks(counts):
+        conn.execute(UPSERT_SERIES_COUNTS.format(values=_values(len(chunk), 7)), [v for row in chunk for v in row])
+    return written
 
 
 # Reads and small writes, on any connection ------------------------------------
@@ -694,6 +1027,88 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
         for event_id, external_id, event, parameters, ts, created_at in rows[:q.limit]
     ]
     return EventPage(events, total, more=len(rows) > q.limit)
+
+
+def _add_stats(into: dict[str, list[int]], rows) -> None:
+    """Sum (event, n, first_ts, last_ts) rows into event -> [n, first, last]."""
+    for event, n, first, last in rows:
+        if not n:
+            continue
+        have = into.get(event)
+        if have is None:
+            into[event] = [n, first, last]
+        else:
+            have[0] += n
+            have[1] = min(have[1], first)
+            have[2] = max(have[2], last)
+
+
+def _name_stats(stats: dict[str, list[int]]) -> list[NameStats]:
+    return [NameStats(event, n, first, last) for event, (n, first, last) in stats.items()]
+
+
+def person_summary(conn: sqlite3.Connection, workspace_id: str, person_id: str, since_us: int | None,
+                   until_us: int | None) -> list[NameStats]:
+    """Per event name: person_events (no window) or the window's whole days'
+    counts and its edges' entries, for timeline; the person's entries in recent
+    added; from one snapshot."""
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute(SELECT_PERSON_KEY, (workspace_id, person_id)).fetchone()
+        if row is None:
+            return []
+        person = row[0]
+        lo = _MIN_BUCKET if since_us is None else since_us
+        hi = _MAX_BUCKET if until_us is None else until_us
+        stats: dict[str, list[int]] = {}
+        if since_us is None and until_us is None:
+            _add_stats(stats, conn.execute(SELECT_PERSON_EVENTS, (person,)))
+        else:
+            first, last, edges = split_window(since_us, until_us)
+            if (first is None or last is None) or first <= last:
+                _add_stats(stats, conn.execute(SELECT_DAY_STATS, (
+                    person, _MIN_BUCKET if first is None else first, _MAX_BUCKET if last is None else last)))
+            for start, end in edges:
+                _add_stats(stats, conn.execute(ENTRY_STATS.format(table="timeline"), (person, start, end)))
+        _add_stats(stats, conn.execute(ENTRY_STATS.format(table="recent"), (person, lo, hi)))
+    finally:
+        conn.execute("COMMIT")
+    return _name_stats(stats)
+
+
+def event_counts(conn: sqlite3.Connection, workspace_id: str, event: str | None, interval_us: int, start_us: int,
+                 end_us: int) -> list[CountBucket]:
+    row = conn.execute(SELECT_SERIES_KEY, (workspace_id, event or "")).fetchone()
+    if row is None:
+        return []
+    return [CountBucket(bucket, n, u)
+            for bucket, n, u in conn.execute(SELECT_SERIES_BUCKETS, (row[0], interval_us, start_us, end_us))]
+
+
+def event_names(conn: sqlite3.Connection, workspace_id: str, since_us: int | None,
+                until_us: int | None) -> list[NameStats]:
+    """The whole-history rows, or the window's whole days plus the hours of its
+    partial edge days (the window is in whole hours)."""
+    stats: dict[str, list[int]] = {}
+    if since_us is None and until_us is None:
+        _add_stats(stats, conn.execute(SELECT_NAMES, (WHOLE_HISTORY, 0, 1, workspace_id)))
+        return _name_stats(stats)
+    lo = _MIN_BUCKET if since_us is None else since_us
+    hi = _MAX_BUCKET if until_us is None else until_us
+    day_lo, day_hi = -(-lo // BUCKET_US) * BUCKET_US, hi // BUCKET_US * BUCKET_US
+    conn.execute("BEGIN")
+    try:
+        if day_lo < day_hi:
+            _add_stats(stats, conn.execute(SELECT_NAMES, (BUCKET_US, day_lo, day_hi, workspace_id)))
+            hour_ranges = [(lo, day_lo), (day_hi, hi)]
+        else:
+            hour_ranges = [(lo, hi)]
+        for a, b in hour_ranges:
+            if a < b:
+                _add_stats(stats, conn.execute(SELECT_NAMES, (HOUR_US, a, b, workspace_id)))
+    finally:
+        conn.execute("COMMIT")
+    return _name_stats(stats)
 
 
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:
