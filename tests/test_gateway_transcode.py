@@ -527,13 +527,10 @@ def test_routes_are_exactly_the_documented_paths():
         ("POST", "/api/v1/track", "Track", "*"),
         ("POST", "/api/v1/track/batch", "TrackBatch", "*"),
         ("GET", "/api/v1/people/{person_id}/events", "ListPersonEvents", ""),
-<<<<<<< HEAD
-        ("GET", "/api/v1/events/stream", "StreamEvents", ""),
-=======
         ("GET", "/api/v1/people/{person_id}/summary", "GetPersonSummary", ""),
         ("GET", "/api/v1/events/counts", "GetEventCounts", ""),
         ("GET", "/api/v1/events/names", "ListEventNames", ""),
->>>>>>> main
+        ("GET", "/api/v1/events/stream", "StreamEvents", ""),
     }
     listing = next(b for b in bindings if b.method.name == "ListPersonEvents")
     assert listing.grpc_path == "/flameup.events.v1.EventsService/ListPersonEvents"
@@ -544,13 +541,10 @@ def test_routes_are_exactly_the_documented_paths():
         "/api/v1/track",
         "/api/v1/track/batch",
         "/api/v1/people/{p0}/events",
-<<<<<<< HEAD
-        "/api/v1/events/stream",
-=======
         "/api/v1/people/{p0}/summary",
         "/api/v1/events/counts",
         "/api/v1/events/names",
->>>>>>> main
+        "/api/v1/events/stream",
         "/healthz",
         "/openapi.json",
     }
@@ -824,18 +818,15 @@ def test_app_limits_the_body_to_one_mebibyte(client, stand_in):
 
 def test_app_serves_openapi(client):
     doc = client.get("/openapi.json").json()
-<<<<<<< HEAD
     assert set(doc["paths"]) == {
         "/api/v1/track",
         "/api/v1/track/batch",
         "/api/v1/people/{person_id}/events",
+        "/api/v1/people/{person_id}/summary",
+        "/api/v1/events/counts",
+        "/api/v1/events/names",
         "/api/v1/events/stream",
     }
-=======
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
-                                 "/api/v1/people/{person_id}/summary", "/api/v1/events/counts",
-                                 "/api/v1/events/names"}
->>>>>>> main
 
 
 def test_app_without_a_grpc_server():
