@@ -1,7 +1,7 @@
 """The TypeScript client in clients/typescript (stubs from the README's
 recipe, calls through @connectrpc/connect-node over gRPC) against the running
-service: its node:test suite tracks, batches, lists with filters and reads a
-BadRequest detail. `make typescript-client` builds it first (`make test` does);
+service: its node:test suite tracks, batches, lists with filters, reads a
+BadRequest detail and reads a StreamEvents server stream to the third event. `make typescript-client` builds it first (`make test` does);
 a missing build is skipped locally and fails in CI. The README's ten-line
 TypeScript example runs too, next to the compiled client (it is plain
 JavaScript as well)."""
@@ -37,7 +37,7 @@ def test_typescript_client(service, built_client):
     done = subprocess.run(["node", "--test", "--test-reporter=tap", str(built_client)],
                           cwd=CLIENT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "# pass 4" in done.stdout and "# fail 0" in done.stdout, done.stdout
+    assert "# pass 5" in done.stdout and "# fail 0" in done.stdout, done.stdout
 
 
 def test_readme_typescript_example(service, built_client):

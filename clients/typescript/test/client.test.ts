@@ -87,3 +87,29 @@ test("an invalid request fails with INVALID_ARGUMENT and a BadRequest detail nam
     return true;
   });
 });
+
+test("StreamEvents delivers tracked events in store order; the client reads to the third", async () => {
+  const externalId = newExternalId();
+  const event = `stream_${randomUUID()}`; // a name of this test's own: the stream carries only these
+  const since = timestampFromDate(new Date(Date.now() - 1000));
+  const tracked: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    tracked.push((await events.track({ externalId, event, parameters: { step: i } })).eventId);
+  }
+
+  const received: { id: string; cursor: string }[] = [];
+  for await (const message of events.streamEvents({ events: [event], since })) {
+    received.push({ id: message.event?.id ?? "", cursor: message.cursor });
+    if (received.length === 3) break; // leaving the loop cancels the call
+  }
+  assert.deepEqual(received.map((m) => m.id), tracked);
+  assert.ok(received.every((m) => m.cursor !== ""));
+
+  // A cursor resumes after its event: from the first, the next two.
+  const resumed: string[] = [];
+  for await (const message of events.streamEvents({ events: [event], after: received[0].cursor })) {
+    resumed.push(message.event?.id ?? "");
+    if (resumed.length === 2) break;
+  }
+  assert.deepEqual(resumed, tracked.slice(1));
+});
