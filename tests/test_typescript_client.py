@@ -1,8 +1,9 @@
 """The TypeScript client in clients/typescript (stubs from the README's
 recipe, calls through @connectrpc/connect-node over gRPC) against the running
 service: its node:test suite tracks, batches, lists with filters, reads a
-BadRequest detail and reads a StreamEvents server stream to the third event. `make typescript-client` builds it first (`make test` does);
-a missing build is skipped locally and fails in CI. The README's ten-line
+BadRequest detail and reads a StreamEvents server stream to the third event.
+`make typescript-client` builds it first (`make test` does); a missing build is
+skipped locally and fails in CI. The README's ten-line
 TypeScript example runs too, next to the compiled client (it is plain
 JavaScript as well)."""
 
