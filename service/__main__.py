@@ -1,4 +1,4 @@
-"""Command line: `python -m service serve | migrate | grpc-worker | sqlite-writer | keys ... | workspaces list`.
+"""Command line: `python -m service serve | migrate | grpc-worker | sqlite-writer | keys ... | workspaces ...`.
 
 Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
 FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import math
 import os
 import sys
 from datetime import UTC, datetime
@@ -24,6 +24,7 @@ from procutil.cpu import (
     WORKER_CPU_AFFINITIES,
     keep_to_cpu,
 )
+from procutil.logs import LOG_FORMATS, configure_logging
 from procutil.process import exit_with_parent, freeze_startup_heap
 from service.store import DEFAULT_STORE_URL, open_store
 from service.supervisor import default_gateway_workers, default_workers, report_ready
@@ -45,6 +46,12 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 def _log_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default=_env("FLAMEUP_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+    )
+    p.add_argument(
+        "--log-format",
+        default=_env("FLAMEUP_LOG_FORMAT", "text"),
+        choices=LOG_FORMATS,
+        help="text lines or one JSON object per line (env FLAMEUP_LOG_FORMAT; default %(default)s)",
     )
 
 
@@ -126,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also listen on this Unix socket (serve gives each worker one for the gateways)",
     )
     worker.add_argument(
+        "--rate-limit-file",
+        default=None,
+        metavar="PATH",
+        help="the ingest buckets shared with the other workers (serve passes it; default: this worker's own)",
+    )
+    worker.add_argument(
         "--cpu", type=int, default=None, help="run on this CPU only (serve gives worker i the i-th CPU)"
     )
     _log_arg(worker)
@@ -150,9 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(revoke)
     revoke.add_argument("key_id")
 
-    workspaces = sub.add_parser("workspaces", help="list workspaces")
+    workspaces = sub.add_parser("workspaces", help="list workspaces, set their ingest limits")
     ws_sub = workspaces.add_subparsers(dest="workspaces_command", required=True)
-    _store_arg(ws_sub.add_parser("list"))
+    _store_arg(ws_sub.add_parser("list", help="workspaces and their ingest limits"))
+    limit = ws_sub.add_parser(
+        "limit",
+        help="set a workspace's ingest limit (events per second and a burst) or lift it;"
+        " running workers apply it within --key-cache-seconds",
+    )
+    _store_arg(limit)
+    limit.add_argument("workspace", help="workspace id, e.g. ws_acme")
+    limit.add_argument("--events-per-second", type=float, help="the sustained rate")
+    limit.add_argument("--burst", type=int, help="events admitted at once above the rate (default: one second's)")
+    limit.add_argument("--none", action="store_true", help="lift the limit")
     return parser
 
 
@@ -202,12 +225,42 @@ async def _keys(args) -> int:
     return 1
 
 
+async def _workspaces(args) -> int:
+    from service.domain import RateLimit
+
+    if args.workspaces_command == "list":
+
+        async def listing(store):
+            return [(ws, await store.rate_limit(ws)) for ws in await store.list_workspaces()]
+
+        for workspace_id, rate in await _with_store(args.store, listing):
+            shown = "-" if rate is None else f"{rate.events_per_second:g}/s burst {rate.burst}"
+            print(f"{workspace_id:24} {shown}")
+        return 0
+    if args.none == (args.events_per_second is not None):
+        print("error: give --events-per-second (and optionally --burst), or --none", file=sys.stderr)
+        return 2
+    try:
+        rate = None if args.none else RateLimit(
+            args.events_per_second,
+            args.burst if args.burst is not None else max(1, math.ceil(args.events_per_second)),
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not await _with_store(args.store, lambda s: s.set_rate_limit(args.workspace, rate)):
+        print(f"error: no workspace {args.workspace}", file=sys.stderr)
+        return 1
+    shown = "lifted" if rate is None else f"{rate.events_per_second:g} events per second, burst {rate.burst}"
+    print(f"ingest limit of {args.workspace}: {shown}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-    )
+    if getattr(args, "log_format", "text") not in LOG_FORMATS:  # argparse checks a flag's choices, not the environment's
+        build_parser().error(f"FLAMEUP_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         from service.supervisor import ServeConfig, serve
 
@@ -230,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
                 key_cache_seconds=args.key_cache_seconds,
                 log_level=args.log_level,
+                log_format=args.log_format,
                 cpu_policy=args.cpu_policy,
                 worker_cpu_affinity=args.worker_cpu_affinity,
             )
@@ -263,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                     key_cache_seconds=args.key_cache_seconds,
                     unix_socket=args.unix_socket,
                     sqlite_writer=args.sqlite_writer,
+                    rate_limit_file=args.rate_limit_file,
                 ),
                 on_ready=_serving,
             )
@@ -276,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return asyncio.run(_keys(args))
-    for workspace_id in asyncio.run(_with_store(args.store, lambda s: s.list_workspaces())):
-        print(workspace_id)
-    return 0
+    return asyncio.run(_workspaces(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from flameup.events.v1 import events_pb2_grpc
 from service.auth import Authenticator
 from service.events import EventsCore
+from service.ratelimit import SharedBuckets
 from service.servicer import SERVICE_NAME, AuthInterceptor, EventsServicer
 from service.store import open_store
 
@@ -35,6 +36,7 @@ class GrpcConfig:
     key_cache_seconds: float = 10.0
     unix_socket: str | None = None  # a second listener, this worker's own (the gateways call it)
     sqlite_writer: str | None = None  # the SQLite writer process's socket: appends go there (see open_store)
+    rate_limit_file: str | None = None  # the ingest buckets every worker of one serve shares (service.ratelimit)
 
 
 async def serve(
@@ -48,9 +50,10 @@ async def serve(
     """
     store = open_store(config.store_url, sqlite_writer=config.sqlite_writer)
     await store.open()
+    buckets = SharedBuckets(config.rate_limit_file)
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(Authenticator(store, config.key_cache_seconds))],
+        interceptors=[AuthInterceptor(Authenticator(store, config.key_cache_seconds), buckets)],
         options=[
             ("grpc.so_reuseport", 1),  # several worker processes share one port
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -80,4 +83,5 @@ async def serve(
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.grace_seconds)
         await store.close()
+        buckets.close()
         log.info("gRPC worker stopped")

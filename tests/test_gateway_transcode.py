@@ -532,6 +532,7 @@ def test_routes_are_exactly_the_three_documented_paths():
         "/api/v1/track/batch",
         "/api/v1/people/{p0}/events",
         "/healthz",
+        "/metrics",
         "/openapi.json",
     }
 

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from service.domain import EventQuery, StoredEvent, new_event_id, person_id_for
+from service.domain import EventQuery, RateLimit, StoredEvent, new_event_id, person_id_for
 from service.store import ApiKeyRecord
 from service.store.base import BUCKET_US
 
@@ -135,3 +135,13 @@ async def test_workspaces_and_keys(store, workspace):
     assert await store.revoke_key(key_id, 30) is True
     assert (await store.key_by_hash(key_hash)).revoked_at_us == 20  # the first revocation time stays
     assert await store.revoke_key(f"{key_id}_missing", 30) is False
+
+
+async def test_rate_limits_are_stored_with_the_workspace(store, workspace):
+    assert await store.set_rate_limit(workspace, RateLimit(5.0, 10)) is False  # no such workspace yet
+    await store.ensure_workspace(workspace, 1)
+    assert await store.rate_limit(workspace) is None  # the default: none
+    assert await store.set_rate_limit(workspace, RateLimit(2.5, 7)) is True
+    assert await store.rate_limit(workspace) == RateLimit(2.5, 7)
+    assert await store.set_rate_limit(workspace, None) is True
+    assert await store.rate_limit(workspace) is None

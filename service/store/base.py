@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.domain import EventPage, EventQuery, StoredEvent
+from service.domain import EventPage, EventQuery, RateLimit, StoredEvent
 
 # Buckets group a person's timeline by UTC day. Cassandra partitions by them so
 # that no partition grows without bound; every store keeps exact per-bucket
@@ -78,6 +78,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_workspaces(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def set_rate_limit(self, workspace_id: str, limit: RateLimit | None) -> bool:
+        """Set (or with None, lift) the workspace's ingest limit; False when no such workspace exists."""
+
+    @abc.abstractmethod
+    async def rate_limit(self, workspace_id: str) -> RateLimit | None:
+        """The workspace's ingest limit; None when it has none (the default)."""
 
     @abc.abstractmethod
     async def put_key(self, key: ApiKeyRecord) -> None:

@@ -96,7 +96,7 @@ from cassandra.policies import (
 from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
-from service.domain import EventPage, EventQuery, StoredEvent, now_us
+from service.domain import EventPage, EventQuery, RateLimit, StoredEvent, now_us
 from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of, settle
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,15 @@ CREATE TABLE IF NOT EXISTS api_keys_by_hash (
     revoked_at bigint
 )"""
 
+# A workspace's ingest limit; no row means none. A table of its own, created
+# idempotently (ALTER TABLE ... ADD is not idempotent across Cassandra versions).
+CREATE_WORKSPACE_LIMITS = """
+CREATE TABLE IF NOT EXISTS workspace_limits (
+    workspace_id text PRIMARY KEY,
+    events_per_second double,
+    burst int
+)"""
+
 # (version, description, statements): applied in order, each statement idempotent.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "timelines, bucket counts, workspaces, api keys", (
@@ -254,11 +263,12 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         CREATE_API_KEYS_BY_HASH,
     )),
     (2, "hour counts of past days, for the edges of time windows", (CREATE_PERSON_HOURS,)),
+    (3, "ingest limits per workspace", (CREATE_WORKSPACE_LIMITS,)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Tables holding data (what tests truncate between cases).
 DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "workspaces", "api_keys",
-               "api_keys_by_hash")
+               "api_keys_by_hash", "workspace_limits")
 
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
@@ -314,6 +324,9 @@ SELECT_BUCKET_RANGE = (
 INSERT_WORKSPACE = "INSERT INTO workspaces (shard, workspace_id, created_at) VALUES (0, ?, ?) IF NOT EXISTS"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces WHERE shard = 0"
 SELECT_WORKSPACE = "SELECT workspace_id FROM workspaces WHERE shard = 0 AND workspace_id = ?"
+SET_RATE_LIMIT = "INSERT INTO workspace_limits (workspace_id, events_per_second, burst) VALUES (?, ?, ?)"
+DELETE_RATE_LIMIT = "DELETE FROM workspace_limits WHERE workspace_id = ?"
+SELECT_RATE_LIMIT = "SELECT events_per_second, burst FROM workspace_limits WHERE workspace_id = ?"
 
 KEY_COLUMNS = "key_id, key_hash, workspace_id, scopes, created_at, revoked_at"
 INSERT_KEY = (
@@ -619,6 +632,8 @@ class CassandraStore(Store):
             "select_hours": SELECT_HOURS, "save_hour_count": SAVE_HOUR_COUNT,
             "select_buckets": SELECT_BUCKETS, "select_bucket_range": SELECT_BUCKET_RANGE,
             "select_workspaces": SELECT_WORKSPACES, "select_workspace": SELECT_WORKSPACE,
+            "set_rate_limit": SET_RATE_LIMIT, "delete_rate_limit": DELETE_RATE_LIMIT,
+            "select_rate_limit": SELECT_RATE_LIMIT,
             "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
             "select_key": SELECT_KEY, "select_keys": SELECT_KEYS,
             "revoke_key": REVOKE_KEY, "revoke_key_by_hash": REVOKE_KEY_BY_HASH,
@@ -1096,6 +1111,19 @@ class CassandraStore(Store):
     async def list_workspaces(self) -> list[str]:
         rows = await self._all(self._ps["select_workspaces"], (), fetch_size=INDEX_PAGE)
         return sorted(r.workspace_id for r in rows)
+
+    async def set_rate_limit(self, workspace_id: str, limit: RateLimit | None) -> bool:
+        if not await self._execute("select_workspace", (workspace_id,)):
+            return False
+        if limit is None:
+            await self._execute("delete_rate_limit", (workspace_id,))
+        else:
+            await self._execute("set_rate_limit", (workspace_id, limit.events_per_second, limit.burst))
+        return True
+
+    async def rate_limit(self, workspace_id: str) -> RateLimit | None:
+        rows = await self._execute("select_rate_limit", (workspace_id,))
+        return RateLimit(rows[0].events_per_second, rows[0].burst) if rows else None
 
     async def put_key(self, key: ApiKeyRecord) -> None:
         if not await self._execute("select_workspace", (key.workspace_id,)):

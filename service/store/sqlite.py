@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from service.domain import EventPage, EventQuery, StoredEvent
+from service.domain import EventPage, EventQuery, RateLimit, StoredEvent
 from service.store import sqlite_engine as engine
 from service.store.base import ApiKeyRecord, Store, StoreUnavailable, settle
 from service.store.sqlite_engine import GroupCommitter, SqliteFile, Tuning
@@ -87,6 +87,12 @@ class _SqliteReads(Store):
 
     async def list_workspaces(self) -> list[str]:
         return await self._run(engine.list_workspaces)
+
+    async def set_rate_limit(self, workspace_id: str, limit: RateLimit | None) -> bool:
+        return await self._run(lambda conn: engine.set_rate_limit(conn, workspace_id, limit))
+
+    async def rate_limit(self, workspace_id: str) -> RateLimit | None:
+        return await self._run(lambda conn: engine.rate_limit(conn, workspace_id))
 
     async def put_key(self, key: ApiKeyRecord) -> None:
         await self._run(lambda conn: engine.put_key(conn, key))

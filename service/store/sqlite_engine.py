@@ -47,12 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import EventPage, EventQuery, StoredEvent
+from service.domain import EventPage, EventQuery, RateLimit, StoredEvent
 from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, split_window
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Each version is a list of statements, applied in order in one transaction.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -136,6 +136,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """INSERT INTO timeline (person_key, ts, event_id, event, seq)
             SELECT person_key, ts, event_id, event, seq FROM events ORDER BY person_key, ts, event_id""",
     ),
+    # A workspace's ingest limit (NULL: none), read with its keys by every worker.
+    4: (
+        "ALTER TABLE workspaces ADD COLUMN events_per_second REAL",
+        "ALTER TABLE workspaces ADD COLUMN burst INTEGER",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
@@ -195,6 +200,8 @@ SUM_BUCKETS = (
 )
 INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
+SET_RATE_LIMIT = "UPDATE workspaces SET events_per_second = ?, burst = ? WHERE workspace_id = ?"
+SELECT_RATE_LIMIT = "SELECT events_per_second, burst FROM workspaces WHERE workspace_id = ?"
 INSERT_KEY = (
     "INSERT INTO api_keys (key_id, key_hash, workspace_id, scopes, created_at, revoked_at)"
     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -594,6 +601,16 @@ def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us:
 
 def list_workspaces(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in conn.execute(SELECT_WORKSPACES)]
+
+
+def set_rate_limit(conn: sqlite3.Connection, workspace_id: str, limit: RateLimit | None) -> bool:
+    values = (None, None) if limit is None else (limit.events_per_second, limit.burst)
+    return conn.execute(SET_RATE_LIMIT, (*values, workspace_id)).rowcount == 1
+
+
+def rate_limit(conn: sqlite3.Connection, workspace_id: str) -> RateLimit | None:
+    row = conn.execute(SELECT_RATE_LIMIT, (workspace_id,)).fetchone()
+    return None if row is None or row[0] is None else RateLimit(row[0], row[1])
 
 
 def put_key(conn: sqlite3.Connection, key: ApiKeyRecord) -> None:
