@@ -1,4 +1,4 @@
-"""The use cases: track one event, track a batch, list a person's events.
+"""The use cases: track one event, track a batch, list a person's events, delete a person.
 
 Plain Python in, plain Python out: the servicer adapts protobuf messages to
 these calls, and these calls raise ValidationError (bad input) or
@@ -43,6 +43,12 @@ class ListInput:
     # checked on these, the store is asked in (rounded up) microseconds.
     since_ns: int | None = None
     until_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PersonRef:
+    person_ref: str  # a person_id, or an external_id when id_type == "external_id"
+    id_type: str = ""
 
 
 class EventsCore:
@@ -119,21 +125,18 @@ class EventsCore:
     async def list_person_events(self, workspace_id: str, req: ListInput) -> EventPage:
         return await self._store.list_events(self.list_query(workspace_id, req))
 
+    async def delete_person(self, workspace_id: str, req: PersonRef) -> int:
+        """Erase the person's events and what derives from them; how many events were removed."""
+        violations: list[FieldViolation] = []
+        person_id = _person_id(workspace_id, req.person_ref, req.id_type, violations)
+        if violations:
+            raise ValidationError(*violations)
+        return await self._store.delete_person(workspace_id, person_id)
+
     @staticmethod
     def list_query(workspace_id: str, req: ListInput) -> EventQuery:
         violations: list[FieldViolation] = []
-        id_type = req.id_type or "person_id"
-        person_id = ""
-        if id_type not in domain.ID_TYPES:
-            violations.append(FieldViolation("id_type", f"must be one of {', '.join(domain.ID_TYPES)}, got {req.id_type[:64]!r}"))
-        else:
-            try:
-                if id_type == "external_id":
-                    person_id = domain.person_id_for(workspace_id, domain.check_name("person_id", req.person_ref))
-                else:
-                    person_id = domain.parse_person_id("person_id", req.person_ref)
-            except ValidationError as exc:
-                violations.extend(exc.violations)
+        person_id = _person_id(workspace_id, req.person_ref, req.id_type, violations)
         limit = domain.DEFAULT_LIMIT if req.limit is None else req.limit
         if not 1 <= limit <= domain.MAX_LIMIT:
             violations.append(FieldViolation("limit", f"must be between 1 and {domain.MAX_LIMIT}, got {limit}"))
@@ -158,6 +161,21 @@ class EventsCore:
             since_us=_micros_ceil(req.since_ns),
             until_us=_micros_ceil(req.until_ns),
         )
+
+
+def _person_id(workspace_id: str, person_ref: str, id_type: str, violations: list[FieldViolation]) -> str:
+    """The person_id a request names (by person_id or by external_id); "" with a violation added when invalid."""
+    id_type = id_type or "person_id"
+    if id_type not in domain.ID_TYPES:
+        violations.append(FieldViolation("id_type", f"must be one of {', '.join(domain.ID_TYPES)}, got {id_type[:64]!r}"))
+        return ""
+    try:
+        if id_type == "external_id":
+            return domain.person_id_for(workspace_id, domain.check_name("person_id", person_ref))
+        return domain.parse_person_id("person_id", person_ref)
+    except ValidationError as exc:
+        violations.extend(exc.violations)
+        return ""
 
 
 def _micros_ceil(ns: int | None) -> int | None:

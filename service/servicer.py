@@ -18,9 +18,9 @@ from grpc_status import rpc_status
 from flameup.events.v1 import events_pb2, events_pb2_grpc
 from protoconv import struct_to_python
 from service import domain, metrics
-from service.auth import READ, WRITE, Authenticator, AuthError, Principal
+from service.auth import DELETE_PEOPLE, READ, WRITE, Authenticator, AuthError, Principal
 from service.domain import StoredEvent, ValidationError
-from service.events import EventsCore, ListInput, TrackInput
+from service.events import EventsCore, ListInput, PersonRef, TrackInput
 from service.ratelimit import SharedBuckets
 from service.store import StoreUnavailable
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 # Every RPC of EventsService needs a key with this scope. An RPC missing here
 # is refused (fail closed); a test checks the table covers the proto.
-REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ}
+REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "DeletePerson": DELETE_PEOPLE}
 # The RPCs a workspace's ingest limit applies to, and how many events a request brings.
 EVENTS_IN = {"Track": lambda request: 1, "TrackBatch": lambda request: len(request.events)}
 
@@ -206,6 +206,16 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     async def ListPersonEvents(self, request: events_pb2.ListPersonEventsRequest, context):
         page = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
         return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in page.events], total=page.total)
+
+    @_grpc_errors
+    async def DeletePerson(self, request: events_pb2.DeletePersonRequest, context):
+        principal = _principal.get()
+        deleted = await self._core.delete_person(principal.workspace_id, PersonRef(request.person_id, request.id_type))
+        metrics.PEOPLE_DELETED.inc()
+        metrics.EVENTS_DELETED.inc(deleted)
+        log.info("deleted a person of %s (%d events) at the request of key %s",
+                 principal.workspace_id, deleted, principal.key_id)
+        return events_pb2.DeletePersonResponse(deleted_events=deleted)
 
 
 def track_input(request: events_pb2.TrackRequest) -> TrackInput:

@@ -23,7 +23,8 @@ def test_document_is_valid_openapi_3(doc):
 
 
 def test_paths_parameters_bodies_and_errors(doc):
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events"}
+    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
+                                 "/api/v1/people/{person_id}"}
     assert list(doc["paths"]["/api/v1/track/batch"]) == ["post"]
     batch = doc["paths"]["/api/v1/track/batch"]["post"]
     assert batch["operationId"] == "EventsService_TrackBatch"

@@ -163,3 +163,62 @@ def test_json_logs_are_one_object_per_line(tmp_path):
     created = next(r for r in records if "bootstrap key" in r["message"])
     assert created["level"] == "INFO" and created["logger"] == "service.auth" and created["process"] > 0
     assert "time" in created
+
+
+def test_delete_person_erases_the_person_everywhere_and_nothing_else(service, workspace):
+    key = service.create_key(workspace, "events:read,events:write,people:delete")
+    stub, md = service.stub(), service.metadata(key)
+    gone, kept = uid(), uid()
+    events = [pb.TrackRequest(external_id=p, event=name, timestamp=f"2026-01-0{day}T10:00:00Z")
+              for p in (gone, kept) for day in (1, 2, 3) for name in ("a", "b")]
+    assert stub.TrackBatch(pb.TrackBatchRequest(events=events), metadata=md, timeout=10).success
+    gone_id = person_id_for(workspace, gone)
+    reads = [{}, {"event": "a"}, {"since": "2026-01-02T00:00:00Z"}, {"limit": 1, "offset": 1}]
+
+    def everything(external_id: str) -> list:
+        pages = []
+        for params in reads:
+            request = pb.ListPersonEventsRequest(person_id=person_id_for(workspace, external_id), **{
+                k: v for k, v in params.items() if k != "since"})
+            if "since" in params:
+                request.since.FromJsonString(params["since"])
+            pages.append(stub.ListPersonEvents(request, metadata=md, timeout=10))
+            pages.append(stub.ListPersonEvents(pb.ListPersonEventsRequest(
+                person_id=external_id, id_type="external_id"), metadata=md, timeout=10))
+        with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {key}"}) as http:
+            pages.append(http.get(f"/api/v1/people/{external_id}/events", params={"id_type": "external_id"}).json())
+        return pages
+
+    kept_before = everything(kept)
+    reply = stub.DeletePerson(pb.DeletePersonRequest(person_id=gone_id), metadata=md, timeout=30)
+    assert reply.deleted_events == 6
+    for page in everything(gone):
+        assert (page.total, list(page.events)) == (0, []) if not isinstance(page, dict) else (
+            page == {"events": [], "total": 0})
+    assert everything(kept) == kept_before
+    # repeating it is harmless; by external_id over REST too
+    with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        resp = http.delete(f"/api/v1/people/{gone}", params={"id_type": "external_id"})
+        assert (resp.status_code, resp.json()) == (200, {"deleted_events": 0})
+    # events tracked afterwards are kept
+    stub.Track(pb.TrackRequest(external_id=gone, event="later"), metadata=md, timeout=10)
+    page = stub.ListPersonEvents(pb.ListPersonEventsRequest(person_id=gone_id), metadata=md, timeout=10)
+    assert page.total == 1 and [e.event for e in page.events] == ["later"]
+    with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        resp = http.delete(f"/api/v1/people/{gone_id}")
+        assert (resp.status_code, resp.json()) == (200, {"deleted_events": 1})
+
+
+def test_delete_person_needs_its_scope_and_a_valid_person(service, workspace):
+    writer = service.create_key(workspace)
+    with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {writer}"}) as http:
+        resp = http.delete(f"/api/v1/people/{person_id_for(workspace, 'u')}")
+        assert resp.status_code == 403 and "people:delete" in resp.json()["message"]
+    deleter = service.create_key(workspace, "people:delete")
+    with httpx.Client(base_url=service.http_url, headers={"Authorization": f"Bearer {deleter}"}) as http:
+        resp = http.delete("/api/v1/people/not-a-uuid")
+        assert resp.status_code == 400
+        assert resp.json()["details"][0]["field_violations"][0]["field"] == "person_id"
+        assert http.delete("/api/v1/people/u", params={"id_type": "email"}).status_code == 400
+        # a deleter alone cannot read
+        assert http.get(f"/api/v1/people/{person_id_for(workspace, 'u')}/events").status_code == 403

@@ -122,3 +122,40 @@ def test_the_day_of_a_timestamp_in_sql_is_bucket_of():
     conn = sqlite3.connect(":memory:")
     for ts in (0, 1, BUCKET_US - 1, BUCKET_US, DAY0 + 5, 2**62, -1, -BUCKET_US, -BUCKET_US - 1):
         assert conn.execute(f"SELECT {_BUCKET_SQL} FROM (SELECT ? AS ts)", (ts,)).fetchone()[0] == bucket_of(ts), ts
+
+
+def test_deleting_a_person_empties_both_tables_rows_and_day_counts(tmp_path):
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, tuning=Tuning(merge_from_rows=10, merge_step_rows=50, removal_chunk_rows=7))
+    reader = db.connect()
+    sqlite_engine.migrate(reader)
+    committer = GroupCommitter(db)
+    committer.open()
+    gone, kept = person_id_for(WS, "gone"), person_id_for(WS, "kept")
+
+    def event(person: str, i: int) -> StoredEvent:
+        ts = DAY0 + i * BUCKET_US // 10
+        return StoredEvent(new_event_id(ts), WS, person, "x", NAMES[i % 3], "{}", ts, ts)
+
+    try:
+        for round_ in range(6):  # entries of both persons end up in timeline and in recent
+            committer.commit([event(p, round_ * 10 + i) for i in range(10) for p in (gone, kept)])
+            committer.merge_if_due()
+        committer.commit([event(p, 60 + i) for i in range(5) for p in (gone, kept)])  # left in recent
+        counts = _tables(path)
+        assert counts["timeline"] > 0 and counts["recent"] > 0
+
+        def person_rows(person: str) -> list[int]:
+            key = reader.execute(sqlite_engine.SELECT_PERSON_KEY, (WS, person)).fetchone()[0]
+            return [reader.execute(f"SELECT count(*) FROM {t} WHERE person_key = ?", (key,)).fetchone()[0]
+                    for t in ("events", "timeline", "recent", "bucket_counts")]
+
+        kept_before = person_rows(kept)
+        assert sqlite_engine.delete_person(reader, WS, gone, db.tuning) == 65
+        assert person_rows(gone) == [0, 0, 0, 0]
+        assert person_rows(kept) == kept_before
+        assert sqlite_engine.list_events(reader, EventQuery(WS, kept)).total == 65
+        assert sqlite_engine.delete_person(reader, WS, gone, db.tuning) == 0
+    finally:
+        committer.close()
+        reader.close()

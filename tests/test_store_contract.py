@@ -145,3 +145,33 @@ async def test_rate_limits_are_stored_with_the_workspace(store, workspace):
     assert await store.rate_limit(workspace) == RateLimit(2.5, 7)
     assert await store.set_rate_limit(workspace, None) is True
     assert await store.rate_limit(workspace) is None
+
+
+HOUR_US = 3_600_000_000
+
+
+async def test_delete_person_removes_every_event_and_count_and_nothing_else(store, workspace):
+    # more entries than one removal transaction takes, over several days and two names
+    alice = [make_event(workspace, "alice", "a" if i % 3 else "b", DAY0 + i * HOUR_US // 10) for i in range(1100)]
+    bob = [make_event(workspace, "bob", "a", DAY0 + i * HOUR_US) for i in range(30)]
+    await store.append(alice[:600] + bob)
+    await store.append(alice[600:])
+    windows = [{}, {"event": "a"}, {"event": "b"}, {"since_us": DAY0 + HOUR_US, "until_us": DAY0 + 3 * BUCKET_US},
+               {"since_us": DAY0 + BUCKET_US}, {"until_us": DAY0 + 2 * BUCKET_US + 5}]
+    bob_before = [await store.list_events(query(workspace, "bob", limit=500, **w)) for w in windows]
+    assert (await store.list_events(query(workspace, "alice"))).total == 1100  # counts exist before
+
+    assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 1100
+    for w in windows:
+        page = await store.list_events(query(workspace, "alice", limit=500, **w))
+        assert page.events == [] and page.total == 0, w
+    assert [await store.list_events(query(workspace, "bob", limit=500, **w)) for w in windows] == bob_before
+    assert bob_before[0].total == 30
+
+    assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 0  # repeating is harmless
+    assert await store.delete_person(workspace, person_id_for(workspace, "nobody")) == 0
+    later = make_event(workspace, "alice", "a", DAY0 + 5)  # tracked after the delete: kept
+    await store.append([later])
+    for w in windows[:2]:
+        page = await store.list_events(query(workspace, "alice", **w))
+        assert page.events == [later] and page.total == 1

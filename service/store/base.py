@@ -70,6 +70,15 @@ class Store(abc.ABC):
         """A page of one person's events, newest first (timestamp, then id,
         descending), and the exact count of events matching the filters."""
 
+    @abc.abstractmethod
+    async def delete_person(self, workspace_id: str, person_id: str) -> int:
+        """Remove every event of the person stored before the call, with every
+        count derived from them; the number of events removed (0 when none).
+
+        Events appended while it runs or after it are kept. A person being
+        deleted may show part of their events until it returns.
+        """
+
     # Workspaces and keys ------------------------------------------------
 
     @abc.abstractmethod

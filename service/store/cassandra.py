@@ -320,6 +320,18 @@ SELECT_BUCKET_RANGE = (
     "SELECT bucket, n, counted_at, written_at FROM person_buckets"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
 )
+# Deleting a person: every (event_key, day) of the index names the partitions to drop.
+SELECT_PERSON_INDEX = "SELECT event_key, bucket FROM person_buckets WHERE workspace_id = ? AND person_id = ?"
+DELETE_DAY = "DELETE FROM events_by_person USING TIMESTAMP ? WHERE workspace_id = ? AND person_id = ? AND bucket = ?"
+DELETE_DAY_BY_NAME = (
+    "DELETE FROM events_by_name USING TIMESTAMP ?"
+    " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ?"
+)
+DELETE_HOURS = (
+    "DELETE FROM person_hours USING TIMESTAMP ?"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
+)
+DELETE_INDEX = "DELETE FROM person_buckets USING TIMESTAMP ? WHERE workspace_id = ? AND person_id = ?"
 
 INSERT_WORKSPACE = "INSERT INTO workspaces (shard, workspace_id, created_at) VALUES (0, ?, ?) IF NOT EXISTS"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces WHERE shard = 0"
@@ -632,6 +644,8 @@ class CassandraStore(Store):
             "select_hours": SELECT_HOURS, "save_hour_count": SAVE_HOUR_COUNT,
             "select_buckets": SELECT_BUCKETS, "select_bucket_range": SELECT_BUCKET_RANGE,
             "select_workspaces": SELECT_WORKSPACES, "select_workspace": SELECT_WORKSPACE,
+            "select_person_index": SELECT_PERSON_INDEX, "delete_day": DELETE_DAY,
+            "delete_day_by_name": DELETE_DAY_BY_NAME, "delete_hours": DELETE_HOURS, "delete_index": DELETE_INDEX,
             "set_rate_limit": SET_RATE_LIMIT, "delete_rate_limit": DELETE_RATE_LIMIT,
             "select_rate_limit": SELECT_RATE_LIMIT,
             "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
@@ -1111,6 +1125,32 @@ class CassandraStore(Store):
     async def list_workspaces(self) -> list[str]:
         rows = await self._all(self._ps["select_workspaces"], (), fetch_size=INDEX_PAGE)
         return sorted(r.workspace_id for r in rows)
+
+    async def delete_person(self, workspace_id: str, person_id: str) -> int:
+        """Drop every partition of the person, at the store's consistency.
+
+        The index (person_buckets) names them: each day's rows and rows by
+        name, the hour counts of each day, then the index itself, last, so a
+        call that failed half way finds everything again when repeated. The
+        deletes are partition tombstones written with the timestamp of the
+        call's start: rows written after it (events tracked later) survive
+        them. The days are counted first; that count is the answer.
+        """
+        stamp = now_us()
+        person = (workspace_id, person_id)
+        index = await self._all(self._ps["select_person_index"], person, fetch_size=INDEX_PAGE)
+        keys = [(r.event_key, r.bucket) for r in index if r.bucket != SUMMARY_BUCKET]
+        days = sorted({bucket for key, bucket in keys if key == ALL_EVENTS})
+        counts = await self._gather(
+            self._count_range((*person, ALL_EVENTS), day, day * BUCKET_US, (day + 1) * BUCKET_US) for day in days)
+        await self._gather([
+            *(self._execute("delete_day", (stamp, *person, day)) for day in days),
+            *(self._execute("delete_day_by_name", (stamp, *person, key, day)) for key, day in keys if key != ALL_EVENTS),
+            *(self._execute("delete_hours", (stamp, *person, key, day)) for key, day in keys),
+        ])
+        if index:
+            await self._execute("delete_index", (stamp, *person))
+        return sum(counts)
 
     async def set_rate_limit(self, workspace_id: str, limit: RateLimit | None) -> bool:
         if not await self._execute("select_workspace", (workspace_id,)):

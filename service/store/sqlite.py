@@ -44,6 +44,8 @@ class _SqliteReads(Store):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        # Removals run on a thread of their own: a long one never holds up reads.
+        self._removals: ThreadPoolExecutor | None = None
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -53,8 +55,9 @@ class _SqliteReads(Store):
                 self._connections.append(conn)
         return conn
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._pool is None:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], pool: ThreadPoolExecutor | None = None) -> T:
+        pool = pool or self._pool
+        if pool is None:
             raise StoreUnavailable("the store is closed")
 
         def call() -> T:
@@ -63,16 +66,18 @@ class _SqliteReads(Store):
             except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O error
                 raise StoreUnavailable(f"sqlite: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     async def open(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sqlite-read")
+        self._removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-removal")
         await self._run(engine.migrate)
 
     async def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._removals, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._removals = None
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()
@@ -81,6 +86,12 @@ class _SqliteReads(Store):
 
     async def list_events(self, query: EventQuery) -> EventPage:
         return await self._run(lambda conn: engine.list_events(conn, query))
+
+    async def delete_person(self, workspace_id: str, person_id: str) -> int:
+        if self._removals is None:
+            raise StoreUnavailable("the store is closed")
+        return await self._run(lambda conn: engine.delete_person(conn, workspace_id, person_id, self.db.tuning),
+                               self._removals)
 
     async def ensure_workspace(self, workspace_id: str, created_at_us: int) -> bool:
         return await self._run(lambda conn: engine.ensure_workspace(conn, workspace_id, created_at_us))

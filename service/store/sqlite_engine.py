@@ -36,6 +36,7 @@ person's few entries still in ``recent``.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import itertools
 import logging
@@ -43,12 +44,13 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from service.domain import EventPage, EventQuery, RateLimit, StoredEvent
-from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, split_window
+from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, bucket_of, split_window
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,12 @@ SUM_BUCKETS = (
     "SELECT coalesce(sum(n), 0) FROM bucket_counts"
     " WHERE person_key = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
 )
+# Removals (a person's deletion, retention): a chunk of entries, then their counts, entries and rows.
+PERSON_ENTRIES = "SELECT ts, event_id, event, seq FROM {table} WHERE person_key = ? AND seq <= ? LIMIT ?"
+DROP_ENTRY = "DELETE FROM {table} WHERE person_key = ? AND ts = ? AND event_id = ?"
+DROP_ROW = "DELETE FROM events WHERE seq = ?"
+UNCOUNT = "UPDATE bucket_counts SET n = n - ? WHERE person_key = ? AND event_key = ? AND bucket = ?"
+DROP_EMPTY_COUNTS = "DELETE FROM bucket_counts WHERE person_key = ? AND n <= 0"
 INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
 SET_RATE_LIMIT = "UPDATE workspaces SET events_per_second = ?, burst = ? WHERE workspace_id = ?"
@@ -242,6 +250,11 @@ class Tuning:
     # commit_gap_s after the start of the previous commit, gathering what arrives meanwhile.
     commit_gap_s: float = 0.002
     small_group_rows: int = 64
+    # Deleting a person (and retention) removes this many timeline entries, their rows and
+    # counts, per transaction, and lets other writers have the file for removal_pause_s
+    # between two: ingest waits at most one such transaction.
+    removal_chunk_rows: int = 500
+    removal_pause_s: float = 0.002
 
 
 @dataclass(frozen=True)
@@ -593,6 +606,57 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
         for event_id, external_id, event, parameters, ts, created_at in rows
     ]
     return EventPage(events, total)
+
+
+def delete_person(conn: sqlite3.Connection, workspace_id: str, person_id: str, tuning: Tuning) -> int:
+    """Remove the person's events committed before the call, their timeline
+    entries and day counts, in transactions of at most removal_chunk_rows
+    entries; the number of events removed.
+
+    ``recent`` goes first: a merge step running meanwhile only moves entries
+    from it into ``timeline``, which is swept after it, so none is missed.
+    The person's key stays (it holds no data of the person but the derived
+    person_id), so events tracked later keep their place.
+    """
+    row = conn.execute(SELECT_PERSON_KEY, (workspace_id, person_id)).fetchone()
+    if row is None:
+        return 0
+    person_key = row[0]
+    (through,) = conn.execute(MAX_SEQ).fetchone()  # rows committed after this are kept
+    removed = 0
+    for table in ("recent", "timeline"):
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                entries = conn.execute(PERSON_ENTRIES.format(table=table),
+                                       (person_key, through, tuning.removal_chunk_rows)).fetchall()
+                _remove(conn, table, person_key, entries)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            removed += len(entries)
+            if len(entries) < tuning.removal_chunk_rows:
+                break
+            time.sleep(tuning.removal_pause_s)  # the writer's turn
+    return removed
+
+
+def _remove(conn: sqlite3.Connection, table: str, person_key: int, entries: list[tuple]) -> None:
+    """Drop entries ``(ts, event_id, event, seq)`` of one person from ``table``, their
+    rows, and (for ``timeline``, which they count in) their day counts."""
+    if not entries:
+        return
+    conn.executemany(DROP_ENTRY.format(table=table), [(person_key, ts, event_id) for ts, event_id, _, _ in entries])
+    conn.executemany(DROP_ROW, [(seq,) for *_, seq in entries])
+    if table == "timeline":
+        counts = collections.Counter()
+        for ts, _, event, _ in entries:
+            day = bucket_of(ts)
+            counts[(event, day)] += 1
+            counts[("", day)] += 1
+        conn.executemany(UNCOUNT, [(n, person_key, key, day) for (key, day), n in counts.items()])
+        conn.execute(DROP_EMPTY_COUNTS, (person_key,))
 
 
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:

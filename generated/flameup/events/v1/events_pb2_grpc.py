@@ -30,7 +30,7 @@ class EventsServiceStub:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents).
+    ListPersonEvents, `people:delete` for DeletePerson).
     """
 
     def __init__(self, channel):
@@ -54,6 +54,11 @@ class EventsServiceStub:
                 request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.SerializeToString,
                 response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.FromString,
                 _registered_method=True)
+        self.DeletePerson = channel.unary_unary(
+                '/flameup.events.v1.EventsService/DeletePerson',
+                request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonRequest.SerializeToString,
+                response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonResponse.FromString,
+                _registered_method=True)
 
 
 class EventsServiceServicer:
@@ -61,7 +66,7 @@ class EventsServiceServicer:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents).
+    ListPersonEvents, `people:delete` for DeletePerson).
     """
 
     def Track(self, request, context):
@@ -89,6 +94,17 @@ class EventsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeletePerson(self, request, context):
+        """DeletePerson erases one person of the workspace: every stored event, and
+        every count, summary and deduplication entry derived from them, on every
+        replica. Repeating it deletes nothing more and answers 0. Events tracked
+        for the person afterwards are kept. The event feed carries a deletion
+        notice so that its consumers can forget the person too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +123,11 @@ def add_EventsServiceServicer_to_server(servicer, server):
                     request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.FromString,
                     response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.SerializeToString,
             ),
+            'DeletePerson': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePerson,
+                    request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonRequest.FromString,
+                    response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'flameup.events.v1.EventsService', rpc_method_handlers)
@@ -120,7 +141,7 @@ class EventsService:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents).
+    ListPersonEvents, `people:delete` for DeletePerson).
     """
 
     @staticmethod
@@ -194,6 +215,33 @@ class EventsService:
             '/flameup.events.v1.EventsService/ListPersonEvents',
             flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.SerializeToString,
             flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePerson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flameup.events.v1.EventsService/DeletePerson',
+            flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonRequest.SerializeToString,
+            flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonResponse.FromString,
             options,
             channel_credentials,
             insecure,
