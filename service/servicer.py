@@ -213,8 +213,12 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         deleted = await self._core.delete_person(principal.workspace_id, PersonRef(request.person_id, request.id_type))
         metrics.PEOPLE_DELETED.inc()
         metrics.EVENTS_DELETED.inc(deleted)
-        log.info("deleted a person of %s (%d events) at the request of key %s",
-                 principal.workspace_id, deleted, principal.key_id)
+        log.info(
+            "deleted a person of %s (%d events) at the request of key %s",
+            principal.workspace_id,
+            deleted,
+            principal.key_id,
+        )
         return events_pb2.DeletePersonResponse(deleted_events=deleted)
 
 

@@ -1145,7 +1145,8 @@ class CassandraStore(Store):
             self._count_range((*person, ALL_EVENTS), day, day * BUCKET_US, (day + 1) * BUCKET_US) for day in days)
         await self._gather([
             *(self._execute("delete_day", (stamp, *person, day)) for day in days),
-            *(self._execute("delete_day_by_name", (stamp, *person, key, day)) for key, day in keys if key != ALL_EVENTS),
+            *(self._execute("delete_day_by_name", (stamp, *person, key, day))
+              for key, day in keys if key != ALL_EVENTS),
             *(self._execute("delete_hours", (stamp, *person, key, day)) for key, day in keys),
         ])
         if index:
