@@ -191,9 +191,9 @@ class CassandraBench(BenchStore):
                 for e in chunk:
                     b = bucket_of(e.timestamp_us)
                     person_args.append((e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event,
-                                        e.external_id, e.parameters, e.created_at_us))
+                                        e.external_id, e.parameters, e.created_at_us, 0))  # 0: no TTL
                     name_args.append((e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id,
-                                      e.external_id, e.parameters, e.created_at_us))
+                                      e.external_id, e.parameters, e.created_at_us, 0))
                 chunks.append((person_args, name_args))
             done = 0
             server = self.server_pids()

@@ -55,6 +55,26 @@ def _log_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _retention_days(text: str) -> int:
+    from service.store.base import MAX_RETENTION_DAYS
+
+    days = int(text)
+    if not 1 <= days <= MAX_RETENTION_DAYS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_RETENTION_DAYS} days, got {days}")
+    return days
+
+
+def _retention_arg(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get("FLAMEUP_RETENTION_DAYS") or None
+    p.add_argument(
+        "--retention-days",
+        type=_retention_days,
+        default=env,  # argparse applies type to a string default too
+        help="keep events of today and this many days before it; older ones are refused, hidden from"
+        " reads and removed from the store with their counts (env FLAMEUP_RETENTION_DAYS; default: keep forever)",
+    )
+
+
 def _serving() -> None:
     """A worker serves from now on."""
     freeze_startup_heap()
@@ -106,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: gRPC worker i runs on the i-th CPU (its threads hand calls to one another"
         " on one CPU); off: wherever the kernel puts it (env FLAMEUP_WORKER_CPU_AFFINITY)",
     )
+    _retention_arg(serve)
     _log_arg(serve)
 
     migrate = sub.add_parser(
@@ -132,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also listen on this Unix socket (serve gives each worker one for the gateways)",
     )
+    _retention_arg(worker)
     worker.add_argument(
         "--rate-limit-file",
         default=None,
@@ -148,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _store_arg(writer)
     writer.add_argument("--socket", required=True, help="Unix socket the workers send appends to")
+    _retention_arg(writer)
     _log_arg(writer)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
@@ -258,7 +281,8 @@ async def _workspaces(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "log_format", "text") not in LOG_FORMATS:  # argparse checks a flag's choices, not the environment's
+    # argparse checks a flag's choices, not the environment's
+    if getattr(args, "log_format", "text") not in LOG_FORMATS:
         build_parser().error(f"FLAMEUP_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
     configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
@@ -284,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 key_cache_seconds=args.key_cache_seconds,
                 log_level=args.log_level,
                 log_format=args.log_format,
+                retention_days=args.retention_days,
                 cpu_policy=args.cpu_policy,
                 worker_cpu_affinity=args.worker_cpu_affinity,
             )
@@ -318,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                     unix_socket=args.unix_socket,
                     sqlite_writer=args.sqlite_writer,
                     rate_limit_file=args.rate_limit_file,
+                    retention_days=args.retention_days,
                 ),
                 on_ready=_serving,
             )
@@ -327,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.store.sqlite_writer import serve_writer
 
         exit_with_parent()
-        uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving))
+        uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving, retention_days=args.retention_days))
         return 0
     if args.command == "keys":
         return asyncio.run(_keys(args))

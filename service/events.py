@@ -8,12 +8,13 @@ StoreUnavailable (retry later).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service import domain
 from service.domain import EventPage, EventQuery, FieldViolation, StoredEvent, ValidationError
 from service.store import Store
+from service.store.base import retention_cutoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +53,14 @@ class PersonRef:
 
 
 class EventsCore:
-    def __init__(self, store: Store, clock=domain.now_us) -> None:
+    """The use cases over one store. With ``retention_days``, events older than
+    the retention (see service.store.base.retention_cutoff) are refused on the
+    way in and left out of every read, while the store removes them."""
+
+    def __init__(self, store: Store, clock=domain.now_us, retention_days: int | None = None) -> None:
         self._store = store
         self._clock = clock
+        self._retention_days = retention_days
 
     def prepare(self, workspace_id: str, item: TrackInput, received_us: int, prefix: str = "") -> StoredEvent:
         """Validate one event and turn it into the row every store keeps.
@@ -78,6 +84,9 @@ class EventsCore:
             parsed = check(domain.parse_timestamp, field, item.timestamp)
             if parsed is not None:
                 ts_us = check(domain.check_event_time, field, parsed, received_us)
+            if ts_us is not None and self._retention_days is not None:
+                ts_us = check(_check_retained, field, ts_us, retention_cutoff(received_us, self._retention_days),
+                              self._retention_days)
         parameters = check(domain.canonical_parameters, f"{prefix}parameters", item.parameters)
         if violations:
             raise ValidationError(*violations)
@@ -123,7 +132,13 @@ class EventsCore:
         return BatchResult(event_ids, errors)
 
     async def list_person_events(self, workspace_id: str, req: ListInput) -> EventPage:
-        return await self._store.list_events(self.list_query(workspace_id, req))
+        query = self.list_query(workspace_id, req)
+        if self._retention_days is not None:
+            cutoff = retention_cutoff(self._clock(), self._retention_days)
+            if query.until_us is not None and query.until_us <= cutoff:
+                return EventPage([], 0)
+            query = replace(query, since_us=max(cutoff, query.since_us or cutoff))
+        return await self._store.list_events(query)
 
     async def delete_person(self, workspace_id: str, req: PersonRef) -> int:
         """Erase the person's events and what derives from them; how many events were removed."""
@@ -163,11 +178,20 @@ class EventsCore:
         )
 
 
+def _check_retained(field: str, ts_us: int, cutoff_us: int, days: int) -> int:
+    if ts_us < cutoff_us:
+        raise ValidationError.of(
+            field, f"is older than the {days} days this service keeps events for ({domain.format_timestamp(cutoff_us)})"
+        )
+    return ts_us
+
+
 def _person_id(workspace_id: str, person_ref: str, id_type: str, violations: list[FieldViolation]) -> str:
     """The person_id a request names (by person_id or by external_id); "" with a violation added when invalid."""
     id_type = id_type or "person_id"
     if id_type not in domain.ID_TYPES:
-        violations.append(FieldViolation("id_type", f"must be one of {', '.join(domain.ID_TYPES)}, got {id_type[:64]!r}"))
+        choices = ", ".join(domain.ID_TYPES)
+        violations.append(FieldViolation("id_type", f"must be one of {choices}, got {id_type[:64]!r}"))
         return ""
     try:
         if id_type == "external_id":

@@ -36,6 +36,7 @@ class GrpcConfig:
     key_cache_seconds: float = 10.0
     unix_socket: str | None = None  # a second listener, this worker's own (the gateways call it)
     sqlite_writer: str | None = None  # the SQLite writer process's socket: appends go there (see open_store)
+    retention_days: int | None = None  # events older than that are refused, hidden and (Cassandra) expire
     rate_limit_file: str | None = None  # the ingest buckets every worker of one serve shares (service.ratelimit)
 
 
@@ -48,7 +49,7 @@ async def serve(
     lets in-flight ones finish (up to the grace period), then the store
     commits what it holds and closes. Nothing acknowledged is lost.
     """
-    store = open_store(config.store_url, sqlite_writer=config.sqlite_writer)
+    store = open_store(config.store_url, sqlite_writer=config.sqlite_writer, retention_days=config.retention_days)
     await store.open()
     buckets = SharedBuckets(config.rate_limit_file)
     health_servicer = health.aio.HealthServicer()
@@ -59,7 +60,8 @@ async def serve(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(EventsCore(store)), server)
+    core = EventsCore(store, retention_days=config.retention_days)
+    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(core), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")

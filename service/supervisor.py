@@ -79,6 +79,7 @@ class ServeConfig:
     key_cache_seconds: float
     log_level: str
     log_format: str = "text"
+    retention_days: int | None = None
     cpu_policy: str = DEFAULT_CPU_POLICY
     worker_cpu_affinity: str = DEFAULT_WORKER_CPU_AFFINITY
 
@@ -175,6 +176,11 @@ def _logging(config: ServeConfig) -> list[str]:
     return ["--log-level", config.log_level, "--log-format", config.log_format]
 
 
+def _retention(config: ServeConfig) -> list[str]:
+    """The retention option of the processes that read or write events."""
+    return [] if config.retention_days is None else ["--retention-days", str(config.retention_days)]
+
+
 def _spawn(args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     # Own session: Ctrl-C reaches only the supervisor, which stops the workers in order.
     return subprocess.Popen([sys.executable, *args], env=env, start_new_session=True, pass_fds=pass_fds)
@@ -247,6 +253,7 @@ def serve(config: ServeConfig) -> int:
                         config.store_url,
                         "--socket",
                         socket_path,
+                        *_retention(config),
                         *_logging(config),
                     ],
                     reporting,
@@ -272,6 +279,7 @@ def serve(config: ServeConfig) -> int:
                     path,
                     "--rate-limit-file",
                     rate_limit_file,
+                    *_retention(config),
                     "--key-cache-seconds",
                     str(config.key_cache_seconds),
                     *_logging(config),

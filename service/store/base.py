@@ -24,6 +24,23 @@ def bucket_of(ts_us: int) -> int:
     return ts_us // BUCKET_US
 
 
+# Retention keeps today and the ``days`` UTC days before it: an event is removed once its
+# day is older than that, so the cutoff always falls on a day's start and the day counts of
+# every store stay exact without counting within a day. The bound is Cassandra's (a TTL of
+# at most 20 years).
+MAX_RETENTION_DAYS = 7300
+
+
+def retention_cutoff(now_us: int, days: int) -> int:
+    """The oldest time still kept under a retention of ``days``."""
+    return (bucket_of(now_us) - days) * BUCKET_US
+
+
+def retention_expiry(bucket: int, days: int) -> int:
+    """When the events of day ``bucket`` pass the cutoff of a retention of ``days``."""
+    return (bucket + days + 1) * BUCKET_US
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached now; the caller may retry (gRPC UNAVAILABLE)."""
 

@@ -97,7 +97,15 @@ from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessa
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from service.domain import EventPage, EventQuery, RateLimit, StoredEvent, now_us
-from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of, settle
+from service.store.base import (
+    BUCKET_US,
+    ApiKeyRecord,
+    Store,
+    StoreUnavailable,
+    bucket_of,
+    retention_expiry,
+    settle,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -273,12 +281,12 @@ DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_h
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
     " (workspace_id, person_id, bucket, ts, event_id, event, external_id, parameters, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
 )
 INSERT_EVENT_BY_NAME = (
     "INSERT INTO events_by_name"
     " (workspace_id, person_id, event, bucket, ts, event_id, external_id, parameters, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
 )
 SELECT_EVENTS = (
     "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_person"
@@ -297,11 +305,11 @@ COUNT_EVENTS_BY_NAME = (
     " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ? AND ts >= ? AND ts < ?"
 )
 MARK_WRITTEN = (
-    "UPDATE person_buckets USING TIMESTAMP ? SET written_at = ?"
+    "UPDATE person_buckets USING TIMESTAMP ? AND TTL ? SET written_at = ?"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
 )
 SAVE_COUNT = (
-    "UPDATE person_buckets USING TIMESTAMP ? SET n = ?, counted_at = ?"
+    "UPDATE person_buckets USING TIMESTAMP ? AND TTL ? SET n = ?, counted_at = ?"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
 )
 SELECT_HOURS = (
@@ -309,7 +317,7 @@ SELECT_HOURS = (
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
 )
 SAVE_HOUR_COUNT = (
-    "UPDATE person_hours USING TIMESTAMP ? SET n = ?, counted_at = ?"
+    "UPDATE person_hours USING TIMESTAMP ? AND TTL ? SET n = ?, counted_at = ?"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ? AND hour = ?"
 )
 SELECT_BUCKETS = (
@@ -528,8 +536,9 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
 
 
 class CassandraStore(Store):
-    def __init__(self, settings: _Settings) -> None:
+    def __init__(self, settings: _Settings, retention_days: int | None = None) -> None:
         self.settings = settings
+        self.retention_days = retention_days
         self.keyspace = settings.keyspace
         self.stats = CassandraStats()
         self._cluster: Cluster | None = None
@@ -545,8 +554,8 @@ class CassandraStore(Store):
         self._writebacks_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> CassandraStore:
-        return cls(parse_url(url))
+    def from_url(cls, url: str, retention_days: int | None = None) -> CassandraStore:
+        return cls(parse_url(url), retention_days)
 
     # Lifecycle --------------------------------------------------------------
 
@@ -777,12 +786,13 @@ class CassandraStore(Store):
                 person_keys = keys[person] = {(ALL_EVENTS, SUMMARY_BUCKET)}
             person_keys.update(((ALL_EVENTS, b), (e.event, b), (e.event, SUMMARY_BUCKET)))
             size = len(e.parameters) + len(e.external_id) + len(e.event) + 96
+            ttl = self._ttl(b)
             rows[(*person, "", b)].append((insert, (
                 e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event, e.external_id,
-                e.parameters, e.created_at_us), size))
+                e.parameters, e.created_at_us, ttl), size))
             rows[(*person, e.event, b)].append((insert_by_name, (
                 e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
-                e.parameters, e.created_at_us), size))
+                e.parameters, e.created_at_us, ttl), size))
         # Shielded: a caller that gives up (a deadline) must not abandon the end marks.
         work = asyncio.ensure_future(self._append(keys, list(rows.values())))
         work.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
@@ -814,9 +824,20 @@ class CassandraStore(Store):
                stamp: int, value: int) -> list[list[_Write]]:
         """The written_at marks of each person's days (one partition per person)."""
         ps = self._ps["mark_written"]
-        return [[(ps, (stamp, value, workspace_id, person_id, key, bucket), MARK_BYTES + len(key))
+        return [[(ps, (stamp, self._ttl(bucket), value, workspace_id, person_id, key, bucket),
+                  MARK_BYTES + len(key))
                  for key, bucket in sorted(person_keys)]
                 for (workspace_id, person_id), person_keys in keys.items()]
+
+    def _ttl(self, bucket: int) -> int:
+        """The TTL (seconds; 0: none) of what is written for a day: until the day passes the
+        retention cutoff. The whole-history row lives as long as a day written now."""
+        days = self.retention_days
+        if days is None:
+            return 0
+        if bucket == SUMMARY_BUCKET:
+            bucket = bucket_of(now_us())
+        return max(1, -(-(retention_expiry(bucket, days) - now_us()) // 1_000_000))
 
     async def _mark(self, workspace_id: str, person_id: str, keys: set[tuple[str, int]], *,
                     stamp: int, value: int) -> None:
@@ -1050,9 +1071,9 @@ class CassandraStore(Store):
             if key in self._writebacks:
                 return
             if hour is None:
-                bound = self._ps["save_count"].bind((started, n, started, *pk, bucket))
+                bound = self._ps["save_count"].bind((started, self._ttl(bucket), n, started, *pk, bucket))
             else:
-                bound = self._ps["save_hour_count"].bind((started, n, started, *pk, bucket, hour))
+                bound = self._ps["save_hour_count"].bind((started, self._ttl(bucket), n, started, *pk, bucket, hour))
             try:
                 future = session.execute_async(bound)
             except Exception:

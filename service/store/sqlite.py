@@ -127,21 +127,23 @@ class SqliteStore(_SqliteReads):
     """The embedded store: appends are committed on this store's own writer thread."""
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
-                 tuning: Tuning | None = None) -> None:
+                 tuning: Tuning | None = None, retention_days: int | None = None) -> None:
         super().__init__(SqliteFile(path, synchronous, busy_timeout_ms, tuning or Tuning()))
+        self.retention_days = retention_days
         self._writes: queue.SimpleQueue | None = None
         self._writer: threading.Thread | None = None
         self._committer: GroupCommitter | None = None
 
     @classmethod
-    def from_url(cls, url: str, tuning: Tuning | None = None) -> SqliteStore:
+    def from_url(cls, url: str, tuning: Tuning | None = None, retention_days: int | None = None) -> SqliteStore:
         db = SqliteFile.from_url(url, tuning)
-        return cls(db.path, synchronous=db.synchronous, busy_timeout_ms=db.busy_timeout_ms, tuning=db.tuning)
+        return cls(db.path, synchronous=db.synchronous, busy_timeout_ms=db.busy_timeout_ms, tuning=db.tuning,
+                   retention_days=retention_days)
 
     async def open(self) -> None:
         """Create or migrate the schema, then start the writer and checkpointer threads."""
         await super().open()
-        self._committer = GroupCommitter(self.db)
+        self._committer = GroupCommitter(self.db, self.retention_days)
         await asyncio.to_thread(self._committer.open)
         self._writes = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, args=(self._committer,), name="sqlite-writer",
@@ -170,9 +172,16 @@ class SqliteStore(_SqliteReads):
 
     def _write_loop(self, committer: GroupCommitter) -> None:
         max_rows = self.db.tuning.max_group_rows
+        # Without a retention the thread sleeps until an append comes; with one it wakes
+        # up for the retention steps too.
+        wait = None if self.retention_days is None else self.db.tuning.retention_step_s
         stop = False
         while not stop:
-            item = self._writes.get()
+            try:
+                item = self._writes.get(timeout=wait)
+            except queue.Empty:
+                committer.expire_if_due()
+                continue
             if item is None:
                 break
             group, rows = [item], len(item[0])
@@ -197,6 +206,7 @@ class SqliteStore(_SqliteReads):
                 except RuntimeError:  # that loop is closed: nobody is waiting any more
                     pass
             committer.merge_if_due()  # after the answers: a step delays the next group, not this one
+            committer.expire_if_due()
 
 
 class SqliteClientStore(_SqliteReads):

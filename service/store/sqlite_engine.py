@@ -49,8 +49,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import EventPage, EventQuery, RateLimit, StoredEvent
-from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, bucket_of, split_window
+from service.domain import EventPage, EventQuery, RateLimit, StoredEvent, now_us
+from service.store.base import (
+    BUCKET_US,
+    ApiKeyRecord,
+    StoreUnavailable,
+    bucket_of,
+    retention_cutoff,
+    split_window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +213,8 @@ DROP_ENTRY = "DELETE FROM {table} WHERE person_key = ? AND ts = ? AND event_id =
 DROP_ROW = "DELETE FROM events WHERE seq = ?"
 UNCOUNT = "UPDATE bucket_counts SET n = n - ? WHERE person_key = ? AND event_key = ? AND bucket = ?"
 DROP_EMPTY_COUNTS = "DELETE FROM bucket_counts WHERE person_key = ? AND n <= 0"
+NEXT_PERSONS = "SELECT person_key FROM persons WHERE person_key > ? ORDER BY person_key LIMIT ?"
+EXPIRED_ENTRIES = "SELECT ts, event_id, event, seq FROM {table} WHERE person_key = ? AND ts < ? LIMIT ?"
 INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
 SET_RATE_LIMIT = "UPDATE workspaces SET events_per_second = ?, burst = ? WHERE workspace_id = ?"
@@ -255,6 +264,13 @@ class Tuning:
     # between two: ingest waits at most one such transaction.
     removal_chunk_rows: int = 500
     removal_pause_s: float = 0.002
+    # Retention: a step looks at up to retention_step_persons persons (an index seek each)
+    # and removes up to removal_chunk_rows expired entries, one transaction; steps follow
+    # one another every retention_step_s, and a sweep over every person starts
+    # retention_sweep_s after the previous one began.
+    retention_step_persons: int = 1000
+    retention_step_s: float = 0.05
+    retention_sweep_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -399,9 +415,14 @@ class GroupCommitter:
     whichever runs it.
     """
 
-    def __init__(self, db: SqliteFile) -> None:
+    def __init__(self, db: SqliteFile, retention_days: int | None = None) -> None:
         self.db = db
         self._tuning = db.tuning
+        self._retention_days = retention_days
+        # The retention sweep: where the next step starts, when it is due, when the sweep began.
+        self._expired_through = -1
+        self._next_expiry = 0.0
+        self._sweep_started = 0.0
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
@@ -534,6 +555,29 @@ class GroupCommitter:
         else:
             self._merged_through, self._recent_rows = through, self._recent_rows - moved
 
+    def expire_if_due(self) -> None:
+        """A retention step when one is due (see Tuning); none without a retention.
+
+        Runs between group commits, as merge steps do; a failed step is logged and
+        tried again at the next one.
+        """
+        conn, days = self._conn, self._retention_days
+        now = time.monotonic()
+        if conn is None or days is None or now < self._next_expiry:
+            return
+        if self._expired_through == -1:
+            self._sweep_started = now
+        try:
+            cursor, _ = expire_step(conn, retention_cutoff(now_us(), days), self._expired_through, self._tuning)
+        except sqlite3.Error as exc:
+            log.warning("sqlite: retention step failed (tried again later): %s", exc)
+            self._next_expiry = now + self._tuning.retention_step_s
+            return
+        self._expired_through = cursor
+        self._next_expiry = now + self._tuning.retention_step_s
+        if cursor == -1:  # swept every person: the next sweep in due time
+            self._next_expiry = max(self._next_expiry, self._sweep_started + self._tuning.retention_sweep_s)
+
     @staticmethod
     def _statements(events: list[StoredEvent], keys: dict[tuple[str, str], int]) -> list[tuple[str, list]]:
         """The multi-row INSERTs of the events, in timeline order (person, time).
@@ -640,6 +684,33 @@ def delete_person(conn: sqlite3.Connection, workspace_id: str, person_id: str, t
                 break
             time.sleep(tuning.removal_pause_s)  # the writer's turn
     return removed
+
+
+def expire_step(conn: sqlite3.Connection, cutoff_us: int, after: int, tuning: Tuning) -> tuple[int, int]:
+    """One retention step: remove the entries older than ``cutoff_us`` of the persons
+    after ``after`` (person keys), with their rows and day counts, in one transaction of
+    at most removal_chunk_rows entries. Returns ``(cursor, removed)``: where the next
+    step starts (-1: past the last person) and how many entries went."""
+    budget = tuning.removal_chunk_rows
+    removed = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        persons = [r[0] for r in conn.execute(NEXT_PERSONS, (after, tuning.retention_step_persons))]
+        cursor = persons[-1] if len(persons) == tuning.retention_step_persons else -1
+        for person_key in persons:
+            for table in ("recent", "timeline"):
+                entries = conn.execute(EXPIRED_ENTRIES.format(table=table),
+                                       (person_key, cutoff_us, budget - removed)).fetchall()
+                _remove(conn, table, person_key, entries)
+                removed += len(entries)
+            if removed >= budget:
+                cursor = person_key - 1  # it may have more: the next step starts with it
+                break
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return cursor, removed
 
 
 def _remove(conn: sqlite3.Connection, table: str, person_key: int, entries: list[tuple]) -> None:
