@@ -23,6 +23,9 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 EVENTS_STORED = Counter("flameup_events_stored", "Events stored (accepted and committed)")
+DUPLICATES = Counter(
+    "flameup_duplicate_events", "Events answered as duplicates of an earlier event with the same message_id"
+)
 RATE_LIMITED = Counter(
     "flameup_rate_limited_requests",
     "Calls refused with RESOURCE_EXHAUSTED because their workspace was over its ingest limit",
