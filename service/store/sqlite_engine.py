@@ -859,7 +859,7 @@ def _remove(conn: sqlite3.Connection, table: str, person_key: int, entries: list
     conn.executemany(DROP_ENTRY.format(table=table), [(person_key, ts, event_id) for ts, event_id, _, _ in entries])
     conn.executemany(DROP_ROW, [(seq,) for *_, seq in entries])
     if table == "timeline":
-        counts = collections.Counter()
+        counts: collections.Counter[tuple[str, int]] = collections.Counter()
         for ts, _, event, _ in entries:
             day = bucket_of(ts)
             counts[(event, day)] += 1
