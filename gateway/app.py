@@ -65,11 +65,13 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import multiprocess
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import transcode
+from gateway.metrics import HttpMetrics
 from gateway.openapi import openapi_document
 from gateway.rules import Binding, bindings_for
 from gateway.transcode import CodecRegistry, MessageCodec, TranscodeError
@@ -494,6 +496,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(HttpMetrics)],
         exception_handlers={
             GatewayError: on_gateway_error,
             grpc.aio.AioRpcError: on_rpc_error,

@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from flameup.events.v1 import events_pb2 as pb
 from service.domain import RateLimit, person_id_for
 from service.ratelimit import SharedBuckets
+from tests.service_support import start_service, stop_service
 
 # So slow that no token comes back while a test runs: what is admitted is exactly the burst.
 SLOW = "0.001"
@@ -224,3 +225,38 @@ def test_delete_person_needs_its_scope_and_a_valid_person(service, workspace):
         assert http.delete("/api/v1/people/u", params={"id_type": "email"}).status_code == 400
         # a deleter alone cannot read
         assert http.get(f"/api/v1/people/{person_id_for(workspace, 'u')}/events").status_code == 403
+
+
+def test_one_serve_instance_enforces_a_limit_across_its_processes(tmp_path):
+    """The gateway calls each gRPC worker in turn: per-worker buckets would admit the burst twice."""
+    svc = start_service(f"sqlite:///{tmp_path}/events.db", workers=2)
+    try:
+        set_limit(svc, "ws_default", "--events-per-second", SLOW, "--burst", "10")
+        with httpx.Client(base_url=svc.http_url, headers={"Authorization": f"Bearer {svc.key}"}, timeout=10) as http:
+            codes = [http.post("/api/v1/track", json={"external_id": "u", "event": "e"}).status_code
+                     for _ in range(20)]
+            assert sorted(codes) == [200] * 10 + [429] * 10
+            metrics = http.get("/metrics").text
+        # the REST side is counted too, by route template and status
+        assert 'flameup_http_requests_total{method="POST",route="/api/v1/track",status="429"} 10.0' in metrics
+        assert 'flameup_rate_limited_requests_total{method="Track"} 10.0' in metrics
+    finally:
+        assert stop_service(svc) == 0, "".join(svc.output)
+
+
+def test_the_gateway_logs_json_too():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--port", "0", "--grpc-target", "unix:/nonexistent/flameup.sock",
+         "--log-level", "info", "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        records = []
+        for line in proc.stderr:
+            records.append(json.loads(line))
+            if "REST gateway listening" in records[-1]["message"]:
+                break
+        assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    finally:
+        proc.terminate()
+        proc.wait(30)
