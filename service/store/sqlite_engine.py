@@ -315,8 +315,8 @@ class Tuning:
     # Deleting a person (and retention) removes this many timeline entries, their rows and
     # counts, per transaction, and lets other writers have the file for removal_pause_s
     # between two: ingest waits at most one such transaction.
-    removal_chunk_rows: int = 500
-    removal_pause_s: float = 0.002
+    removal_chunk_rows: int = 200
+    removal_pause_s: float = 0.005
     removal_scan_rows: int = 5000  # dedup entries read per page while looking for a person's
     # Retention: a step looks at up to retention_step_persons persons (an index seek each)
     # and removes up to removal_chunk_rows expired entries, one transaction; steps follow
