@@ -159,3 +159,35 @@ def test_deleting_a_person_empties_both_tables_rows_and_day_counts(tmp_path):
     finally:
         committer.close()
         reader.close()
+
+
+def test_events_committed_while_a_person_is_deleted_are_kept(tmp_path, monkeypatch):
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, tuning=Tuning(removal_chunk_rows=3, removal_pause_s=0))
+    reader = db.connect()
+    sqlite_engine.migrate(reader)
+    committer = GroupCommitter(db)
+    committer.open()
+    person = person_id_for(WS, "p")
+
+    def event(i: int) -> StoredEvent:
+        return StoredEvent(new_event_id(DAY0 + i), WS, person, "p", "e", "{}", DAY0 + i, DAY0 + i)
+
+    during = [event(100), event(-100)]  # one newer and one older than everything deleted
+    pauses = []
+
+    def pause(seconds: float) -> None:  # between two of the deletion's transactions: the writer's turn
+        if not pauses:
+            committer.commit(during)
+        pauses.append(seconds)
+
+    monkeypatch.setattr(sqlite_engine.time, "sleep", pause)
+    try:
+        committer.commit([event(i) for i in range(10)])
+        assert sqlite_engine.delete_person(reader, WS, person, db.tuning) == 10
+        assert pauses  # it did pause between transactions
+        page = sqlite_engine.list_events(reader, EventQuery(WS, person))
+        assert page.total == 2 and {e.event_id for e in page.events} == {e.event_id for e in during}
+    finally:
+        committer.close()
+        reader.close()
