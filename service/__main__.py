@@ -271,11 +271,12 @@ async def _workspaces(args) -> int:
     if args.none == (args.events_per_second is not None):
         print("error: give --events-per-second (and optionally --burst), or --none", file=sys.stderr)
         return 2
+    rate = None
     try:
-        rate = None if args.none else RateLimit(
-            args.events_per_second,
-            args.burst if args.burst is not None else max(1, math.ceil(args.events_per_second)),
-        )
+        if not args.none:
+            rate = RateLimit(args.events_per_second, 1 if args.burst is None else args.burst)  # checks the rate
+            if args.burst is None:  # one second's worth
+                rate = RateLimit(rate.events_per_second, max(1, math.ceil(rate.events_per_second)))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
