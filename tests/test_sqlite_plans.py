@@ -17,22 +17,29 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
     ("statement", "table"),
     [
         (sqlite_engine.SELECT_PERSON_KEYS.format(values=sqlite_engine._values(3, 2)), "persons"),
-        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "dedup"),
-        (sqlite_engine.EXPIRE_CLAIMS, "dedup"),
+        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "claims"),
+        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "new_claims"),
+        (sqlite_engine.SELECT_CLAIMING_ROWS, "events"),
+        (sqlite_engine.EXPIRE_CLAIMS, "claims"),
+        (sqlite_engine.CLAIMS_MERGE_BOUNDARY, "new_claims"),
+        (sqlite_engine.MERGE_CLAIMS, "new_claims"),
+        (sqlite_engine.DROP_MERGED_CLAIMS, "new_claims"),
         # removals: a person's deletion and retention
         *((sql.format(table=table), table) for table in sqlite_engine.TIMELINE_TABLES
           for sql in (sqlite_engine.PERSON_ENTRIES, sqlite_engine.DROP_ENTRY, sqlite_engine.EXPIRED_ENTRIES)),
         (sqlite_engine.DROP_ROW, "events"),
+        (sqlite_engine.REMOVED_CLAIMS.format(marks="?, ?"), "events"),
+        *((sqlite_engine.DROP_CLAIM.format(table=table), table) for table in sqlite_engine.CLAIM_TABLES),
         (sqlite_engine.UNCOUNT, "bucket_counts"),
         (sqlite_engine.DROP_EMPTY_COUNTS, "bucket_counts"),
         (sqlite_engine.NEXT_PERSONS, "persons"),
-        (sqlite_engine.CLAIMS_AFTER, "dedup"),
-        (sqlite_engine.DROP_CLAIM, "dedup"),
     ],
-    ids=["person_keys", "claims", "expire_claims",
+    ids=["person_keys", "claims", "new_claims", "claiming_rows", "expire_claims", "claims_boundary", "merge_claims",
+         "drop_merged_claims",
          *(f"{name}_{table}" for table in sqlite_engine.TIMELINE_TABLES
            for name in ("person_entries", "drop_entry", "expired_entries")),
-         "drop_row", "uncount", "drop_empty_counts", "next_persons", "claims_after", "drop_claim"],
+         "drop_row", "removed_claims", *(f"drop_claim_{t}" for t in sqlite_engine.CLAIM_TABLES),
+         "uncount", "drop_empty_counts", "next_persons"],
 )
 def test_a_lookup_by_key_searches_an_index(tmp_path, statement, table):
     conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)

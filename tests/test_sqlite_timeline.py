@@ -191,3 +191,33 @@ def test_events_committed_while_a_person_is_deleted_are_kept(tmp_path, monkeypat
     finally:
         committer.close()
         reader.close()
+
+
+def test_deleting_a_person_drops_the_claims_of_their_message_ids(tmp_path):
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, tuning=Tuning(removal_chunk_rows=4))
+    reader = db.connect()
+    sqlite_engine.migrate(reader)
+    committer = GroupCommitter(db)
+    committer.open()
+    gone, kept = person_id_for(WS, "gone"), person_id_for(WS, "kept")
+
+    def event(person: str, i: int) -> StoredEvent:
+        return StoredEvent(new_event_id(DAY0 + i), WS, person, "x", "e", "{}", DAY0 + i, DAY0 + i,
+                           message_id=f"{person}-{i}")
+
+    def claims() -> int:
+        return sum(reader.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in sqlite_engine.CLAIM_TABLES)
+
+    try:
+        committer.commit([event(p, i) for i in range(10) for p in (gone, kept)])
+        committer.merge_if_due()
+        assert claims() == 20
+        assert sqlite_engine.delete_person(reader, WS, gone, db.tuning) == 10
+        assert claims() == 10
+        [original] = committer.commit([event(kept, 3)])  # kept's claims still answer
+        assert original is not None and original[1] == kept
+        assert sqlite_engine.list_events(reader, EventQuery(WS, kept)).total == 10
+    finally:
+        committer.close()
+        reader.close()

@@ -132,7 +132,7 @@ class SqliteStore(_SqliteReads):
                  retention_days: int | None = None) -> None:
         super().__init__(SqliteFile(path, synchronous, busy_timeout_ms, tuning or Tuning(), dedup_window_s))
         self.retention_days = retention_days
-        self._writes: queue.SimpleQueue | None = None
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._committer: GroupCommitter | None = None
 
