@@ -19,8 +19,8 @@ from flameup.events.v1 import events_pb2, events_pb2_grpc
 from protoconv import struct_to_python
 from service import domain, metrics
 from service.auth import DELETE_PEOPLE, READ, WRITE, Authenticator, AuthError, Principal
-from service.domain import StoredEvent, ValidationError
-from service.events import EventsCore, ListInput, PersonRef, TrackInput
+from service.domain import NameStats, StoredEvent, ValidationError
+from service.events import CountsInput, EventsCore, ListInput, PersonRef, SummaryInput, TrackInput
 from service.ratelimit import SharedBuckets
 from service.store import StoreUnavailable
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 # Every RPC of EventsService needs a key with this scope. An RPC missing here
 # is refused (fail closed); a test checks the table covers the proto.
-REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "DeletePerson": DELETE_PEOPLE}
+REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "GetPersonSummary": READ,
+                  "GetEventCounts": READ, "ListEventNames": READ, "DeletePerson": DELETE_PEOPLE}
 # The RPCs a workspace's ingest limit applies to, and how many events a request brings.
 EVENTS_IN = {"Track": lambda request: 1, "TrackBatch": lambda request: len(request.events)}
 
@@ -212,6 +213,36 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                                                    total=result.page.total, next_page_token=result.next_page_token)
 
     @_grpc_errors
+    async def GetPersonSummary(self, request: events_pb2.GetPersonSummaryRequest, context):
+        summary = await self._core.person_summary(_principal.get().workspace_id, SummaryInput(
+            person_ref=request.person_id, id_type=request.id_type,
+            since_ns=_nanos(request, "since"), until_ns=_nanos(request, "until")))
+        resp = events_pb2.GetPersonSummaryResponse(person_id=summary.person_id,
+                                                   total=sum(s.count for s in summary.events),
+                                                   events=[_name_summary(s) for s in summary.events])
+        if summary.events:
+            _set_micros(resp.first_seen, min(s.first_us for s in summary.events))
+            _set_micros(resp.last_seen, summary.events[0].last_us)
+        return resp
+
+    @_grpc_errors
+    async def GetEventCounts(self, request: events_pb2.GetEventCountsRequest, context):
+        counts = await self._core.event_counts(_principal.get().workspace_id, CountsInput(
+            event=request.event, interval=request.interval,
+            since_ns=_nanos(request, "since"), until_ns=_nanos(request, "until")))
+        resp = events_pb2.GetEventCountsResponse(interval=counts.interval, total=counts.total)
+        for b in counts.buckets:
+            bucket = resp.buckets.add(count=b.count, unique_persons=b.unique_persons)
+            _set_micros(bucket.start, b.start_us)
+        return resp
+
+    @_grpc_errors
+    async def ListEventNames(self, request: events_pb2.ListEventNamesRequest, context):
+        names = await self._core.event_names(_principal.get().workspace_id, _nanos(request, "since"),
+                                             _nanos(request, "until"))
+        return events_pb2.ListEventNamesResponse(events=[_name_summary(s) for s in names])
+
+    @_grpc_errors
     async def DeletePerson(self, request: events_pb2.DeletePersonRequest, context):
         principal = _principal.get()
         deleted = await self._core.delete_person(principal.workspace_id, PersonRef(request.person_id, request.id_type))
@@ -239,10 +270,22 @@ def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
         limit=request.limit if request.HasField("limit") else None,
         offset=request.offset if request.HasField("offset") else None,
         event=request.event,
-        since_ns=request.since.ToNanoseconds() if request.HasField("since") else None,
-        until_ns=request.until.ToNanoseconds() if request.HasField("until") else None,
+        since_ns=_nanos(request, "since"),
+        until_ns=_nanos(request, "until"),
         page_token=request.page_token,
     )
+
+
+def _nanos(request, field: str) -> int | None:
+    """A Timestamp field in nanoseconds since the epoch; None when unset."""
+    return getattr(request, field).ToNanoseconds() if request.HasField(field) else None
+
+
+def _name_summary(s: NameStats) -> events_pb2.EventNameSummary:
+    msg = events_pb2.EventNameSummary(event=s.event, count=s.count)
+    _set_micros(msg.first_seen, s.first_us)
+    _set_micros(msg.last_seen, s.last_us)
+    return msg
 
 
 def _event(e: StoredEvent) -> events_pb2.Event:
