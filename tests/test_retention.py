@@ -108,6 +108,8 @@ def test_sqlite_retention_steps_remove_old_rows_entries_and_counts(tmp_path):
             assert _rows(path, "ws_r", p) == (12, 12, 6)  # 3 days x 4 events; 3 days x (all, "e")
             page = sqlite_engine.list_events(reader, EventQuery("ws_r", person_id_for("ws_r", p), limit=500))
             assert page.total == 12 and min(e.timestamp_us for e in page.events) >= cutoff
+            [summary] = sqlite_engine.person_summary(reader, "ws_r", person_id_for("ws_r", p), None, None)
+            assert (summary.count, summary.first_us) == (12, min(e.timestamp_us for e in page.events))
     finally:
         reader.close()
         committer.close()

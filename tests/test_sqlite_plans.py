@@ -38,13 +38,15 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
         (sqlite_engine.UNCOUNT, "bucket_counts"),
         (sqlite_engine.DROP_EMPTY_COUNTS, "bucket_counts"),
         (sqlite_engine.NEXT_PERSONS, "persons"),
+        (sqlite_engine.UNCOUNT_PERSON_EVENT, "person_events"),
+        (sqlite_engine.DROP_EMPTY_PERSON_EVENTS, "person_events"),
     ],
     ids=["person_keys", "claims", "new_claims", "claiming_rows", "expire_claims", "claims_boundary", "merge_claims",
          "drop_merged_claims", "series_keys", "series_key", "series_buckets", "person_events", "names",
          *(f"{name}_{table}" for table in sqlite_engine.TIMELINE_TABLES
            for name in ("person_entries", "drop_entry", "expired_entries")),
          "drop_row", "removed_claims", *(f"drop_claim_{t}" for t in sqlite_engine.CLAIM_TABLES),
-         "uncount", "drop_empty_counts", "next_persons"],
+         "uncount", "drop_empty_counts", "next_persons", "uncount_person_event", "drop_empty_person_events"],
 )
 def test_a_lookup_by_key_searches_an_index(tmp_path, statement, table):
     conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)

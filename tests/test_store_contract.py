@@ -300,6 +300,9 @@ async def test_delete_person_removes_every_event_and_count_and_nothing_else(stor
                {"since_us": DAY0 + BUCKET_US}, {"until_us": DAY0 + 2 * BUCKET_US + 5}]
     bob_before = [await store.list_events(query(workspace, "bob", limit=500, **w)) for w in windows]
     assert (await store.list_events(query(workspace, "alice"))).total == 1100  # counts exist before
+    spans = [(None, None), (DAY0 + HOUR_US, DAY0 + 3 * BUCKET_US)]
+    bob_summary = [await store.person_summary(workspace, person_id_for(workspace, "bob"), *w) for w in spans]
+    assert sum(s.count for s in await store.person_summary(workspace, person_id_for(workspace, "alice"), None, None)) == 1100
 
     assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 1100
     for w in windows:
@@ -307,6 +310,9 @@ async def test_delete_person_removes_every_event_and_count_and_nothing_else(stor
         assert page.events == [] and page.total == 0, w
     assert [await store.list_events(query(workspace, "bob", limit=500, **w)) for w in windows] == bob_before
     assert bob_before[0].total == 30
+    for w in spans:  # the person's summary is gone too
+        assert await store.person_summary(workspace, person_id_for(workspace, "alice"), *w) == []
+    assert [await store.person_summary(workspace, person_id_for(workspace, "bob"), *w) for w in spans] == bob_summary
 
     assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 0  # repeating is harmless
     assert await store.delete_person(workspace, person_id_for(workspace, "nobody")) == 0

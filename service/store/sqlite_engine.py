@@ -434,6 +434,13 @@ DROP_ENTRY = "DELETE FROM {table} WHERE person_key = ? AND ts = ? AND event_id =
 DROP_ROW = "DELETE FROM events WHERE seq = ?"
 UNCOUNT = "UPDATE bucket_counts SET n = n - ? WHERE person_key = ? AND event_key = ? AND bucket = ?"
 DROP_EMPTY_COUNTS = "DELETE FROM bucket_counts WHERE person_key = ? AND n <= 0"
+UNCOUNT_PERSON_EVENT = "UPDATE person_events SET n = n - ? WHERE person_key = ? AND event = ?"
+DROP_EMPTY_PERSON_EVENTS = "DELETE FROM person_events WHERE person_key = ? AND n <= 0"
+# The first time of a name left in timeline, after its oldest entries were removed (retention).
+RESET_FIRST_TS = (
+    "UPDATE person_events SET first_ts = (SELECT ts FROM timeline WHERE person_key = ?1 AND event = ?2"
+    " ORDER BY ts LIMIT 1) WHERE person_key = ?1 AND event = ?2 AND first_ts <= ?3"
+)
 # The claims of removed rows: by their key, only while they still point at that row
 # (a later event may hold the key's claim since).
 REMOVED_CLAIMS = "SELECT seq, message_id FROM events WHERE seq IN ({marks}) AND message_id IS NOT NULL"
@@ -1274,6 +1281,13 @@ def _remove(conn: sqlite3.Connection, table: str, person_key: int, workspace_id:
             counts[("", day)] += 1
         conn.executemany(UNCOUNT, [(n, person_key, key, day) for (key, day), n in counts.items()])
         conn.execute(DROP_EMPTY_COUNTS, (person_key,))
+        # person_events covers timeline's entries too: the names' counts, then the first
+        # time of a name whose oldest entry went (the last time only moves when all go).
+        names: collections.Counter[str] = collections.Counter(event for _, _, event, _ in entries)
+        newest = {event: max(ts for ts, _, e, _ in entries if e == event) for event in names}
+        conn.executemany(UNCOUNT_PERSON_EVENT, [(n, person_key, event) for event, n in names.items()])
+        conn.execute(DROP_EMPTY_PERSON_EVENTS, (person_key,))
+        conn.executemany(RESET_FIRST_TS, [(person_key, event, newest[event]) for event in names])
 
 
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:
