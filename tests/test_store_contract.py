@@ -24,6 +24,7 @@ from service.domain import (
     person_id_for,
 )
 from service.events import EventsCore, ListInput
+from tests.conftest import BACKENDS
 from service.store import ApiKeyRecord
 from service.store.base import BUCKET_US
 
@@ -335,3 +336,34 @@ async def test_delete_person_forgets_their_message_ids_and_keeps_other_persons(s
     assert page.events == as_read(again) and page.total == 1
     # bob's claim stays
     assert await store.append([make_event(workspace, "bob", message_id=m_bob)]) == [(bob.event_id, bob.person_id)]
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b.startswith("sqlite")])
+def sqlite_backend_store(request):
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+async def test_delete_person_takes_them_out_of_the_workspace_aggregates(sqlite_backend_store, workspace):
+    """Counts per hour and day, distinct persons and event names hold only who is left.
+    (Cassandra's workspace aggregates are not corrected yet: see docs/decisions/erasure-and-retention.md.)"""
+    store = sqlite_backend_store
+    alice = [make_event(workspace, "alice", "a" if i % 2 else "b", DAY0 + i * HOUR_US // 2) for i in range(100)]
+    bob = [make_event(workspace, "bob", "a", DAY0 + i * HOUR_US) for i in range(30)]
+    await store.append(alice[:50] + bob)
+    await store.append(alice[50:])
+    bob_alone = f"{workspace}_bob"  # the same events of bob in a workspace of their own: what must be left
+    await store.append([dataclasses.replace(e, workspace_id=bob_alone, event_id=new_event_id(e.timestamp_us),
+                                            person_id=person_id_for(bob_alone, "bob")) for e in bob])
+    assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 100
+    for event in (None, "a", "b"):
+        for grain in (HOUR_US, BUCKET_US):
+            got = await store.event_counts(workspace, event, grain, DAY0, DAY0 + 3 * BUCKET_US)
+            want = await store.event_counts(bob_alone, event, grain, DAY0, DAY0 + 3 * BUCKET_US)
+            assert [(b.start_us, b.count, b.unique_persons) for b in got] == [
+                (b.start_us, b.count, b.unique_persons) for b in want], (event, grain)
+    names = await store.event_names(workspace, None, None)
+    assert [(n.event, n.count) for n in names] == [("a", 30)]
+    # a later event of the deleted person counts again, once
+    await store.append([make_event(workspace, "alice", "a", DAY0 + 5)])
+    [hour] = [b for b in await store.event_counts(workspace, "a", HOUR_US, DAY0, DAY0 + HOUR_US)]
+    assert (hour.count, hour.unique_persons) == (2, 2)

@@ -434,6 +434,12 @@ DROP_ENTRY = "DELETE FROM {table} WHERE person_key = ? AND ts = ? AND event_id =
 DROP_ROW = "DELETE FROM events WHERE seq = ?"
 UNCOUNT = "UPDATE bucket_counts SET n = n - ? WHERE person_key = ? AND event_key = ? AND bucket = ?"
 DROP_EMPTY_COUNTS = "DELETE FROM bucket_counts WHERE person_key = ? AND n <= 0"
+UNCOUNT_SERIES = "UPDATE series_counts SET n = n - ? WHERE series_key = ? AND grain = ? AND bucket = ?"
+DROP_SERIES_PERSON = "DELETE FROM series_persons WHERE series_key = ? AND grain = ? AND bucket = ? AND person_key = ?"
+UNCOUNT_SERIES_PERSON = "UPDATE series_counts SET u = u - 1 WHERE series_key = ? AND grain = ? AND bucket = ?"
+DROP_EMPTY_SERIES = "DELETE FROM series_counts WHERE series_key = ? AND grain = ? AND bucket = ? AND n <= 0"
+# Whether the person still has an entry in a bucket (of one name, or of any: event_key '').
+HAS_ENTRY = "SELECT 1 FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ? AND ? IN ('', event) LIMIT 1"
 UNCOUNT_PERSON_EVENT = "UPDATE person_events SET n = n - ? WHERE person_key = ? AND event = ?"
 DROP_EMPTY_PERSON_EVENTS = "DELETE FROM person_events WHERE person_key = ? AND n <= 0"
 # The first time of a name left in timeline, after its oldest entries were removed (retention).
@@ -691,6 +697,7 @@ class GroupCommitter:
         # series_persons rows known committed, by (series_key, grain, bucket): see _remember_persons
         self._known_persons: dict[tuple[int, int, int], set[int]] = {}
         self._known_person_rows = 0
+        self._data_version: int | None = None  # PRAGMA data_version when they were last known valid
         self._recent_rows: int | None = None
         self._merged_through = -1
         # The claims in ``new_claims`` (None: not counted yet) and where the next claims merge step starts.
@@ -766,6 +773,11 @@ class GroupCommitter:
         """
         conn = self._conn
         assert conn is not None  # commit_or_error checked
+        # Another connection committed since (a person's deletion in a worker, a key):
+        # series_persons rows this committer remembers may be gone.
+        if (version := conn.execute("PRAGMA data_version").fetchone()[0]) != self._data_version:
+            self._data_version = version
+            self.forget_persons()
         cached, series_cached = self._person_keys, self._series_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
         missing_series = {k for e in events for k in ((e.workspace_id, e.event), (e.workspace_id, ""))
@@ -959,7 +971,10 @@ class GroupCommitter:
         if self._expired_through == -1:
             self._sweep_started = now
         try:
-            cursor, _ = expire_step(conn, retention_cutoff(now_us(), days), self._expired_through, self._tuning)
+            cursor, removed = expire_step(conn, retention_cutoff(now_us(), days), self._expired_through,
+                                          self._tuning)
+            if removed:
+                self.forget_persons()
         except sqlite3.Error as exc:
             log.warning("sqlite: retention step failed (tried again later): %s", exc)
             self._next_expiry = now + self._tuning.retention_step_s
@@ -1273,6 +1288,7 @@ def _remove(conn: sqlite3.Connection, table: str, person_key: int, workspace_id:
             conn.executemany(DROP_CLAIM.format(table=claims), keys)
     conn.executemany(DROP_ENTRY.format(table=table), [(person_key, ts, event_id) for ts, event_id, _, _ in entries])
     conn.executemany(DROP_ROW, [(seq,) for seq in seqs])
+    _uncount_series(conn, person_key, workspace_id, entries)
     if table == "timeline":
         counts: collections.Counter[tuple[str, int]] = collections.Counter()
         for ts, _, event, _ in entries:
@@ -1288,6 +1304,34 @@ def _remove(conn: sqlite3.Connection, table: str, person_key: int, workspace_id:
         conn.executemany(UNCOUNT_PERSON_EVENT, [(n, person_key, event) for event, n in names.items()])
         conn.execute(DROP_EMPTY_PERSON_EVENTS, (person_key,))
         conn.executemany(RESET_FIRST_TS, [(person_key, event, newest[event]) for event in names])
+
+
+def _uncount_series(conn: sqlite3.Connection, person_key: int, workspace_id: str, entries: list[tuple]) -> None:
+    """Take removed entries out of their workspace's series (every commit counted them,
+    wherever they are now): the counts of each hour, day and the whole history, and the
+    person from each bucket where they have no entry left. A bucket's first and last
+    time stay as they were (bounds, no longer exact, until the bucket empties)."""
+    series: dict[str, int | None] = {}
+    counts: collections.Counter[tuple[int, str, int, int]] = collections.Counter()
+    for ts, _, event, _ in entries:
+        for event_key in (event, ""):
+            if event_key not in series:
+                row = conn.execute(SELECT_SERIES_KEY, (workspace_id, event_key)).fetchone()
+                series[event_key] = None if row is None else row[0]
+            if (key := series[event_key]) is None:
+                continue
+            for grain in GRAINS:
+                counts[(key, event_key, grain, ts - ts % grain)] += 1
+            counts[(key, event_key, WHOLE_HISTORY, 0)] += 1
+    conn.executemany(UNCOUNT_SERIES, [(n, key, grain, bucket) for (key, _, grain, bucket), n in counts.items()])
+    for key, event_key, grain, bucket in counts:
+        if grain == WHOLE_HISTORY or any(
+                conn.execute(HAS_ENTRY.format(table=t), (person_key, bucket, bucket + grain, event_key)).fetchone()
+                for t in TIMELINE_TABLES):
+            continue
+        if conn.execute(DROP_SERIES_PERSON, (key, grain, bucket, person_key)).rowcount:
+            conn.execute(UNCOUNT_SERIES_PERSON, (key, grain, bucket))
+    conn.executemany(DROP_EMPTY_SERIES, [(key, grain, bucket) for key, _, grain, bucket in counts])
 
 
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:
