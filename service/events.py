@@ -231,13 +231,13 @@ class EventsCore:
         more = page.more if q.after is not None else q.offset + len(page.events) < page.total
         return ListResult(page, domain.page_token(asked, page.events[-1]) if more and page.events else "")
 
-    async def delete_person(self, workspace_id: str, req: PersonRef) -> int:
-        """Erase the person's events and what derives from them; how many events were removed."""
+    async def delete_person(self, workspace_id: str, req: PersonRef) -> tuple[str, int]:
+        """Erase the person's events and what derives from them: (person_id, events removed)."""
         violations: list[FieldViolation] = []
         person_id = _person(workspace_id, req.person_ref, req.id_type, violations)
         if violations:
             raise ValidationError(*violations)
-        return await self._store.delete_person(workspace_id, person_id)
+        return person_id, await self._store.delete_person(workspace_id, person_id)
 
     async def person_summary(self, workspace_id: str, req: SummaryInput) -> PersonSummary:
         violations: list[FieldViolation] = []

@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from flameup.events.v1 import events_pb2_grpc
 from service.auth import Authenticator
 from service.events import EventsCore
+from service.feed.consumer import Feed
+from service.feed.subjects import StreamSettings
 from service.ratelimit import SharedBuckets
 from service.servicer import SERVICE_NAME, AuthInterceptor, EventsServicer
 from service.store import open_store
@@ -38,6 +40,8 @@ class GrpcConfig:
     sqlite_writer: str | None = None  # the SQLite writer process's socket: appends go there (see open_store)
     retention_days: int | None = None  # events older than that are refused, hidden and (Cassandra) expire
     rate_limit_file: str | None = None  # the ingest buckets every worker of one serve shares (service.ratelimit)
+    nats_url: str | None = None  # the feed's NATS (StreamEvents); None: the feed is off
+    stream: StreamSettings = StreamSettings()
 
 
 async def serve(
@@ -52,6 +56,9 @@ async def serve(
     store = open_store(config.store_url, sqlite_writer=config.sqlite_writer, retention_days=config.retention_days)
     await store.open()
     buckets = SharedBuckets(config.rate_limit_file)
+    feed = Feed(config.nats_url, config.stream) if config.nats_url else None
+    if feed is not None:
+        await feed.start()  # connects in the background: StreamEvents is UNAVAILABLE until then
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(Authenticator(store, config.key_cache_seconds), buckets)],
@@ -61,7 +68,7 @@ async def serve(
         ],
     )
     core = EventsCore(store, retention_days=config.retention_days)
-    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(core), server)
+    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(core, feed), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -84,6 +91,8 @@ async def serve(
         log.info("gRPC worker shutting down")
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.grace_seconds)
+        if feed is not None:
+            await feed.close()
         await store.close()
         buckets.close()
         log.info("gRPC worker stopped")

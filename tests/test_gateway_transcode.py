@@ -530,6 +530,7 @@ def test_routes_are_exactly_the_documented_paths():
         ("GET", "/api/v1/people/{person_id}/summary", "GetPersonSummary", ""),
         ("GET", "/api/v1/events/counts", "GetEventCounts", ""),
         ("GET", "/api/v1/events/names", "ListEventNames", ""),
+        ("GET", "/api/v1/events/stream", "StreamEvents", ""),
         ("DELETE", "/api/v1/people/{person_id}", "DeletePerson", ""),
     }
     listing = next(b for b in bindings if b.method.name == "ListPersonEvents")
@@ -544,6 +545,7 @@ def test_routes_are_exactly_the_documented_paths():
         "/api/v1/people/{p0}/summary",
         "/api/v1/events/counts",
         "/api/v1/events/names",
+        "/api/v1/events/stream",
         "/api/v1/people/{p0}",
         "/healthz",
         "/metrics",
@@ -819,9 +821,16 @@ def test_app_limits_the_body_to_one_mebibyte(client, stand_in):
 
 def test_app_serves_openapi(client):
     doc = client.get("/openapi.json").json()
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
-                                 "/api/v1/people/{person_id}/summary", "/api/v1/events/counts",
-                                 "/api/v1/events/names", "/api/v1/people/{person_id}"}
+    assert set(doc["paths"]) == {
+        "/api/v1/track",
+        "/api/v1/track/batch",
+        "/api/v1/people/{person_id}/events",
+        "/api/v1/people/{person_id}/summary",
+        "/api/v1/events/counts",
+        "/api/v1/events/names",
+        "/api/v1/events/stream",
+        "/api/v1/people/{person_id}",
+    }
 
 
 def test_app_without_a_grpc_server():

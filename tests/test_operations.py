@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import uuid
 
 import grpc
 import httpx
+import nats
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
@@ -260,3 +262,25 @@ def test_the_gateway_logs_json_too():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_feed_carries_a_deletion_notice(service, workspace):
+    assert service.nats_url is not None  # serve runs the feed by default
+    key = service.create_key(workspace, "events:write,people:delete")
+    stub = service.stub()
+    stub.Track(pb.TrackRequest(external_id="u", event="e"), metadata=service.metadata(key), timeout=10)
+    reply = stub.DeletePerson(pb.DeletePersonRequest(person_id="u", id_type="external_id"),
+                              metadata=service.metadata(key), timeout=30)
+    assert reply.deleted_events == 1
+
+    async def notice() -> dict:
+        nc = await nats.connect(service.nats_url)
+        try:
+            sub = await nc.jetstream().subscribe(f"flameup.deletions.{workspace}", ordered_consumer=True)
+            msg = await sub.next_msg(timeout=10)
+            return json.loads(msg.data)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(notice()) == {"workspace_id": workspace, "person_id": person_id_for(workspace, "u"),
+                                     "deleted_events": 1}
