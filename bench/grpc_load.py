@@ -63,6 +63,7 @@ class ClientResult:
     calls: int = 0  # completed successfully inside the window
     events: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    done_at: list[float] = field(default_factory=list)  # CLOCK_MONOTONIC, per call counted in the window
     acknowledged_events: int = 0  # all successful calls, warm-up included (for the stored-rows check)
     errors: int = 0  # failed calls or responses with success = false, any time
     first_error: str = ""
@@ -155,6 +156,7 @@ async def _client(job: ClientJob, conn) -> ClientResult:
                 if measure_at <= done <= end_at:
                     result.calls += 1
                     latencies.append((done - start) * 1000.0)
+                    result.done_at.append(done)
 
         async def cpu_window() -> None:
             await asyncio.sleep(max(0.0, measure_at - monotonic()))

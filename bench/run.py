@@ -40,6 +40,8 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 
 from bench import aggregates, data, feed, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
+from flameup.events.v1 import events_pb2 as pb  # noqa: E402
+from flameup.events.v1 import events_pb2_grpc  # noqa: E402
 from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, RawResult, SqliteBench  # noqa: E402
 from procutil.cpu import (  # noqa: E402
     CPU_POLICIES,
@@ -51,11 +53,16 @@ from procutil.cpu import (  # noqa: E402
 from service.supervisor import default_gateway_workers, default_workers  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-INGEST = ("grpc_track", "grpc_batch", "grpc_batch_msgid", "grpc_batch_replay", "rest_track", "rest_batch")
+INGEST = ("grpc_track", "grpc_batch", "grpc_batch_limited", "grpc_batch_msgid", "grpc_batch_replay", "rest_track",
+          "rest_batch")
 # Run right after RAW_BRACKETS (grpc_batch with the feed on, as serve runs by default): the same
 # with --feed off, the feed's lag at half grpc_batch's rate, and the drain of a backlog.
 FEED = ("grpc_batch_feed_off", "feed_lag", "feed_drain")
-WORKLOADS = ("raw_store_insert", *INGEST, *FEED, "service_rss_mb", "list_person", "aggregates")
+WORKLOADS = ("raw_store_insert", *INGEST, *FEED, "service_rss_mb", "list_person", "aggregates", "delete_person")
+# grpc_batch_limited sends grpc_batch's calls right after it, with a key of this workspace,
+# whose ingest limit is far above any load: what the limiter costs when it admits everything.
+LIMITED_WORKSPACE = "ws_bench_limited"
+FAR_ABOVE_LOAD = 1_000_000_000
 # raw_store_insert runs right before and right after this workload, the one measured against it.
 RAW_BRACKETS = "grpc_batch"
 # The load generators (gRPC client processes, wrk, the list_person reader: this
@@ -63,8 +70,9 @@ RAW_BRACKETS = "grpc_batch"
 # wake-ups do not preempt the service they measure; the service sets its own policy.
 LOAD_GENERATOR_CPU_POLICY = "batch"
 # In-flight requests: per client process for gRPC, connections in all for wrk.
-DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 3, "grpc_batch_feed_off": 3, "grpc_batch_msgid": 3,
-                       "grpc_batch_replay": 3, "rest_track": 32, "rest_batch": 4}
+DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 3, "grpc_batch_limited": 3, "grpc_batch_feed_off": 3,
+                       "grpc_batch_msgid": 3, "grpc_batch_replay": 3, "rest_track": 32, "rest_batch": 4,
+                       "delete_person": 3}
 # The backlog feed_drain publishes: at least this many events (quick: a tenth).
 DRAIN_BACKLOG = {"sqlite": 1_000_000, "cassandra": 100_000}
 FULL = {"duration": 15.0, "warmup": 5.0, "persons": (100, 10_000, 100_000), "read_calls": 200, "raw_rows": 400_000,
@@ -165,11 +173,11 @@ def parse_args(argv: list[str] | None) -> Settings:
     for part in filter(None, a.concurrency.split(",")):
         name, eq, value = part.partition("=")
         if not eq:
-            concurrency = dict.fromkeys(INGEST, int(name))
-        elif name in INGEST:
+            concurrency = dict.fromkeys(concurrency, int(name))
+        elif name in concurrency:
             concurrency[name] = int(value)
         else:
-            p.error(f"--concurrency: unknown workload {name!r} (one of {', '.join(INGEST)})")
+            p.error(f"--concurrency: unknown workload {name!r} (one of {', '.join(concurrency)})")
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
     if unknown := set(workloads) - set(WORKLOADS):
         p.error(f"--workloads: unknown {sorted(unknown)} (known: {', '.join(WORKLOADS)})")
@@ -264,10 +272,20 @@ def store_cpu_record(run: Run, store: str, workload: str, window: Window, second
         print(f"{workload}: the store's server used {window.store_cpu_s / seconds:.2f} cores", flush=True)
 
 
+def service_cli(url: str, *args: str) -> str:
+    """``python -m service ARGS --store URL``: its output, or WorkloadFailed."""
+    done = subprocess.run([sys.executable, "-m", "service", *args, "--store", url], capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        raise WorkloadFailed(f"service {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
 def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload: str, workdir: Path,
-                  acknowledged: list[int], msgid_calls: list[int]) -> None:
+                  acknowledged: list[int], msgid_calls: list[int], key: str | None = None) -> None:
     """``msgid_calls``: each client process's calls of grpc_batch_msgid (filled by that
-    run), which grpc_batch_replay sends again."""
+    run), which grpc_batch_replay sends again. ``key``: another workspace's key than
+    the bench's own (its events are not the ingest check's)."""
     s, store = run.settings, bs.name
     method, per_call, payloads = data.grpc_workload(workload)
     payloads_file = workdir / f"{workload}.pickle"
@@ -276,7 +294,8 @@ def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
     replay = workload == "grpc_batch_replay"
     if replay and len(msgid_calls) != s.clients:
         raise WorkloadFailed("grpc_batch_replay sends grpc_batch_msgid's batches again: run grpc_batch_msgid first")
-    jobs = [grpc_load.ClientJob(svc.grpc_target, method, svc.key, str(payloads_file), per_call, concurrency, s.warmup,
+    jobs = [grpc_load.ClientJob(svc.grpc_target, method, key or svc.key, str(payloads_file), per_call, concurrency,
+                                s.warmup,
                                 s.duration, offset=k * len(payloads) // s.clients,
                                 message_ids=k if workload in ("grpc_batch_msgid", "grpc_batch_replay") else None,
                                 replay_calls=msgid_calls[k] if replay else 0)
@@ -291,7 +310,7 @@ def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
     results = clients.results()
     if workload == "grpc_batch_msgid":
         msgid_calls[:] = [r.sequence for r in results]
-    if not replay:  # a replay's events are duplicates: acknowledged, but stored once before
+    if not replay and key is None:  # a replay's events are duplicates: acknowledged, but stored once before
         acknowledged.append(sum(r.acknowledged_events for r in results))
     errors = sum(r.errors for r in results)
     run.add(store, workload, "errors", errors, "calls")
@@ -305,6 +324,56 @@ def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
         raise WorkloadFailed(f"{errors} failed calls; first: {first}")
     if not latencies:
         raise WorkloadFailed("no call completed inside the measured window")
+
+
+def delete_person_workload(run: Run, bs: BenchStore, svc: service_proc.Service, person: data.Person, workdir: Path,
+                           acknowledged: list[int]) -> None:
+    """DeletePerson of ``person`` while grpc_batch's calls (other persons) run: how long
+    it takes, and grpc_batch's rate while it runs next to the rate in the rest of the
+    same window (back to back by construction). The delete starts a quarter into the
+    window; both rates count the calls that completed in their part."""
+    s, store = run.settings, bs.name
+    eraser = service_cli(svc.store_url, "keys", "create", "--workspace", data.WORKSPACE, "--scopes", "people:delete")
+    method, per_call, payloads = data.grpc_workload("delete_person")
+    payloads_file = workdir / "delete_person.pickle"
+    payloads_file.write_bytes(pickle.dumps(payloads))
+    concurrency = s.concurrency["delete_person"]
+    jobs = [grpc_load.ClientJob(svc.grpc_target, method, svc.key, str(payloads_file), per_call, concurrency, s.warmup,
+                                s.duration, offset=k * len(payloads) // s.clients) for k in range(s.clients)]
+    clients = grpc_load.Clients(jobs)
+    clients.start()
+    time.sleep(max(0.0, clients.measure_at + s.duration / 4 - time.monotonic()))
+    with grpc.insecure_channel(svc.grpc_target) as channel:
+        stub = events_pb2_grpc.EventsServiceStub(channel)
+        started = time.monotonic()
+        reply = stub.DeletePerson(pb.DeletePersonRequest(person_id=person.person_id),
+                                  metadata=[("authorization", f"Bearer {eraser}")], timeout=600)
+        ended = time.monotonic()
+        left = stub.ListPersonEvents(pb.ListPersonEventsRequest(person_id=person.person_id),
+                                     metadata=[("authorization", f"Bearer {svc.key}")], timeout=60)
+    time.sleep(max(0.0, clients.end_at - time.monotonic()))
+    results = clients.results()
+    acknowledged.append(sum(r.acknowledged_events for r in results))
+    done_at = [t for r in results for t in r.done_at]
+    during_s = min(ended, clients.end_at) - started
+    outside_s = s.duration - during_s
+    during = sum(started <= t <= ended for t in done_at) * per_call
+    outside = len(done_at) * per_call - during
+    run.add(store, "delete_person", "seconds", round(ended - started, 3), "s")
+    run.add(store, "delete_person", "deleted_events", reply.deleted_events, "events")
+    run.add(store, "delete_person", "events_per_s_during", round(during / during_s, 1) if during_s > 0 else None,
+            "events/s")
+    run.add(store, "delete_person", "events_per_s_without", round(outside / outside_s, 1) if outside_s > 0 else None,
+            "events/s")
+    print(f"delete_person: {reply.deleted_events:,} events deleted in {ended - started:.2f} s; grpc_batch meanwhile "
+          f"{during / max(during_s, 1e-9):,.0f} events/s, in the rest of the window "
+          f"{outside / max(outside_s, 1e-9):,.0f}" + ("" if ended <= clients.end_at else " (the delete outlasted the window)"),
+          flush=True)
+    if errors := sum(r.errors for r in results):
+        first = next(r.first_error for r in results if r.first_error)
+        raise WorkloadFailed(f"{errors} failed grpc_batch calls; first: {first}")
+    if reply.deleted_events != person.size or left.total != 0:
+        raise WorkloadFailed(f"deleted {reply.deleted_events} of {person.size} events; {left.total} left")
 
 
 def feed_lag(run: Run, store: str, svc: service_proc.Service) -> None:
@@ -443,8 +512,17 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
     msgid_calls: list[int] = []
     try:
         with tempfile.TemporaryDirectory(prefix="flameup-bench-load-") as workdir:
+            def limited_key() -> str:
+                key = service_cli(url, "keys", "create", "--workspace", LIMITED_WORKSPACE, "--scopes", "events:write")
+                service_cli(url, "workspaces", "limit", LIMITED_WORKSPACE, "--events-per-second", str(FAR_ABOVE_LOAD),
+                            "--burst", str(FAR_ABOVE_LOAD))
+                return key
+
             def ingest(workload: str) -> None:
-                if workload.startswith("grpc"):
+                if workload == "grpc_batch_limited":
+                    run.attempt(store, workload, lambda: grpc_workload(run, bs, svc, workload, Path(workdir),
+                                                                       acknowledged, msgid_calls, limited_key()))
+                elif workload.startswith("grpc"):
                     run.attempt(store, workload, lambda: grpc_workload(run, bs, svc, workload, Path(workdir),
                                                                        acknowledged, msgid_calls))
                 else:
@@ -496,8 +574,10 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
                 step = (lambda w=workload: ingest(w)) if workload in wanted else (lambda: None)
                 if workload == RAW_BRACKETS:
                     raw_bracket(step)
+                    if "grpc_batch_limited" in wanted:
+                        ingest("grpc_batch_limited")  # right after it, back to back
                     feed_workloads()
-                else:
+                elif workload != "grpc_batch_limited":
                     step()
 
         if "service_rss_mb" in wanted:
@@ -554,6 +634,14 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
                 aggregates.measure_counts(svc.grpc_target, svc.key, "big", counts_end, s.read_calls)
                 + aggregates.measure_counts(svc.grpc_target, small_key, "small", counts_end, s.read_calls,
                                             small_rows)))
+
+        if "delete_person" in wanted:  # last: it deletes the biggest list_person person
+            if persons:
+                with tempfile.TemporaryDirectory(prefix="flameup-bench-delete-") as workdir:
+                    run.attempt(store, "delete_person", lambda: delete_person_workload(
+                        run, bs, svc, persons[-1], Path(workdir), acknowledged))
+            else:
+                run.failures.append(f"{store} delete_person: not run (it deletes the biggest list_person person)")
     finally:
         code = service_proc.stop(svc)
         if code != 0:
@@ -611,6 +699,17 @@ def targets(records: list[Record], stores: list[str], person_labels: list[str],
             out.append((store, "grpc_batch_replay", "share_of_first",
                         None if replay is None or with_ids is None else replay / with_ids, ">=", 1.0,
                         ">= 1.00 of grpc_batch_msgid"))
+        # an ingest limit far above the load costs no measurable throughput (run back to back)
+        limited = _value(records, store, "grpc_batch_limited", "events_per_s")
+        out.append((store, "grpc_batch_limited", "share_of_plain",
+                    None if plain is None or limited is None else limited / plain, ">=", 0.95,
+                    ">= 0.95 of grpc_batch"))
+        # deleting the biggest person leaves other persons' ingest most of its rate
+        during = _value(records, store, "delete_person", "events_per_s_during")
+        without = _value(records, store, "delete_person", "events_per_s_without")
+        out.append((store, "delete_person", "share_while_deleting",
+                    None if not during or not without else during / without, ">=", 0.8,
+                    ">= 0.80 of grpc_batch without it"))
         if store == "cassandra":
             raw = _value(records, store, "raw_store_insert", "events_per_s")
             batch = _value(records, store, "grpc_batch", "events_per_s")

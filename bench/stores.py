@@ -205,9 +205,9 @@ class CassandraBench(BenchStore):
                 for e in chunk:
                     b = bucket_of(e.timestamp_us)
                     person_args.append((e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event,
-                                        e.external_id, e.parameters, e.created_at_us))
+                                        e.external_id, e.parameters, e.created_at_us, 0))  # 0: no TTL
                     name_args.append((e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id,
-                                      e.external_id, e.parameters, e.created_at_us))
+                                      e.external_id, e.parameters, e.created_at_us, 0))
                     hour = e.timestamp_us - e.timestamp_us % HOUR_US
                     ws_event_args.append((e.workspace_id, hour, e.event, e.timestamp_us, e.event_id))
                     for grain, bucket in ((HOUR_US, hour), (BUCKET_US, b * BUCKET_US)):

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from gateway.app import DEFAULT_TIMEOUT_SECONDS, MAX_BODY_BYTES, create_app
+from procutil.logs import LOG_FORMATS, configure_logging
 from procutil.process import exit_with_parent, freeze_startup_heap
 
 log = logging.getLogger("gateway")
@@ -68,6 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["critical", "error", "warning", "info", "debug"],
         help="default %(default)s",
     )
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="text lines or JSON objects")
     parser.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     return parser.parse_args(argv)
 
@@ -109,11 +111,7 @@ class _Server(uvicorn.Server):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     exit_with_parent()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     sock = bind_socket(args.host, args.port, args.backlog)
     port = sock.getsockname()[1]
     targets = args.grpc_target or [os.environ.get("FLAMEUP_GRPC_TARGET", "127.0.0.1:50051")]
@@ -124,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         http="auto",
         lifespan="on",
         log_level=args.log_level,
+        # JSON: uvicorn's loggers go through the root logger's handler, not uvicorn's own text ones
+        log_config=None if args.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         access_log=args.access_log,
         timeout_graceful_shutdown=args.graceful_timeout,
         backlog=args.backlog,

@@ -36,6 +36,10 @@ Choices where grpc-gateway and the API contract leave room:
   message there, which is not a valid challenge).
 - An ``Authorization`` value that cannot travel as gRPC metadata (not
   printable ASCII) is a 401; such an ``X-Request-Id`` is dropped.
+- RESOURCE_EXHAUSTED with a ``google.rpc.RetryInfo`` detail (a workspace over
+  its ingest limit) carries ``Retry-After`` in whole seconds, rounded up.
+- ``/metrics``: Prometheus metrics of every process of the instance (see
+  :func:`metrics_response`).
 - Unexpected exceptions: 500 with ``{"code": 13, "message": "internal error"}``;
   the traceback goes to the log, never to the client.
 """
@@ -45,6 +49,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
@@ -52,17 +58,21 @@ from urllib.parse import parse_qsl
 
 import grpc
 import orjson
+import prometheus_client
 from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
+from prometheus_client import multiprocess
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from gateway import transcode
+from gateway.metrics import HttpMetrics
 from gateway.openapi import openapi_document
 from gateway.rules import Binding, bindings_for
 from gateway.transcode import CodecRegistry, MessageCodec, TranscodeError
@@ -198,12 +208,35 @@ class ErrorRenderer:
         headers = dict(headers or {})
         if code == code_pb2.UNAUTHENTICATED:
             headers.setdefault("WWW-Authenticate", "Bearer")
+        if code == code_pb2.RESOURCE_EXHAUSTED and (delay := retry_delay(details)) is not None:
+            headers.setdefault("Retry-After", str(max(1, math.ceil(delay))))
         return Response(
             orjson.dumps(body),
             status_code=http_status or http_status_from_code(code),
             headers=headers,
             media_type=JSON,
         )
+
+
+def retry_delay(details: Iterable[Any]) -> float | None:
+    """Seconds from the first google.rpc.RetryInfo among a status's details, if any."""
+    for detail in details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+def metrics_response() -> Response:
+    """Prometheus metrics: under ``serve`` the sum over every process's files in
+    PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode), otherwise
+    this process's own."""
+    registry = prometheus_client.REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 def status_from_rpc_error(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -552,6 +585,9 @@ def create_app(
         code = 200 if reply.status == health_pb2.HealthCheckResponse.SERVING else 503
         return Response(orjson.dumps({"status": status}), status_code=code, media_type=JSON)
 
+    async def prometheus_metrics(request: Request) -> Response:
+        return metrics_response()
+
     async def openapi(request: Request) -> Response:
         return Response(openapi_body, media_type=JSON)
 
@@ -580,10 +616,12 @@ def create_app(
     routes: list[BaseRoute] = [
         *build_routes(bindings, codecs, timeout, max_body_bytes),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", prometheus_metrics, methods=["GET"]),
         *([Route("/openapi.json", openapi, methods=["GET"])] if openapi_body is not None else []),
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(HttpMetrics)],
         exception_handlers={
             GatewayError: on_gateway_error,
             grpc.aio.AioRpcError: on_rpc_error,

@@ -58,6 +58,7 @@ _ERRORS = {
     "401": "No API key, or an unknown or revoked one (UNAUTHENTICATED).",
     "403": "The API key lacks the scope (PERMISSION_DENIED).",
     "413": "The request body is too large (RESOURCE_EXHAUSTED).",
+    "429": "The workspace is over its ingest limit (RESOURCE_EXHAUSTED); retry after `Retry-After` seconds.",
     "503": "The service or its storage is unavailable; retry (UNAVAILABLE).",
     "default": "Any other error, as a google.rpc.Status.",
 }
@@ -210,8 +211,9 @@ class _Builder:
             "200": success,
             **{
                 status: {"description": text, "content": {"application/json": {"schema": error}}}
+                | ({"headers": {"Retry-After": {"schema": {"type": "integer"}}}} if status == "429" else {})
                 for status, text in _ERRORS.items()
-                if status != "413" or binding.body
+                if status not in ("413", "429") or binding.body  # only the calls with a body carry events
             },
         }
         return op

@@ -1,5 +1,5 @@
 """Command line: `python -m service serve | migrate | grpc-worker | sqlite-writer | feed-publisher | keys ... |
-workspaces list`.
+workspaces ...`.
 
 Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
 FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import math
 import os
 import sys
 from datetime import UTC, datetime
@@ -27,6 +27,7 @@ from procutil.cpu import (
     WORKER_CPU_AFFINITIES,
     keep_to_cpu,
 )
+from procutil.logs import LOG_FORMATS, configure_logging
 from procutil.process import exit_with_parent, freeze_startup_heap
 from service.domain import DEFAULT_DEDUP_WINDOW_DAYS
 from service.feed.subjects import DEFAULT_DUPLICATE_WINDOW_S, DEFAULT_MAX_AGE_S, DEFAULT_STREAM, StreamSettings
@@ -50,6 +51,32 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 def _log_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default=_env("FLAMEUP_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+    )
+    p.add_argument(
+        "--log-format",
+        default=_env("FLAMEUP_LOG_FORMAT", "text"),
+        choices=LOG_FORMATS,
+        help="text lines or one JSON object per line (env FLAMEUP_LOG_FORMAT; default %(default)s)",
+    )
+
+
+def _retention_days(text: str) -> int:
+    from service.store.base import MAX_RETENTION_DAYS
+
+    days = int(text)
+    if not 1 <= days <= MAX_RETENTION_DAYS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_RETENTION_DAYS} days, got {days}")
+    return days
+
+
+def _retention_arg(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get("FLAMEUP_RETENTION_DAYS") or None
+    p.add_argument(
+        "--retention-days",
+        type=_retention_days,
+        default=env,  # argparse applies type to a string default too
+        help="keep events of today and this many days before it; older ones are refused, hidden from"
+        " reads and removed from the store with their counts (env FLAMEUP_RETENTION_DAYS; default: keep forever)",
     )
 
 
@@ -129,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a message_id is remembered, in days (env FLAMEUP_DEDUP_WINDOW_DAYS;"
         " default %(default)g; a store URL's dedup_window_days wins)",
     )
+    _retention_arg(serve)
     serve.add_argument("--feed", choices=("on", "off"), default=_env("FLAMEUP_FEED", "on"),
                        help="the real-time feed: publish every stored event to NATS JetStream and serve"
                        " StreamEvents (env FLAMEUP_FEED; default on)")
@@ -167,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also listen on this Unix socket (serve gives each worker one for the gateways)",
     )
+    _retention_arg(worker)
+    worker.add_argument(
+        "--rate-limit-file",
+        default=None,
+        metavar="PATH",
+        help="the ingest buckets shared with the other workers (serve passes it; default: this worker's own)",
+    )
     worker.add_argument("--nats-url", default="", help="the feed's NATS (StreamEvents); none: the feed is off")
     _stream_args(worker)
     worker.add_argument(
@@ -179,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _store_arg(writer)
     writer.add_argument("--socket", required=True, help="Unix socket the workers send appends to")
+    _retention_arg(writer)
     _log_arg(writer)
 
     publisher = sub.add_parser("feed-publisher", help="publish stored events to NATS JetStream (serve starts it)")
@@ -200,9 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(revoke)
     revoke.add_argument("key_id")
 
-    workspaces = sub.add_parser("workspaces", help="list workspaces")
+    workspaces = sub.add_parser("workspaces", help="list workspaces, set their ingest limits")
     ws_sub = workspaces.add_subparsers(dest="workspaces_command", required=True)
-    _store_arg(ws_sub.add_parser("list"))
+    _store_arg(ws_sub.add_parser("list", help="workspaces and their ingest limits"))
+    limit = ws_sub.add_parser(
+        "limit",
+        help="set a workspace's ingest limit (events per second and a burst) or lift it;"
+        " running workers apply it within --key-cache-seconds",
+    )
+    _store_arg(limit)
+    limit.add_argument("workspace", help="workspace id, e.g. ws_acme")
+    limit.add_argument("--events-per-second", type=float, help="the sustained rate")
+    limit.add_argument("--burst", type=int, help="events admitted at once above the rate (default: one second's)")
+    limit.add_argument("--none", action="store_true", help="lift the limit")
     return parser
 
 
@@ -252,12 +298,44 @@ async def _keys(args) -> int:
     return 1
 
 
+async def _workspaces(args) -> int:
+    from service.domain import RateLimit
+
+    if args.workspaces_command == "list":
+
+        async def listing(store):
+            return [(ws, await store.rate_limit(ws)) for ws in await store.list_workspaces()]
+
+        for workspace_id, rate in await _with_store(args.store, listing):
+            shown = "-" if rate is None else f"{rate.events_per_second:g}/s burst {rate.burst}"
+            print(f"{workspace_id:24} {shown}")
+        return 0
+    if args.none == (args.events_per_second is not None):
+        print("error: give --events-per-second (and optionally --burst), or --none", file=sys.stderr)
+        return 2
+    rate = None
+    try:
+        if not args.none:
+            rate = RateLimit(args.events_per_second, 1 if args.burst is None else args.burst)  # checks the rate
+            if args.burst is None:  # one second's worth
+                rate = RateLimit(rate.events_per_second, max(1, math.ceil(rate.events_per_second)))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not await _with_store(args.store, lambda s: s.set_rate_limit(args.workspace, rate)):
+        print(f"error: no workspace {args.workspace}", file=sys.stderr)
+        return 1
+    shown = "lifted" if rate is None else f"{rate.events_per_second:g} events per second, burst {rate.burst}"
+    print(f"ingest limit of {args.workspace}: {shown}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-    )
+    # argparse checks a flag's choices, not the environment's
+    if getattr(args, "log_format", "text") not in LOG_FORMATS:
+        build_parser().error(f"FLAMEUP_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         from service.supervisor import ServeConfig, serve
 
@@ -287,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 bootstrap_key=os.environ.get("FLAMEUP_BOOTSTRAP_KEY") or None,
                 key_cache_seconds=args.key_cache_seconds,
                 log_level=args.log_level,
+                log_format=args.log_format,
+                retention_days=args.retention_days,
                 cpu_policy=args.cpu_policy,
                 worker_cpu_affinity=args.worker_cpu_affinity,
                 feed=args.feed == "on",
@@ -325,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                     key_cache_seconds=args.key_cache_seconds,
                     unix_socket=args.unix_socket,
                     sqlite_writer=args.sqlite_writer,
+                    rate_limit_file=args.rate_limit_file,
+                    retention_days=args.retention_days,
                     nats_url=args.nats_url or None,
                     stream=_stream_settings(args),
                 ),
@@ -336,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.store.sqlite_writer import serve_writer
 
         exit_with_parent()
-        uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving))
+        uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving, retention_days=args.retention_days))
         return 0
     if args.command == "feed-publisher":
         from service.feed.natsd import lower_priority
@@ -348,9 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return asyncio.run(_keys(args))
-    for workspace_id in asyncio.run(_with_store(args.store, lambda s: s.list_workspaces())):
-        print(workspace_id)
-    return 0
+    return asyncio.run(_workspaces(args))
 
 
 if __name__ == "__main__":

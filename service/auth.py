@@ -15,13 +15,16 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from service.domain import now_us
+from service.domain import RateLimit, now_us
 from service.store import ApiKeyRecord, Store
 
 log = logging.getLogger(__name__)
 
 READ, WRITE = "events:read", "events:write"
-SCOPES = frozenset({READ, WRITE})
+DELETE_PEOPLE = "people:delete"
+SCOPES = frozenset({READ, WRITE, DELETE_PEOPLE})
+# What a bootstrap key may do: read and write events (deleting people is granted by hand).
+BOOTSTRAP_SCOPES = frozenset({READ, WRITE})
 BOOTSTRAP_WORKSPACE = "ws_default"
 BOOTSTRAP_KEY_PREFIX = "boot"
 WORKSPACE_ID = re.compile(r"ws_[a-z0-9_]{1,60}")
@@ -34,6 +37,7 @@ class Principal:
     workspace_id: str
     key_id: str
     scopes: frozenset[str]
+    limit: RateLimit | None = None  # the workspace's ingest limit, looked up with the key
 
 
 class AuthError(Exception):
@@ -76,7 +80,7 @@ async def create_key(store: Store, workspace_id: str, scopes: frozenset[str]) ->
 
 
 async def ensure_bootstrap_key(store: Store, key: str) -> None:
-    """Make ws_default exist with exactly this key (both scopes) among bootstrap keys.
+    """Make ws_default exist with exactly this key (events:read and events:write) among bootstrap keys.
 
     Keys an earlier FLAMEUP_BOOTSTRAP_KEY made are revoked when the value
     changes; keys made with the CLI are left alone. A bootstrap key that was
@@ -89,9 +93,9 @@ async def ensure_bootstrap_key(store: Store, key: str) -> None:
     existing = await store.key_by_hash(key_hash)
     if existing is None:
         key_id = f"{BOOTSTRAP_KEY_PREFIX}{key_hash[:8]}"
-        await store.put_key(ApiKeyRecord(key_id, key_hash, BOOTSTRAP_WORKSPACE, SCOPES, now_us()))
+        await store.put_key(ApiKeyRecord(key_id, key_hash, BOOTSTRAP_WORKSPACE, BOOTSTRAP_SCOPES, now_us()))
         log.info("bootstrap key %s created for %s", key_id, BOOTSTRAP_WORKSPACE)
-    elif existing.workspace_id != BOOTSTRAP_WORKSPACE or existing.scopes != SCOPES:
+    elif existing.workspace_id != BOOTSTRAP_WORKSPACE or existing.scopes != BOOTSTRAP_SCOPES:
         raise ValueError(
             f"FLAMEUP_BOOTSTRAP_KEY is already key {existing.key_id} of {existing.workspace_id} "
             "with other scopes; choose another value"
@@ -107,16 +111,17 @@ async def ensure_bootstrap_key(store: Store, key: str) -> None:
 class Authenticator:
     """Turns an `authorization` value into a Principal.
 
-    Known keys are cached for ``cache_seconds`` so the hot path does not read
-    the store on every call; a revocation therefore takes effect within that
-    time in every process. Unknown keys are never cached.
+    Known keys are cached for ``cache_seconds``, with their workspace's ingest
+    limit, so the hot path does not read the store on every call; a revocation
+    or a new limit therefore takes effect within that time in every process.
+    Unknown keys are never cached.
     """
 
     def __init__(self, store: Store, cache_seconds: float = 10.0, clock=time.monotonic) -> None:
         self._store = store
         self._ttl = cache_seconds
         self._clock = clock
-        self._cache: dict[str, tuple[float, ApiKeyRecord]] = {}
+        self._cache: dict[str, tuple[float, ApiKeyRecord, RateLimit | None]] = {}
 
     async def authenticate(self, authorization: str | None, scope: str) -> Principal:
         if not authorization:
@@ -125,23 +130,26 @@ class Authenticator:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise AuthError(True, "malformed authorization: expected 'Bearer <key>'")
-        record = await self._lookup(hash_key(key))
+        record, limit = await self._lookup(hash_key(key))
         if record is None:
             raise AuthError(True, "unknown API key")
         if record.revoked:
             raise AuthError(True, "revoked API key")
         if scope not in record.scopes:
             raise AuthError(False, f"this API key lacks the {scope} scope")
-        return Principal(record.workspace_id, record.key_id, record.scopes)
+        return Principal(record.workspace_id, record.key_id, record.scopes, limit)
 
-    async def _lookup(self, key_hash: str) -> ApiKeyRecord | None:
+    async def _lookup(self, key_hash: str) -> tuple[ApiKeyRecord | None, RateLimit | None]:
         now = self._clock()
         hit = self._cache.get(key_hash)
         if hit is not None and now - hit[0] < self._ttl:
-            return hit[1]
+            return hit[1], hit[2]
         record = await self._store.key_by_hash(key_hash)
-        if record is not None and self._ttl > 0:
+        if record is None:
+            return None, None
+        limit = await self._store.rate_limit(record.workspace_id)
+        if self._ttl > 0:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[key_hash] = (now, record)
-        return record
+            self._cache[key_hash] = (now, record, limit)
+        return record, limit

@@ -120,6 +120,21 @@ class EventPage:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A workspace's ingest limit: a token bucket of ``burst`` events refilled
+    at ``events_per_second``. A batch takes one token per event it holds."""
+
+    events_per_second: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.events_per_second) and self.events_per_second > 0):
+            raise ValueError(f"events per second must be a positive number, got {self.events_per_second}")
+        if self.burst < 1:
+            raise ValueError(f"the burst must be at least 1 event, got {self.burst}")
+
+
+@dataclass(frozen=True, slots=True)
 class NameStats:
     """One event name's exact count and first and last time (microseconds)."""
 

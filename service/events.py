@@ -1,5 +1,6 @@
-"""The use cases: track one event, track a batch, list a person's events, and
-read the aggregates (a person's summary, a workspace's counts and event names).
+"""The use cases: track one event, track a batch, list a person's events, read
+the aggregates (a person's summary, a workspace's counts and event names), and
+delete a person.
 
 Plain Python in, plain Python out: the servicer adapts protobuf messages to
 these calls, and these calls raise ValidationError (bad input) or
@@ -24,6 +25,7 @@ from service.domain import (
     ValidationError,
 )
 from service.store import Store
+from service.store.base import retention_cutoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,12 @@ class ListResult:
 
 
 @dataclass(frozen=True, slots=True)
+class PersonRef:
+    person_ref: str  # a person_id, or an external_id when id_type == "external_id"
+    id_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SummaryInput:
     person_ref: str  # as ListInput
     id_type: str = ""
@@ -105,9 +113,14 @@ class EventCounts:
 
 
 class EventsCore:
-    def __init__(self, store: Store, clock=domain.now_us) -> None:
+    """The use cases over one store. With ``retention_days``, events older than
+    the retention (see service.store.base.retention_cutoff) are refused on the
+    way in and left out of every read, while the store removes them."""
+
+    def __init__(self, store: Store, clock=domain.now_us, retention_days: int | None = None) -> None:
         self._store = store
         self._clock = clock
+        self._retention_days = retention_days
 
     def prepare(self, workspace_id: str, item: TrackInput, received_us: int, prefix: str = "",
                 skew_us: int = 0) -> StoredEvent:
@@ -136,6 +149,9 @@ class EventsCore:
             parsed = check(domain.parse_timestamp, field, item.timestamp)
             if parsed is not None and skew_us is not None:
                 ts_us = check(domain.check_event_time, field, parsed + skew_us, received_us)
+            if ts_us is not None and self._retention_days is not None:
+                ts_us = check(_check_retained, field, ts_us, retention_cutoff(received_us, self._retention_days),
+                              self._retention_days)
         message_id = check(domain.check_name, f"{prefix}message_id", item.message_id) if item.message_id else None
         parameters = check(domain.canonical_parameters, f"{prefix}parameters", item.parameters)
         if violations:
@@ -205,9 +221,23 @@ class EventsCore:
 
     async def list_person_events(self, workspace_id: str, req: ListInput) -> ListResult:
         q = self.list_query(workspace_id, req)
+        asked = q  # page tokens name the filters the caller sent
+        if self._retention_days is not None:
+            since_us = self._retained(q.since_us)
+            if q.until_us is not None and since_us is not None and q.until_us <= since_us:
+                return ListResult(EventPage([], 0), "")
+            q = dataclasses.replace(q, since_us=since_us)
         page = await self._store.list_events(q)
         more = page.more if q.after is not None else q.offset + len(page.events) < page.total
-        return ListResult(page, domain.page_token(q, page.events[-1]) if more and page.events else "")
+        return ListResult(page, domain.page_token(asked, page.events[-1]) if more and page.events else "")
+
+    async def delete_person(self, workspace_id: str, req: PersonRef) -> tuple[str, int]:
+        """Erase the person's events and what derives from them: (person_id, events removed)."""
+        violations: list[FieldViolation] = []
+        person_id = _person(workspace_id, req.person_ref, req.id_type, violations)
+        if violations:
+            raise ValidationError(*violations)
+        return person_id, await self._store.delete_person(workspace_id, person_id)
 
     async def person_summary(self, workspace_id: str, req: SummaryInput) -> PersonSummary:
         violations: list[FieldViolation] = []
@@ -215,8 +245,10 @@ class EventsCore:
         _check_window(req.since_ns, req.until_ns, violations)
         if violations:
             raise ValidationError(*violations)
-        stats = await self._store.person_summary(workspace_id, person_id, _micros_ceil(req.since_ns),
-                                                 _micros_ceil(req.until_ns))
+        since_us, until_us = self._retained(_micros_ceil(req.since_ns)), _micros_ceil(req.until_ns)
+        if since_us is not None and until_us is not None and since_us >= until_us:
+            return PersonSummary(person_id, [])
+        stats = await self._store.person_summary(workspace_id, person_id, since_us, until_us)
         return PersonSummary(person_id, domain.by_last_seen(stats))
 
     async def event_counts(self, workspace_id: str, req: CountsInput) -> EventCounts:
@@ -240,7 +272,8 @@ class EventsCore:
                                               f" of an {req.interval}, got {end - first}")
         stored = await self._store.event_counts(workspace_id, req.event or None, interval_us,
                                                 first * interval_us, end * interval_us)
-        found = {b.start_us: b for b in stored}
+        kept_from = self._retained(None)  # buckets before the retention count nothing, even before removal
+        found = {b.start_us: b for b in stored if kept_from is None or b.start_us >= kept_from}
         buckets = [found.get(start) or CountBucket(start, 0, 0)
                    for start in range(first * interval_us, end * interval_us, interval_us)]
         return EventCounts(req.interval, buckets)
@@ -254,7 +287,17 @@ class EventsCore:
         hour = domain.HOUR_US
         since_us = None if since_ns is None else since_ns // 1000 // hour * hour
         until_us = None if until_ns is None else -(-_micros_ceil(until_ns) // hour) * hour
+        since_us = self._retained(since_us)  # a day's start: a whole hour
+        if since_us is not None and until_us is not None and since_us >= until_us:
+            return []
         return domain.by_last_seen(await self._store.event_names(workspace_id, since_us, until_us))
+
+    def _retained(self, since_us: int | None) -> int | None:
+        """``since`` moved up to the retention's cutoff, when there is a retention."""
+        if self._retention_days is None:
+            return since_us
+        cutoff = retention_cutoff(self._clock(), self._retention_days)
+        return cutoff if since_us is None else max(since_us, cutoff)
 
     @staticmethod
     def list_query(workspace_id: str, req: ListInput) -> EventQuery:
@@ -288,6 +331,14 @@ class EventsCore:
                 after = min(after, (q.until_us, ""))
             q = dataclasses.replace(q, after=after)
         return q
+
+
+def _check_retained(field: str, ts_us: int, cutoff_us: int, days: int) -> int:
+    if ts_us < cutoff_us:
+        raise ValidationError.of(
+            field, f"is older than the {days} days this service keeps events for ({domain.format_timestamp(cutoff_us)})"
+        )
+    return ts_us
 
 
 def _check(violations: list[FieldViolation], fn, *args):

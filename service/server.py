@@ -17,6 +17,7 @@ from service.auth import Authenticator
 from service.events import EventsCore
 from service.feed.consumer import Feed
 from service.feed.subjects import StreamSettings
+from service.ratelimit import SharedBuckets
 from service.servicer import SERVICE_NAME, AuthInterceptor, EventsServicer
 from service.store import open_store
 
@@ -37,6 +38,8 @@ class GrpcConfig:
     key_cache_seconds: float = 10.0
     unix_socket: str | None = None  # a second listener, this worker's own (the gateways call it)
     sqlite_writer: str | None = None  # the SQLite writer process's socket: appends go there (see open_store)
+    retention_days: int | None = None  # events older than that are refused, hidden and (Cassandra) expire
+    rate_limit_file: str | None = None  # the ingest buckets every worker of one serve shares (service.ratelimit)
     nats_url: str | None = None  # the feed's NATS (StreamEvents); None: the feed is off
     stream: StreamSettings = StreamSettings()
 
@@ -50,20 +53,22 @@ async def serve(
     lets in-flight ones finish (up to the grace period), then the store
     commits what it holds and closes. Nothing acknowledged is lost.
     """
-    store = open_store(config.store_url, sqlite_writer=config.sqlite_writer)
+    store = open_store(config.store_url, sqlite_writer=config.sqlite_writer, retention_days=config.retention_days)
     await store.open()
+    buckets = SharedBuckets(config.rate_limit_file)
     feed = Feed(config.nats_url, config.stream) if config.nats_url else None
     if feed is not None:
         await feed.start()  # connects in the background: StreamEvents is UNAVAILABLE until then
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(Authenticator(store, config.key_cache_seconds))],
+        interceptors=[AuthInterceptor(Authenticator(store, config.key_cache_seconds), buckets)],
         options=[
             ("grpc.so_reuseport", 1),  # several worker processes share one port
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(EventsCore(store), feed), server)
+    core = EventsCore(store, retention_days=config.retention_days)
+    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(core, feed), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -89,4 +94,5 @@ async def serve(
         if feed is not None:
             await feed.close()
         await store.close()
+        buckets.close()
         log.info("gRPC worker stopped")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
+import math
+import time
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -14,12 +18,13 @@ from grpc_status import rpc_status
 
 from flameup.events.v1 import events_pb2, events_pb2_grpc
 from protoconv import struct_to_python
-from service import domain
-from service.auth import READ, WRITE, Authenticator, AuthError, Principal
+from service import domain, metrics
+from service.auth import DELETE_PEOPLE, READ, WRITE, Authenticator, AuthError, Principal
 from service.domain import NameStats, ValidationError
-from service.events import CountsInput, EventsCore, ListInput, SummaryInput, TrackInput
+from service.events import CountsInput, EventsCore, ListInput, PersonRef, SummaryInput, TrackInput
 from service.feed.consumer import CursorError, Feed, FeedUnavailable
 from service.messages import event_message, set_micros
+from service.ratelimit import SharedBuckets
 from service.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -28,7 +33,9 @@ SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 # Every RPC of EventsService needs a key with this scope. An RPC missing here
 # is refused (fail closed); a test checks the table covers the proto.
 REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "GetPersonSummary": READ,
-                  "GetEventCounts": READ, "ListEventNames": READ, "StreamEvents": READ}
+                  "GetEventCounts": READ, "ListEventNames": READ, "StreamEvents": READ, "DeletePerson": DELETE_PEOPLE}
+# The RPCs a workspace's ingest limit applies to, and how many events a request brings.
+EVENTS_IN = {"Track": lambda request: 1, "TrackBatch": lambda request: len(request.events)}
 
 MAX_STREAM_EVENTS = 100
 
@@ -36,13 +43,15 @@ _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principa
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the API key and scope of every EventsService call.
+    """Checks the API key and scope of every EventsService call, then the
+    workspace's ingest limit, and counts the call in the metrics.
 
     Health and reflection stay open, as load balancers and grpcurl expect.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, buckets: SharedBuckets) -> None:
         self._authenticator = authenticator
+        self._buckets = buckets
         # method path -> its checking handler, built once (a handler is per method, not per call)
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -60,7 +69,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _checking(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler with the key and scope checked before the servicer runs."""
         scope = REQUIRED_SCOPE.get(method)
+        events_in = EVENTS_IN.get(method)
         deserialize = handler.request_deserializer
+        latency = metrics.LATENCY.labels(method)
+        answered: dict[grpc.StatusCode, Any] = {}  # code -> its counter, resolved once
 
         def tolerant_deserialize(data: bytes):
             # A message protobuf cannot decode (e.g. parameters nested past its
@@ -87,12 +99,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(code, str(exc))
             except StoreUnavailable as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the API key now: {exc}")
+            if principal.limit is not None and events_in is not None:
+                wait = self._buckets.take(principal.workspace_id, events_in(request), principal.limit)
+                if wait:
+                    metrics.RATE_LIMITED.labels(method).inc()
+                    await context.abort_with_status(rpc_status.to_status(_over_limit(principal, wait)))
             _principal.set(principal)
 
         def checked(inner):
             async def authenticated(request, context):
-                await authenticate(request, context)
-                return await inner(request, context)
+                start = time.perf_counter()
+                code = grpc.StatusCode.UNKNOWN
+                try:
+                    await authenticate(request, context)
+                    response = await inner(request, context)
+                    code = context.code() or grpc.StatusCode.OK
+                    return response
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    if (counter := answered.get(code)) is None:
+                        counter = answered[code] = metrics.REQUESTS.labels(method, code.name)
+                    counter.inc()
+                    latency.observe(time.perf_counter() - start)
 
             return authenticated
 
@@ -114,6 +147,21 @@ def _metadata(metadata, name: str) -> str | None:
         if key == name:
             return value
     return None
+
+
+def _over_limit(principal: Principal, wait_s: float) -> status_pb2.Status:
+    """RESOURCE_EXHAUSTED with a RetryInfo detail: when the call would be admitted."""
+    assert principal.limit is not None
+    delay = error_details_pb2.RetryInfo()
+    delay.retry_delay.FromNanoseconds(math.ceil(wait_s * 1e9))
+    status = status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED,
+        message=f"workspace {principal.workspace_id} is over its ingest limit of "
+        f"{principal.limit.events_per_second:g} events per second (burst {principal.limit.burst}); "
+        f"retry in {wait_s:.3f}s",
+    )
+    status.details.add().Pack(delay)
+    return status
 
 
 def _grpc_errors(method):
@@ -140,8 +188,7 @@ def _field_status(code: int, field: str, message: str) -> status_pb2.Status:
 def _bad_request(exc: ValidationError, code: int = code_pb2.INVALID_ARGUMENT) -> status_pb2.Status:
     detail = error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.message)
-            for v in exc.violations
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.message) for v in exc.violations
         ]
     )
     status = status_pb2.Status(code=code, message=str(exc))
@@ -157,6 +204,7 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     @_grpc_errors
     async def Track(self, request: events_pb2.TrackRequest, context) -> events_pb2.TrackResponse:
         result = await self._core.track(_principal.get().workspace_id, track_input(request))
+        (metrics.DUPLICATES if result.duplicate else metrics.EVENTS_STORED).inc()
         return events_pb2.TrackResponse(success=True, event_id=result.event_id, person_id=result.person_id,
                                         duplicate=result.duplicate)
 
@@ -164,12 +212,12 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     async def TrackBatch(self, request: events_pb2.TrackBatchRequest, context) -> events_pb2.TrackBatchResponse:
         items = [track_input(item) for item in request.events]
         result = await self._core.track_batch(_principal.get().workspace_id, items, request.sent_at)
+        metrics.EVENTS_STORED.inc(len(items) - len(result.errors) - len(result.duplicates))
+        metrics.DUPLICATES.inc(len(result.duplicates))
         return events_pb2.TrackBatchResponse(
             success=not result.errors,
             event_ids=result.event_ids,
-            errors=[
-                events_pb2.BatchError(index=i, field=v.field, message=v.message) for i, v in result.errors
-            ],
+            errors=[events_pb2.BatchError(index=i, field=v.field, message=v.message) for i, v in result.errors],
             duplicates=result.duplicates,
         )
 
@@ -232,6 +280,27 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         names = await self._core.event_names(_principal.get().workspace_id, _nanos(request, "since"),
                                              _nanos(request, "until"))
         return events_pb2.ListEventNamesResponse(events=[_name_summary(s) for s in names])
+
+    @_grpc_errors
+    async def DeletePerson(self, request: events_pb2.DeletePersonRequest, context):
+        principal = _principal.get()
+        person_id, deleted = await self._core.delete_person(principal.workspace_id,
+                                                            PersonRef(request.person_id, request.id_type))
+        metrics.PEOPLE_DELETED.inc()
+        metrics.EVENTS_DELETED.inc(deleted)
+        if self._feed is not None:  # consumers of the feed forget the person too
+            try:
+                await self._feed.publish_deletion(principal.workspace_id, person_id, deleted)
+            except FeedUnavailable as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"the person's events are deleted, but {exc}; repeat the call to send the notice")
+        log.info(
+            "deleted a person of %s (%d events) at the request of key %s",
+            principal.workspace_id,
+            deleted,
+            principal.key_id,
+        )
+        return events_pb2.DeletePersonResponse(deleted_events=deleted)
 
 
 def track_input(request: events_pb2.TrackRequest) -> TrackInput:

@@ -85,6 +85,8 @@ class ServeConfig:
     bootstrap_key: str | None
     key_cache_seconds: float
     log_level: str
+    log_format: str = "text"
+    retention_days: int | None = None
     cpu_policy: str = DEFAULT_CPU_POLICY
     worker_cpu_affinity: str = DEFAULT_WORKER_CPU_AFFINITY
     feed: bool = True
@@ -181,6 +183,16 @@ def _check_alive(procs: list[subprocess.Popen]) -> None:
             raise SystemExit(f"worker {name} (pid {p.pid}) exited with {p.returncode} during start")
 
 
+def _logging(config: ServeConfig) -> list[str]:
+    """The log options every child process gets."""
+    return ["--log-level", config.log_level, "--log-format", config.log_format]
+
+
+def _retention(config: ServeConfig) -> list[str]:
+    """The retention option of the processes that read or write events."""
+    return [] if config.retention_days is None else ["--retention-days", str(config.retention_days)]
+
+
 def _spawn(args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     # Own session: Ctrl-C reaches only the supervisor, which stops the workers in order.
     return subprocess.Popen([sys.executable, *args], env=env, start_new_session=True, pass_fds=pass_fds)
@@ -203,7 +215,7 @@ def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
 def serve(config: ServeConfig) -> int:
     set_cpu_policy(config.cpu_policy)  # before any worker starts: they inherit it
     migrate = subprocess.run(
-        [sys.executable, "-m", "service", "migrate", "--store", config.store_url, "--log-level", config.log_level]
+        [sys.executable, "-m", "service", "migrate", "--store", config.store_url, *_logging(config)]
     )
     if migrate.returncode != 0:
         log.error("preparing the store %s failed", config.store_url)
@@ -232,6 +244,12 @@ def serve(config: ServeConfig) -> int:
     writer_args: list[str] = []  # the workers' --sqlite-writer, when there is a writer process
     # mode 0700: only this user reaches the sockets in it (the writer's, the workers' own)
     run_dir = tempfile.mkdtemp(prefix="flameup-")
+    # Every process writes its metrics here and the gateways serve their sum (prometheus-client's
+    # multiprocess mode); the gRPC workers share the workspaces' ingest buckets in one file.
+    metrics_dir = os.path.join(run_dir, "metrics")
+    os.mkdir(metrics_dir)
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    rate_limit_file = os.path.join(run_dir, "rate-limits")
     worker_sockets = [os.path.join(run_dir, f"grpc-{i}.sock") for i in range(config.workers)]
     ready, ready_w = os.pipe()  # workers that must be serving before the next ones start write a byte here
     reporting = {**env, READY_FD_ENV: str(ready_w)}
@@ -266,8 +284,8 @@ def serve(config: ServeConfig) -> int:
                         config.store_url,
                         "--socket",
                         socket_path,
-                        "--log-level",
-                        config.log_level,
+                        *_retention(config),
+                        *_logging(config),
                     ],
                     reporting,
                     (ready_w,),
@@ -293,10 +311,12 @@ def serve(config: ServeConfig) -> int:
                     str(grpc_port),
                     "--unix-socket",
                     path,
+                    "--rate-limit-file",
+                    rate_limit_file,
+                    *_retention(config),
                     "--key-cache-seconds",
                     str(config.key_cache_seconds),
-                    "--log-level",
-                    config.log_level,
+                    *_logging(config),
                     *(["--cpu", str(cpu)] if cpu is not None else []),
                 ],
                 reporting,
@@ -320,8 +340,7 @@ def serve(config: ServeConfig) -> int:
                     config.host,
                     "--port",
                     str(http_port),
-                    "--log-level",
-                    config.log_level,
+                    *_logging(config),
                 ],
                 env,
             )

@@ -33,7 +33,7 @@ class RunningService:
     store_url: str
     grpc_target: str
     http_url: str
-    key: str  # FLAMEUP_BOOTSTRAP_KEY: workspace ws_default, both scopes
+    key: str  # FLAMEUP_BOOTSTRAP_KEY: workspace ws_default, events:read and events:write
     proc: subprocess.Popen
     output: list[str] = field(default_factory=list)
     nats_url: str | None = None  # the feed's NATS, when the feed is on

@@ -251,7 +251,7 @@ async def test_a_write_that_may_have_failed_keeps_its_day_dirty(model):
                        light.events[0].timestamp_us + 1, END_US)
     await store._write_batch([(store._ps["insert_event"], (
         late.workspace_id, late.person_id, day, late.timestamp_us, late.event_id, late.event,
-        late.external_id, late.parameters, late.created_at_us), 0)])
+        late.external_id, late.parameters, late.created_at_us, 0), 0)])
     for _ in range(2):
         store.stats.reset()
         page = await store.list_events(light.query(limit=1))

@@ -279,7 +279,7 @@ async def test_bootstrap_key_is_idempotent_and_replaces_the_previous_one(sqlite_
     await auth.ensure_bootstrap_key(sqlite_store, "first-bootstrap-key")
     await auth.ensure_bootstrap_key(sqlite_store, "first-bootstrap-key")
     keys = await sqlite_store.list_keys("ws_default")
-    assert len(keys) == 1 and keys[0].scopes == auth.SCOPES and not keys[0].revoked
+    assert len(keys) == 1 and keys[0].scopes == auth.BOOTSTRAP_SCOPES and not keys[0].revoked
     _, cli_key = await auth.create_key(sqlite_store, "ws_default", auth.SCOPES)
     await auth.ensure_bootstrap_key(sqlite_store, "second-bootstrap-key")
     state = {k.key_hash: k.revoked for k in await sqlite_store.list_keys("ws_default")}

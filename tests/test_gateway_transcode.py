@@ -531,6 +531,7 @@ def test_routes_are_exactly_the_documented_paths():
         ("GET", "/api/v1/events/counts", "GetEventCounts", ""),
         ("GET", "/api/v1/events/names", "ListEventNames", ""),
         ("GET", "/api/v1/events/stream", "StreamEvents", ""),
+        ("DELETE", "/api/v1/people/{person_id}", "DeletePerson", ""),
     }
     listing = next(b for b in bindings if b.method.name == "ListPersonEvents")
     assert listing.grpc_path == "/flameup.events.v1.EventsService/ListPersonEvents"
@@ -545,7 +546,9 @@ def test_routes_are_exactly_the_documented_paths():
         "/api/v1/events/counts",
         "/api/v1/events/names",
         "/api/v1/events/stream",
+        "/api/v1/people/{p0}",
         "/healthz",
+        "/metrics",
         "/openapi.json",
     }
 
@@ -826,6 +829,7 @@ def test_app_serves_openapi(client):
         "/api/v1/events/counts",
         "/api/v1/events/names",
         "/api/v1/events/stream",
+        "/api/v1/people/{person_id}",
     }
 
 

@@ -31,6 +31,7 @@ def test_paths_parameters_bodies_and_errors(doc):
         "/api/v1/events/counts",
         "/api/v1/events/names",
         "/api/v1/events/stream",
+        "/api/v1/people/{person_id}",
     }
     assert list(doc["paths"]["/api/v1/track/batch"]) == ["post"]
     batch = doc["paths"]["/api/v1/track/batch"]["post"]

@@ -266,6 +266,7 @@ def test_healthz_and_openapi(service):
         "/api/v1/events/counts",
         "/api/v1/events/names",
         "/api/v1/events/stream",
+        "/api/v1/people/{person_id}",
     }
     assert set(doc["paths"]["/api/v1/people/{person_id}/events"]) == {"get"}
 

@@ -29,9 +29,30 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
         (sqlite_engine.SELECT_SERIES_BUCKETS, "series_counts"),
         (sqlite_engine.SELECT_PERSON_EVENTS, "person_events"),
         (sqlite_engine.SELECT_NAMES, "series_counts"),
+        # removals: a person's deletion and retention
+        *((sql.format(table=table), table) for table in sqlite_engine.TIMELINE_TABLES
+          for sql in (sqlite_engine.PERSON_ENTRIES, sqlite_engine.DROP_ENTRY, sqlite_engine.EXPIRED_ENTRIES)),
+        (sqlite_engine.DROP_ROW, "events"),
+        (sqlite_engine.REMOVED_CLAIMS.format(marks="?, ?"), "events"),
+        *((sqlite_engine.DROP_CLAIM.format(table=table), table) for table in sqlite_engine.CLAIM_TABLES),
+        (sqlite_engine.UNCOUNT, "bucket_counts"),
+        (sqlite_engine.DROP_EMPTY_COUNTS, "bucket_counts"),
+        (sqlite_engine.NEXT_PERSONS, "persons"),
+        (sqlite_engine.UNCOUNT_PERSON_EVENT, "person_events"),
+        (sqlite_engine.DROP_EMPTY_PERSON_EVENTS, "person_events"),
+        (sqlite_engine.UNCOUNT_SERIES, "series_counts"),
+        (sqlite_engine.DROP_SERIES_PERSON, "series_persons"),
+        (sqlite_engine.DROP_EMPTY_SERIES, "series_counts"),
+        *((sqlite_engine.HAS_ENTRY.format(table=table), table) for table in sqlite_engine.TIMELINE_TABLES),
     ],
     ids=["person_keys", "claims", "new_claims", "claiming_rows", "expire_claims", "claims_boundary", "merge_claims",
-         "drop_merged_claims", "series_keys", "series_key", "series_buckets", "person_events", "names"],
+         "drop_merged_claims", "series_keys", "series_key", "series_buckets", "person_events", "names",
+         *(f"{name}_{table}" for table in sqlite_engine.TIMELINE_TABLES
+           for name in ("person_entries", "drop_entry", "expired_entries")),
+         "drop_row", "removed_claims", *(f"drop_claim_{t}" for t in sqlite_engine.CLAIM_TABLES),
+         "uncount", "drop_empty_counts", "next_persons", "uncount_person_event", "drop_empty_person_events",
+         "uncount_series", "drop_series_person", "drop_empty_series",
+         *(f"has_entry_{table}" for table in sqlite_engine.TIMELINE_TABLES)],
 )
 def test_a_lookup_by_key_searches_an_index(tmp_path, statement, table):
     conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)

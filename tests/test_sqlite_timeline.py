@@ -122,3 +122,102 @@ def test_the_day_of_a_timestamp_in_sql_is_bucket_of():
     conn = sqlite3.connect(":memory:")
     for ts in (0, 1, BUCKET_US - 1, BUCKET_US, DAY0 + 5, 2**62, -1, -BUCKET_US, -BUCKET_US - 1):
         assert conn.execute(f"SELECT {_BUCKET_SQL} FROM (SELECT ? AS ts)", (ts,)).fetchone()[0] == bucket_of(ts), ts
+
+
+def test_deleting_a_person_empties_both_tables_rows_and_day_counts(tmp_path):
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, tuning=Tuning(merge_from_rows=10, merge_step_rows=50, removal_chunk_rows=7))
+    reader = db.connect()
+    sqlite_engine.migrate(reader)
+    committer = GroupCommitter(db)
+    committer.open()
+    gone, kept = person_id_for(WS, "gone"), person_id_for(WS, "kept")
+
+    def event(person: str, i: int) -> StoredEvent:
+        ts = DAY0 + i * BUCKET_US // 10
+        return StoredEvent(new_event_id(ts), WS, person, "x", NAMES[i % 3], "{}", ts, ts)
+
+    try:
+        for round_ in range(6):  # entries of both persons end up in timeline and in recent
+            committer.commit([event(p, round_ * 10 + i) for i in range(10) for p in (gone, kept)])
+            committer.merge_if_due()
+        committer.commit([event(p, 60 + i) for i in range(5) for p in (gone, kept)])  # left in recent
+        counts = _tables(path)
+        assert counts["timeline"] > 0 and counts["recent"] > 0
+
+        def person_rows(person: str) -> list[int]:
+            key = reader.execute(sqlite_engine.SELECT_PERSON_KEY, (WS, person)).fetchone()[0]
+            return [reader.execute(f"SELECT count(*) FROM {t} WHERE person_key = ?", (key,)).fetchone()[0]
+                    for t in ("events", "timeline", "recent", "bucket_counts")]
+
+        kept_before = person_rows(kept)
+        assert sqlite_engine.delete_person(reader, WS, gone, db.tuning) == 65
+        assert person_rows(gone) == [0, 0, 0, 0]
+        assert person_rows(kept) == kept_before
+        assert sqlite_engine.list_events(reader, EventQuery(WS, kept)).total == 65
+        assert sqlite_engine.delete_person(reader, WS, gone, db.tuning) == 0
+    finally:
+        committer.close()
+        reader.close()
+
+
+def test_events_committed_while_a_person_is_deleted_are_kept(tmp_path, monkeypatch):
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, tuning=Tuning(removal_chunk_rows=3, removal_pause_s=0))
+    reader = db.connect()
+    sqlite_engine.migrate(reader)
+    committer = GroupCommitter(db)
+    committer.open()
+    person = person_id_for(WS, "p")
+
+    def event(i: int) -> StoredEvent:
+        return StoredEvent(new_event_id(DAY0 + i), WS, person, "p", "e", "{}", DAY0 + i, DAY0 + i)
+
+    during = [event(100), event(-100)]  # one newer and one older than everything deleted
+    pauses = []
+
+    def pause(seconds: float) -> None:  # between two of the deletion's transactions: the writer's turn
+        if not pauses:
+            committer.commit(during)
+        pauses.append(seconds)
+
+    monkeypatch.setattr(sqlite_engine.time, "sleep", pause)
+    try:
+        committer.commit([event(i) for i in range(10)])
+        assert sqlite_engine.delete_person(reader, WS, person, db.tuning) == 10
+        assert pauses  # it did pause between transactions
+        page = sqlite_engine.list_events(reader, EventQuery(WS, person))
+        assert page.total == 2 and {e.event_id for e in page.events} == {e.event_id for e in during}
+    finally:
+        committer.close()
+        reader.close()
+
+
+def test_deleting_a_person_drops_the_claims_of_their_message_ids(tmp_path):
+    path = str(tmp_path / "events.db")
+    db = SqliteFile(path, tuning=Tuning(removal_chunk_rows=4))
+    reader = db.connect()
+    sqlite_engine.migrate(reader)
+    committer = GroupCommitter(db)
+    committer.open()
+    gone, kept = person_id_for(WS, "gone"), person_id_for(WS, "kept")
+
+    def event(person: str, i: int) -> StoredEvent:
+        return StoredEvent(new_event_id(DAY0 + i), WS, person, "x", "e", "{}", DAY0 + i, DAY0 + i,
+                           message_id=f"{person}-{i}")
+
+    def claims() -> int:
+        return sum(reader.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in sqlite_engine.CLAIM_TABLES)
+
+    try:
+        committer.commit([event(p, i) for i in range(10) for p in (gone, kept)])
+        committer.merge_if_due()
+        assert claims() == 20
+        assert sqlite_engine.delete_person(reader, WS, gone, db.tuning) == 10
+        assert claims() == 10
+        [original] = committer.commit([event(kept, 3)])  # kept's claims still answer
+        assert original is not None and original[1] == kept
+        assert sqlite_engine.list_events(reader, EventQuery(WS, kept)).total == 10
+    finally:
+        committer.close()
+        reader.close()

@@ -13,8 +13,18 @@ import uuid
 
 import pytest
 
-from service.domain import DAY_S, DEFAULT_DEDUP_WINDOW_DAYS, EventQuery, StoredEvent, new_event_id, now_us, person_id_for
+from service.domain import (
+    DAY_S,
+    DEFAULT_DEDUP_WINDOW_DAYS,
+    EventQuery,
+    RateLimit,
+    StoredEvent,
+    new_event_id,
+    now_us,
+    person_id_for,
+)
 from service.events import EventsCore, ListInput
+from tests.conftest import BACKENDS
 from service.store import ApiKeyRecord
 from service.store.base import BUCKET_US
 
@@ -266,3 +276,94 @@ async def test_a_cursor_page_counts_and_ends(store, workspace):
     page = await store.list_events(query(workspace, limit=4, after=(last.timestamp_us, last.event_id)))
     assert page.events == ordered[5:9] and page.more
     assert (await store.list_events(query(workspace, "nobody", after=(DAY0, last.event_id)))).events == []
+
+
+async def test_rate_limits_are_stored_with_the_workspace(store, workspace):
+    assert await store.set_rate_limit(workspace, RateLimit(5.0, 10)) is False  # no such workspace yet
+    await store.ensure_workspace(workspace, 1)
+    assert await store.rate_limit(workspace) is None  # the default: none
+    assert await store.set_rate_limit(workspace, RateLimit(2.5, 7)) is True
+    assert await store.rate_limit(workspace) == RateLimit(2.5, 7)
+    assert await store.set_rate_limit(workspace, None) is True
+    assert await store.rate_limit(workspace) is None
+
+
+HOUR_US = 3_600_000_000
+
+
+async def test_delete_person_removes_every_event_and_count_and_nothing_else(store, workspace):
+    # more entries than one removal transaction takes, over several days and two names
+    alice = [make_event(workspace, "alice", "a" if i % 3 else "b", DAY0 + i * HOUR_US // 10) for i in range(1100)]
+    bob = [make_event(workspace, "bob", "a", DAY0 + i * HOUR_US) for i in range(30)]
+    await store.append(alice[:600] + bob)
+    await store.append(alice[600:])
+    windows = [{}, {"event": "a"}, {"event": "b"}, {"since_us": DAY0 + HOUR_US, "until_us": DAY0 + 3 * BUCKET_US},
+               {"since_us": DAY0 + BUCKET_US}, {"until_us": DAY0 + 2 * BUCKET_US + 5}]
+    bob_before = [await store.list_events(query(workspace, "bob", limit=500, **w)) for w in windows]
+    assert (await store.list_events(query(workspace, "alice"))).total == 1100  # counts exist before
+    spans = [(None, None), (DAY0 + HOUR_US, DAY0 + 3 * BUCKET_US)]
+    bob_summary = [await store.person_summary(workspace, person_id_for(workspace, "bob"), *w) for w in spans]
+    assert sum(s.count for s in await store.person_summary(workspace, person_id_for(workspace, "alice"), None, None)) == 1100
+
+    assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 1100
+    for w in windows:
+        page = await store.list_events(query(workspace, "alice", limit=500, **w))
+        assert page.events == [] and page.total == 0, w
+    assert [await store.list_events(query(workspace, "bob", limit=500, **w)) for w in windows] == bob_before
+    assert bob_before[0].total == 30
+    for w in spans:  # the person's summary is gone too
+        assert await store.person_summary(workspace, person_id_for(workspace, "alice"), *w) == []
+    assert [await store.person_summary(workspace, person_id_for(workspace, "bob"), *w) for w in spans] == bob_summary
+
+    assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 0  # repeating is harmless
+    assert await store.delete_person(workspace, person_id_for(workspace, "nobody")) == 0
+    later = make_event(workspace, "alice", "a", DAY0 + 5)  # tracked after the delete: kept
+    await store.append([later])
+    for w in windows[:2]:
+        page = await store.list_events(query(workspace, "alice", **w))
+        assert page.events == [later] and page.total == 1
+
+
+async def test_delete_person_forgets_their_message_ids_and_keeps_other_persons(store, workspace):
+    m_alice, m_bob = mid(), mid()
+    alice, bob = make_event(workspace, "alice", message_id=m_alice), make_event(workspace, "bob", message_id=m_bob)
+    assert await store.append([alice, bob]) == [None, None]
+    assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 1
+    # a copy of alice's message is a new event now (the deleted one is not written again)
+    again = make_event(workspace, "alice", "again", DAY0 + 9, message_id=m_alice)
+    assert await store.append([again]) == [None]
+    page = await store.list_events(query(workspace, "alice"))
+    assert page.events == as_read(again) and page.total == 1
+    # bob's claim stays
+    assert await store.append([make_event(workspace, "bob", message_id=m_bob)]) == [(bob.event_id, bob.person_id)]
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b.startswith("sqlite")])
+def sqlite_backend_store(request):
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+async def test_delete_person_takes_them_out_of_the_workspace_aggregates(sqlite_backend_store, workspace):
+    """Counts per hour and day, distinct persons and event names hold only who is left.
+    (Cassandra's workspace aggregates are not corrected yet: see docs/decisions/erasure-and-retention.md.)"""
+    store = sqlite_backend_store
+    alice = [make_event(workspace, "alice", "a" if i % 2 else "b", DAY0 + i * HOUR_US // 2) for i in range(100)]
+    bob = [make_event(workspace, "bob", "a", DAY0 + i * HOUR_US) for i in range(30)]
+    await store.append(alice[:50] + bob)
+    await store.append(alice[50:])
+    bob_alone = f"{workspace}_bob"  # the same events of bob in a workspace of their own: what must be left
+    await store.append([dataclasses.replace(e, workspace_id=bob_alone, event_id=new_event_id(e.timestamp_us),
+                                            person_id=person_id_for(bob_alone, "bob")) for e in bob])
+    assert await store.delete_person(workspace, person_id_for(workspace, "alice")) == 100
+    for event in (None, "a", "b"):
+        for grain in (HOUR_US, BUCKET_US):
+            got = await store.event_counts(workspace, event, grain, DAY0, DAY0 + 3 * BUCKET_US)
+            want = await store.event_counts(bob_alone, event, grain, DAY0, DAY0 + 3 * BUCKET_US)
+            assert [(b.start_us, b.count, b.unique_persons) for b in got] == [
+                (b.start_us, b.count, b.unique_persons) for b in want], (event, grain)
+    names = await store.event_names(workspace, None, None)
+    assert [(n.event, n.count) for n in names] == [("a", 30)]
+    # a later event of the deleted person counts again, once
+    await store.append([make_event(workspace, "alice", "a", DAY0 + 5)])
+    [hour] = [b for b in await store.event_counts(workspace, "a", HOUR_US, DAY0, DAY0 + HOUR_US)]
+    assert (hour.count, hour.unique_persons) == (2, 2)

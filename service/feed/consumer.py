@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from service.feed.publisher import RETRY_SECONDS, connect
+from service.feed.publisher import RETRY_SECONDS, connect, publish_deletion
 from service.feed.subjects import SUBJECT_PREFIX, StreamSettings, event_filters
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,15 @@ class Feed:
         if self._nc is None or not self._nc.is_connected:
             raise FeedUnavailable("the feed's NATS server is unreachable; retry later")
         return self._nc.jetstream()
+
+    async def publish_deletion(self, workspace_id: str, person_id: str, deleted_events: int) -> None:
+        """The notice that a person was deleted, on ``flameup.deletions.<workspace_id>``;
+        FeedUnavailable when the stream did not take it."""
+        js = self._js()
+        try:
+            await publish_deletion(js, workspace_id, person_id, deleted_events, f"deletion-{uuid.uuid4().hex}")
+        except Exception as exc:  # NATS timeouts and errors: the caller may repeat the deletion
+            raise FeedUnavailable(f"the feed did not take the deletion notice: {exc}") from exc
 
     async def start_sequence(self, workspace_id: str, after: str, since_rfc3339: str | None) -> int | str:
         """Where a call starts: a stream sequence, or a time (RFC 3339) given as ``since``.

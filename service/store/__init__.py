@@ -15,12 +15,17 @@ __all__ = ["ApiKeyRecord", "Store", "StoreUnavailable", "open_store", "with_dedu
 DEFAULT_STORE_URL = "sqlite:///./data/events.db"
 
 
-def open_store(url: str, *, sqlite_writer: str | None = None) -> Store:
+def open_store(url: str, *, sqlite_writer: str | None = None, retention_days: int | None = None) -> Store:
     """A Store for the URL (not yet opened: await ``store.open()``).
 
     ``sqlite_writer``: the Unix socket of a SQLite writer process (``serve``
     passes it to its workers); the store then sends its appends there instead
     of committing them itself. Only for sqlite URLs.
+
+    ``retention_days``: events older than that are removed (see
+    service.store.base.retention_cutoff): on Cassandra by the TTL its writes
+    carry, on SQLite by whoever commits appends (this store, or the writer
+    process, which is told itself).
     """
     scheme = urlsplit(url).scheme
     if sqlite_writer is not None and scheme != "sqlite":
@@ -30,7 +35,7 @@ def open_store(url: str, *, sqlite_writer: str | None = None) -> Store:
 
         if sqlite_writer is not None:
             return SqliteClientStore.from_url(url, sqlite_writer)
-        return SqliteStore.from_url(url)
+        return SqliteStore.from_url(url, retention_days=retention_days)
     if scheme == "cassandra":
         try:
             from service.store.cassandra import CassandraStore
@@ -38,7 +43,7 @@ def open_store(url: str, *, sqlite_writer: str | None = None) -> Store:
             raise SystemExit(
                 f"the cassandra store needs cassandra-driver: pip install 'flameup-events[cassandra]' ({exc})"
             ) from exc
-        return CassandraStore.from_url(url)
+        return CassandraStore.from_url(url, retention_days=retention_days)
     raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}: use sqlite:// or cassandra://")
 
 

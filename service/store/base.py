@@ -20,6 +20,7 @@ from service.domain import (
     EventQuery,
     NameStats,
     Original,
+    RateLimit,
     StoredEvent,
 )
 
@@ -31,6 +32,23 @@ BUCKET_US = 86_400 * 1_000_000
 
 def bucket_of(ts_us: int) -> int:
     return ts_us // BUCKET_US
+
+
+# Retention keeps today and the ``days`` UTC days before it: an event is removed once its
+# day is older than that, so the cutoff always falls on a day's start and the day counts of
+# every store stay exact without counting within a day. The bound is Cassandra's (a TTL of
+# at most 20 years).
+MAX_RETENTION_DAYS = 7300
+
+
+def retention_cutoff(now_us: int, days: int) -> int:
+    """The oldest time still kept under a retention of ``days``."""
+    return (bucket_of(now_us) - days) * BUCKET_US
+
+
+def retention_expiry(bucket: int, days: int) -> int:
+    """When the events of day ``bucket`` pass the cutoff of a retention of ``days``."""
+    return (bucket + days + 1) * BUCKET_US
 
 
 def dedup_window_seconds(days: str | float | None) -> int:
@@ -102,6 +120,16 @@ class Store(abc.ABC):
         after that (timestamp, event_id) and ``more`` says whether events
         follow it."""
 
+    @abc.abstractmethod
+    async def delete_person(self, workspace_id: str, person_id: str) -> int:
+        """Remove every event of the person stored before the call, with every
+        count and dedup entry derived from them; the number of events removed
+        (0 when none).
+
+        Events appended while it runs or after it are kept. A person being
+        deleted may show part of their events until it returns.
+        """
+
     # Aggregates: kept as events are written, so reads never count events ----
 
     @abc.abstractmethod
@@ -131,6 +159,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_workspaces(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def set_rate_limit(self, workspace_id: str, limit: RateLimit | None) -> bool:
+        """Set (or with None, lift) the workspace's ingest limit; False when no such workspace exists."""
+
+    @abc.abstractmethod
+    async def rate_limit(self, workspace_id: str) -> RateLimit | None:
+        """The workspace's ingest limit; None when it has none (the default)."""
 
     @abc.abstractmethod
     async def put_key(self, key: ApiKeyRecord) -> None:

@@ -102,7 +102,17 @@ from cassandra.policies import (
 from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
-from service.domain import HOUR_US, CountBucket, EventPage, EventQuery, NameStats, Original, StoredEvent, now_us
+from service.domain import (
+    HOUR_US,
+    CountBucket,
+    EventPage,
+    EventQuery,
+    NameStats,
+    Original,
+    RateLimit,
+    StoredEvent,
+    now_us,
+)
 from service.store.base import (
     BUCKET_US,
     ApiKeyRecord,
@@ -110,6 +120,7 @@ from service.store.base import (
     StoreUnavailable,
     bucket_of,
     dedup_window_seconds,
+    retention_expiry,
     settle,
 )
 
@@ -280,6 +291,17 @@ CREATE TABLE IF NOT EXISTS workspace_buckets (
     PRIMARY KEY ((workspace_id, grain), bucket, event_key)
 ) WITH compaction = {'class': 'LeveledCompactionStrategy'}"""
 
+# The message_ids a person's events claimed, so that deleting the person finds
+# their claims (which hold the whole event). Written before the claims, with
+# the same TTL.
+CREATE_DEDUP_BY_PERSON = """
+CREATE TABLE IF NOT EXISTS dedup_by_person (
+    workspace_id text,
+    person_id text,
+    message_id text,
+    PRIMARY KEY ((workspace_id, person_id), message_id)
+)"""
+
 # Workspaces and keys are few: one partition each lists them in one read.
 CREATE_WORKSPACES = """
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -349,6 +371,15 @@ CREATE TABLE IF NOT EXISTS feed_lease (
     owner text
 )"""
 
+# A workspace's ingest limit; no row means none. A table of its own, created
+# idempotently (ALTER TABLE ... ADD is not idempotent across Cassandra versions).
+CREATE_WORKSPACE_LIMITS = """
+CREATE TABLE IF NOT EXISTS workspace_limits (
+    workspace_id text PRIMARY KEY,
+    events_per_second double,
+    burst int
+)"""
+
 # (version, description, statements): applied in order, each statement idempotent.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "timelines, bucket counts, workspaces, api keys", (
@@ -365,22 +396,24 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         CREATE_WORKSPACE_EVENTS, CREATE_WORKSPACE_PERSONS, CREATE_WORKSPACE_BUCKETS)),
     (5, "the feed's outbox, checkpoints and publisher lease",
      (CREATE_FEED_OUTBOX, CREATE_FEED_CHECKPOINT, CREATE_FEED_LEASE)),
+    (6, "ingest limits per workspace", (CREATE_WORKSPACE_LIMITS,)),
+    (7, "the claims of each person, for deleting a person", (CREATE_DEDUP_BY_PERSON,)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Tables holding data (what tests truncate between cases).
-DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "dedup", "workspace_events",
-               "workspace_persons", "workspace_buckets", "workspaces", "api_keys", "api_keys_by_hash",
-               "feed_outbox", "feed_checkpoint", "feed_lease")
+DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "dedup", "dedup_by_person",
+               "workspace_events", "workspace_persons", "workspace_buckets", "workspaces", "api_keys",
+               "api_keys_by_hash", "workspace_limits", "feed_outbox", "feed_checkpoint", "feed_lease")
 
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
     " (workspace_id, person_id, bucket, ts, event_id, event, external_id, parameters, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
 )
 INSERT_EVENT_BY_NAME = (
     "INSERT INTO events_by_name"
     " (workspace_id, person_id, event, bucket, ts, event_id, external_id, parameters, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
 )
 INSERT_OUTBOX = (
     "INSERT INTO feed_outbox"
@@ -427,11 +460,11 @@ COUNT_EVENTS_BY_NAME = (
     " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ? AND ts >= ? AND ts < ?"
 )
 MARK_WRITTEN = (
-    "UPDATE person_buckets USING TIMESTAMP ? SET written_at = ?"
+    "UPDATE person_buckets USING TIMESTAMP ? AND TTL ? SET written_at = ?"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
 )
 SAVE_COUNT = (
-    "UPDATE person_buckets USING TIMESTAMP ? SET n = ?, counted_at = ?"
+    "UPDATE person_buckets USING TIMESTAMP ? AND TTL ? SET n = ?, counted_at = ?"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
 )
 SELECT_HOURS = (
@@ -439,7 +472,7 @@ SELECT_HOURS = (
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
 )
 SAVE_HOUR_COUNT = (
-    "UPDATE person_hours USING TIMESTAMP ? SET n = ?, counted_at = ?"
+    "UPDATE person_hours USING TIMESTAMP ? AND TTL ? SET n = ?, counted_at = ?"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ? AND hour = ?"
 )
 SELECT_BUCKETS = (
@@ -450,6 +483,27 @@ SELECT_BUCKET_RANGE = (
     "SELECT bucket, n, counted_at, written_at FROM person_buckets"
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
 )
+# Deleting a person: every (event_key, day) of the index names the partitions to drop.
+DELETE_DAY = "DELETE FROM events_by_person USING TIMESTAMP ? WHERE workspace_id = ? AND person_id = ? AND bucket = ?"
+DELETE_DAY_BY_NAME = (
+    "DELETE FROM events_by_name USING TIMESTAMP ?"
+    " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ?"
+)
+DELETE_HOURS = (
+    "DELETE FROM person_hours USING TIMESTAMP ?"
+    " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket = ?"
+)
+DELETE_INDEX = "DELETE FROM person_buckets USING TIMESTAMP ? WHERE workspace_id = ? AND person_id = ?"
+# The person's rows of a day (what the feed's outbox holds of them), and an outbox row.
+SELECT_DAY_ROWS = (
+    "SELECT event_id, created_at FROM events_by_person WHERE workspace_id = ? AND person_id = ? AND bucket = ?"
+)
+DROP_OUTBOX_ROW = "DELETE FROM feed_outbox USING TIMESTAMP ? WHERE shard = ? AND minute = ? AND event_id = ?"
+INDEX_CLAIM = "INSERT INTO dedup_by_person (workspace_id, person_id, message_id) VALUES (?, ?, ?) USING TTL ?"
+SELECT_PERSON_CLAIMS = "SELECT message_id FROM dedup_by_person WHERE workspace_id = ? AND person_id = ?"
+# Only the person's own claim: another person's event may hold the same message_id.
+DROP_CLAIM = "DELETE FROM dedup WHERE workspace_id = ? AND message_id = ? IF person_id = ?"
+DROP_PERSON_CLAIMS = "DELETE FROM dedup_by_person USING TIMESTAMP ? WHERE workspace_id = ? AND person_id = ?"
 
 SELECT_PERSON_INDEX = (
     "SELECT event_key, bucket, n, counted_at, written_at FROM person_buckets WHERE workspace_id = ? AND person_id = ?"
@@ -492,6 +546,9 @@ COUNT_WS_PERSONS = (
 INSERT_WORKSPACE = "INSERT INTO workspaces (shard, workspace_id, created_at) VALUES (0, ?, ?) IF NOT EXISTS"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces WHERE shard = 0"
 SELECT_WORKSPACE = "SELECT workspace_id FROM workspaces WHERE shard = 0 AND workspace_id = ?"
+SET_RATE_LIMIT = "INSERT INTO workspace_limits (workspace_id, events_per_second, burst) VALUES (?, ?, ?)"
+DELETE_RATE_LIMIT = "DELETE FROM workspace_limits WHERE workspace_id = ?"
+SELECT_RATE_LIMIT = "SELECT events_per_second, burst FROM workspace_limits WHERE workspace_id = ?"
 
 KEY_COLUMNS = "key_id, key_hash, workspace_id, scopes, created_at, revoked_at"
 INSERT_KEY = (
@@ -684,8 +741,9 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
 
 
 class CassandraStore(Store):
-    def __init__(self, settings: _Settings) -> None:
+    def __init__(self, settings: _Settings, retention_days: int | None = None) -> None:
         self.settings = settings
+        self.retention_days = retention_days
         self.keyspace = settings.keyspace
         self.stats = CassandraStats()
         self._cluster: Cluster | None = None
@@ -701,8 +759,8 @@ class CassandraStore(Store):
         self._writebacks_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> CassandraStore:
-        return cls(parse_url(url))
+    def from_url(cls, url: str, retention_days: int | None = None) -> CassandraStore:
+        return cls(parse_url(url), retention_days)
 
     # Lifecycle --------------------------------------------------------------
 
@@ -807,6 +865,12 @@ class CassandraStore(Store):
             "count_ws_events_by_name": COUNT_WS_EVENTS_BY_NAME, "select_ws_first": SELECT_WS_FIRST,
             "select_ws_last": SELECT_WS_LAST, "count_ws_persons": COUNT_WS_PERSONS,
             "select_workspaces": SELECT_WORKSPACES, "select_workspace": SELECT_WORKSPACE,
+            "delete_day": DELETE_DAY, "select_day_rows": SELECT_DAY_ROWS, "drop_outbox_row": DROP_OUTBOX_ROW,
+            "delete_day_by_name": DELETE_DAY_BY_NAME, "delete_hours": DELETE_HOURS, "delete_index": DELETE_INDEX,
+            "index_claim": INDEX_CLAIM, "select_person_claims": SELECT_PERSON_CLAIMS,
+            "drop_person_claims": DROP_PERSON_CLAIMS,
+            "set_rate_limit": SET_RATE_LIMIT, "delete_rate_limit": DELETE_RATE_LIMIT,
+            "select_rate_limit": SELECT_RATE_LIMIT,
             "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
             "select_key": SELECT_KEY, "select_keys": SELECT_KEYS,
             "revoke_key": REVOKE_KEY, "revoke_key_by_hash": REVOKE_KEY_BY_HASH,
@@ -817,7 +881,7 @@ class CassandraStore(Store):
         # Lightweight transactions report whether *this* attempt applied: a retry
         # could see its own first attempt as "not applied".
         not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY,
-                          "claim_message": CLAIM_MESSAGE,
+                          "claim_message": CLAIM_MESSAGE, "drop_claim": DROP_CLAIM,
                           "take_feed_lease": TAKE_FEED_LEASE, "renew_feed_lease": RENEW_FEED_LEASE}
         for names, is_idempotent in ((idempotent, True), (not_idempotent, False)):
             for name, cql in names.items():
@@ -948,6 +1012,10 @@ class CassandraStore(Store):
                 claims.setdefault((e.workspace_id, e.message_id), []).append(i)
         if claims:
             firsts = [events[indexes[0]] for indexes in claims.values()]
+            # Indexed by person before they are claimed: a claim is never out of a deletion's reach.
+            index = self._ps["index_claim"]
+            await self._write_partitions([
+                [(index, (e.workspace_id, e.person_id, e.message_id, self._claim_ttl(e)), MARK_BYTES)] for e in firsts])
             originals = await self._gather(self._claim(e) for e in firsts)
             for e, original, indexes in zip(firsts, originals, claims.values(), strict=True):
                 writes[original.event_id] = original
@@ -959,12 +1027,9 @@ class CassandraStore(Store):
     async def _claim(self, e: StoredEvent) -> StoredEvent:
         """Claim e's message_id (a lightweight transaction): e when it won, else
         the event that holds the claim."""
-        # The claim lasts the window from the time the event was received.
-        window = self.settings.dedup_window_s
-        ttl = min(window, max(1, -(-(e.created_at_us + window * 1_000_000 - now_us()) // 1_000_000)))
         rows = await self._execute("claim_message", (
             e.workspace_id, e.message_id, e.event_id, e.person_id, e.external_id, e.event, e.parameters,
-            e.timestamp_us, e.created_at_us, ttl))
+            e.timestamp_us, e.created_at_us, self._claim_ttl(e)))
         row = rows[0]
         # A retried claim may find its own first attempt (same event_id): then it won.
         if row[0] or row.event_id == e.event_id:
@@ -972,6 +1037,11 @@ class CassandraStore(Store):
         return StoredEvent(event_id=row.event_id, workspace_id=e.workspace_id, person_id=row.person_id,
                            external_id=row.external_id, event=row.event, parameters=row.parameters,
                            timestamp_us=row.ts, created_at_us=row.created_at, message_id=e.message_id)
+
+    def _claim_ttl(self, e: StoredEvent) -> int:
+        """A claim lasts the window from the time the event was received."""
+        window = self.settings.dedup_window_s
+        return min(window, max(1, -(-(e.created_at_us + window * 1_000_000 - now_us()) // 1_000_000)))
 
     async def _write_events(self, events: Sequence[StoredEvent]) -> None:
         if not events:
@@ -1000,12 +1070,13 @@ class CassandraStore(Store):
                         rows[("workspace_persons", e.workspace_id, grain, bucket)].append(
                             (insert_ws_person, person_row, WS_ROW_BYTES + len(key)))
             size = len(e.parameters) + len(e.external_id) + len(e.event) + 96
+            ttl = self._ttl(b)
             rows[(*person, "", b)].append((insert, (
                 e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event, e.external_id,
-                e.parameters, e.created_at_us), size))
+                e.parameters, e.created_at_us, ttl), size))
             rows[(*person, e.event, b)].append((insert_by_name, (
                 e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
-                e.parameters, e.created_at_us), size))
+                e.parameters, e.created_at_us, ttl), size))
             shard, minute = outbox_partition(e)
             rows[("feed_outbox", shard, minute)].append((insert_outbox, (
                 shard, minute, e.event_id, e.workspace_id, e.person_id, e.external_id, e.event, e.parameters,
@@ -1043,7 +1114,8 @@ class CassandraStore(Store):
         """The written_at marks of each person's days (one partition per person)
         and of each workspace's hours and days (one partition per workspace and grain)."""
         ps = self._ps["mark_written"]
-        marks = [[(ps, (stamp, value, workspace_id, person_id, key, bucket), MARK_BYTES + len(key))
+        marks = [[(ps, (stamp, self._ttl(bucket), value, workspace_id, person_id, key, bucket),
+                   MARK_BYTES + len(key))
                   for key, bucket in sorted(person_keys)]
                  for (workspace_id, person_id), person_keys in keys.items()]
         ws_ps = self._ps["mark_ws_written"]
@@ -1053,6 +1125,16 @@ class CassandraStore(Store):
                 by_grain[grain].append((ws_ps, (stamp, value, workspace_id, grain, bucket, key), MARK_BYTES + len(key)))
             marks.extend(by_grain.values())
         return marks
+
+    def _ttl(self, bucket: int) -> int:
+        """The TTL (seconds; 0: none) of what is written for a day: until the day passes the
+        retention cutoff. The whole-history row lives as long as a day written now."""
+        days = self.retention_days
+        if days is None:
+            return 0
+        if bucket == SUMMARY_BUCKET:
+            bucket = bucket_of(now_us())
+        return max(1, -(-(retention_expiry(bucket, days) - now_us()) // 1_000_000))
 
     async def _mark(self, workspace_id: str, person_id: str, keys: set[tuple[str, int]], *,
                     stamp: int, value: int) -> None:
@@ -1316,9 +1398,10 @@ class CassandraStore(Store):
         """Store a count (of a day, or of one hour of it) for the next reader, in the
         background; one per bucket and hour at a time."""
         if hour is None:
-            self._save_count((*pk, bucket, hour), "save_count", (started, n, started, *pk, bucket))
+            self._save_count((*pk, bucket, hour), "save_count", (started, self._ttl(bucket), n, started, *pk, bucket))
         else:
-            self._save_count((*pk, bucket, hour), "save_hour_count", (started, n, started, *pk, bucket, hour))
+            self._save_count((*pk, bucket, hour), "save_hour_count",
+                             (started, self._ttl(bucket), n, started, *pk, bucket, hour))
 
     def _save_count(self, key: tuple, statement: str, params: tuple) -> None:
         """Run a count's write-back in the background, one per ``key`` at a time."""
@@ -1573,6 +1656,62 @@ class CassandraStore(Store):
         rows = await self._all(self._ps["select_workspaces"], (), fetch_size=INDEX_PAGE)
         return sorted(r.workspace_id for r in rows)
 
+    async def delete_person(self, workspace_id: str, person_id: str) -> int:
+        """Drop every partition of the person, at the store's consistency.
+
+        The index (person_buckets) names them: each day's rows and rows by
+        name, the hour counts of each day, then the index itself, last, so a
+        call that failed half way finds everything again when repeated. The
+        deletes are partition tombstones written with the timestamp of the
+        call's start: rows written after it (events tracked later) survive
+        them. The days' rows are read first: their number is the answer, and
+        their rows in the feed's outbox are deleted before anything else of them.
+
+        The person's dedup claims go before anything else (a claim holds its
+        whole event, and a copy of its message would write that event again):
+        each only if it is still the person's, then their index.
+        """
+        stamp = now_us()
+        person = (workspace_id, person_id)
+        claimed = await self._all(self._ps["select_person_claims"], person, fetch_size=INDEX_PAGE)
+        await self._gather(self._execute("drop_claim", (workspace_id, r.message_id, person_id)) for r in claimed)
+        if claimed:
+            await self._execute("drop_person_claims", (stamp, *person))
+        index = await self._all(self._ps["select_person_index"], person, fetch_size=INDEX_PAGE)
+        keys = [(r.event_key, r.bucket) for r in index if r.bucket != SUMMARY_BUCKET]
+        days = sorted({bucket for key, bucket in keys if key == ALL_EVENTS})
+        # The rows of each day: their count is the answer, and the feed's outbox rows of
+        # those still in it (written in the last OUTBOX_TTL_S) go before they are published.
+        rows = [r for day_rows in await self._gather(
+            self._all(self._ps["select_day_rows"], (*person, day), fetch_size=INDEX_PAGE) for day in days)
+            for r in day_rows]
+        shard, in_outbox = outbox_shard(workspace_id, person_id), stamp - OUTBOX_TTL_S * 1_000_000
+        await self._gather(
+            self._execute("drop_outbox_row", (stamp, shard, r.created_at // OUTBOX_MINUTE_US, r.event_id))
+            for r in rows if r.created_at >= in_outbox)
+        await self._gather([
+            *(self._execute("delete_day", (stamp, *person, day)) for day in days),
+            *(self._execute("delete_day_by_name", (stamp, *person, key, day))
+              for key, day in keys if key != ALL_EVENTS),
+            *(self._execute("delete_hours", (stamp, *person, key, day)) for key, day in keys),
+        ])
+        if index:
+            await self._execute("delete_index", (stamp, *person))
+        return len(rows)
+
+    async def set_rate_limit(self, workspace_id: str, limit: RateLimit | None) -> bool:
+        if not await self._execute("select_workspace", (workspace_id,)):
+            return False
+        if limit is None:
+            await self._execute("delete_rate_limit", (workspace_id,))
+        else:
+            await self._execute("set_rate_limit", (workspace_id, limit.events_per_second, limit.burst))
+        return True
+
+    async def rate_limit(self, workspace_id: str) -> RateLimit | None:
+        rows = await self._execute("select_rate_limit", (workspace_id,))
+        return RateLimit(rows[0].events_per_second, rows[0].burst) if rows else None
+
     async def put_key(self, key: ApiKeyRecord) -> None:
         if not await self._execute("select_workspace", (key.workspace_id,)):
             raise ValueError(f"workspace {key.workspace_id!r} does not exist")
@@ -1613,7 +1752,12 @@ class CassandraStore(Store):
 
 def outbox_partition(e: StoredEvent) -> tuple[int, int]:
     """(shard, minute) of an event's outbox row: the shard from the person, the minute from its receipt."""
-    return zlib.crc32(f"{e.workspace_id}/{e.person_id}".encode()) % OUTBOX_SHARDS, e.created_at_us // OUTBOX_MINUTE_US
+    return outbox_shard(e.workspace_id, e.person_id), e.created_at_us // OUTBOX_MINUTE_US
+
+
+def outbox_shard(workspace_id: str, person_id: str) -> int:
+    """The outbox shard of a person's events."""
+    return zlib.crc32(f"{workspace_id}/{person_id}".encode()) % OUTBOX_SHARDS
 
 
 def _clean(row: Any) -> bool:

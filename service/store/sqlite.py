@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from service.domain import CountBucket, EventPage, EventQuery, NameStats, Original, StoredEvent
+from service.domain import CountBucket, EventPage, EventQuery, NameStats, Original, RateLimit, StoredEvent
 from service.store import sqlite_engine as engine
 from service.store.base import ApiKeyRecord, Store, StoreUnavailable, dedup_window_seconds, settle
 from service.store.sqlite_engine import GroupCommitter, SqliteFile, Tuning
@@ -45,6 +45,8 @@ class _SqliteReads(Store):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        # Removals run on a thread of their own: a long one never holds up reads.
+        self._removals: ThreadPoolExecutor | None = None
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -54,8 +56,9 @@ class _SqliteReads(Store):
                 self._connections.append(conn)
         return conn
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._pool is None:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], pool: ThreadPoolExecutor | None = None) -> T:
+        pool = pool or self._pool
+        if pool is None:
             raise StoreUnavailable("the store is closed")
 
         def call() -> T:
@@ -64,16 +67,18 @@ class _SqliteReads(Store):
             except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O error
                 raise StoreUnavailable(f"sqlite: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     async def open(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sqlite-read")
+        self._removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-removal")
         await self._run(engine.migrate)
 
     async def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._removals, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._removals = None
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()
@@ -95,11 +100,23 @@ class _SqliteReads(Store):
     async def event_names(self, workspace_id: str, since_us: int | None, until_us: int | None) -> list[NameStats]:
         return await self._run(lambda conn: engine.event_names(conn, workspace_id, since_us, until_us))
 
+    async def delete_person(self, workspace_id: str, person_id: str) -> int:
+        if self._removals is None:
+            raise StoreUnavailable("the store is closed")
+        return await self._run(lambda conn: engine.delete_person(conn, workspace_id, person_id, self.db.tuning),
+                               self._removals)
+
     async def ensure_workspace(self, workspace_id: str, created_at_us: int) -> bool:
         return await self._run(lambda conn: engine.ensure_workspace(conn, workspace_id, created_at_us))
 
     async def list_workspaces(self) -> list[str]:
         return await self._run(engine.list_workspaces)
+
+    async def set_rate_limit(self, workspace_id: str, limit: RateLimit | None) -> bool:
+        return await self._run(lambda conn: engine.set_rate_limit(conn, workspace_id, limit))
+
+    async def rate_limit(self, workspace_id: str) -> RateLimit | None:
+        return await self._run(lambda conn: engine.rate_limit(conn, workspace_id))
 
     async def put_key(self, key: ApiKeyRecord) -> None:
         await self._run(lambda conn: engine.put_key(conn, key))
@@ -123,22 +140,24 @@ class SqliteStore(_SqliteReads):
     """The embedded store: appends are committed on this store's own writer thread."""
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
-                 tuning: Tuning | None = None, dedup_window_s: int = dedup_window_seconds(None)) -> None:
+                 tuning: Tuning | None = None, dedup_window_s: int = dedup_window_seconds(None),
+                 retention_days: int | None = None) -> None:
         super().__init__(SqliteFile(path, synchronous, busy_timeout_ms, tuning or Tuning(), dedup_window_s))
+        self.retention_days = retention_days
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._committer: GroupCommitter | None = None
 
     @classmethod
-    def from_url(cls, url: str, tuning: Tuning | None = None) -> SqliteStore:
+    def from_url(cls, url: str, tuning: Tuning | None = None, retention_days: int | None = None) -> SqliteStore:
         db = SqliteFile.from_url(url, tuning)
         return cls(db.path, synchronous=db.synchronous, busy_timeout_ms=db.busy_timeout_ms, tuning=db.tuning,
-                   dedup_window_s=db.dedup_window_s)
+                   dedup_window_s=db.dedup_window_s, retention_days=retention_days)
 
     async def open(self) -> None:
         """Create or migrate the schema, then start the writer and checkpointer threads."""
         await super().open()
-        self._committer = GroupCommitter(self.db)
+        self._committer = GroupCommitter(self.db, self.retention_days)
         await asyncio.to_thread(self._committer.open)
         self._writes = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, args=(self._committer,), name="sqlite-writer",
@@ -167,9 +186,16 @@ class SqliteStore(_SqliteReads):
 
     def _write_loop(self, committer: GroupCommitter) -> None:
         max_rows = self.db.tuning.max_group_rows
+        # Without a retention the thread sleeps until an append comes; with one it wakes
+        # up for the retention steps too.
+        wait = None if self.retention_days is None else self.db.tuning.retention_step_s
         stop = False
         while not stop:
-            item = self._writes.get()
+            try:
+                item = self._writes.get(timeout=wait)
+            except queue.Empty:
+                committer.expire_if_due()
+                continue
             if item is None:
                 break
             group, rows = [item], len(item[0])
@@ -198,6 +224,7 @@ class SqliteStore(_SqliteReads):
                 except RuntimeError:  # that loop is closed: nobody is waiting any more
                     pass
             committer.merge_if_due()  # after the answers: a step delays the next group, not this one
+            committer.expire_if_due()
 
 
 class SqliteClientStore(_SqliteReads):

@@ -53,6 +53,7 @@ key: a deep page reads what the first one does.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import itertools
@@ -61,16 +62,35 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import HOUR_US, CountBucket, EventPage, EventQuery, NameStats, Original, StoredEvent, now_us
-from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, dedup_window_seconds, split_window
+from service.domain import (
+    HOUR_US,
+    CountBucket,
+    EventPage,
+    EventQuery,
+    NameStats,
+    Original,
+    RateLimit,
+    StoredEvent,
+    now_us,
+)
+from service.store.base import (
+    BUCKET_US,
+    ApiKeyRecord,
+    StoreUnavailable,
+    bucket_of,
+    dedup_window_seconds,
+    retention_cutoff,
+    split_window,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # The claims of message_ids: new ones are staged in the first, merged into the second.
 CLAIM_TABLES = ("new_claims", "claims")
 # Each version is a list of statements, applied in order in one transaction.
@@ -264,6 +284,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
               AND sp.grain = series_counts.grain AND sp.bucket = series_counts.bucket)
             WHERE grain != 0""",
     ),
+    # A workspace's ingest limit (NULL: none), read with its keys by every worker.
+    7: (
+        "ALTER TABLE workspaces ADD COLUMN events_per_second REAL",
+        "ALTER TABLE workspaces ADD COLUMN burst INTEGER",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
@@ -402,8 +427,36 @@ ENTRY_STATS = (
     "SELECT event, count(*), min(ts), max(ts) FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ?"
     " GROUP BY event"
 )
+
+# Removals (a person's deletion, retention): a chunk of entries, then their counts, entries and rows.
+PERSON_ENTRIES = "SELECT ts, event_id, event, seq FROM {table} WHERE person_key = ? AND seq <= ? LIMIT ?"
+DROP_ENTRY = "DELETE FROM {table} WHERE person_key = ? AND ts = ? AND event_id = ?"
+DROP_ROW = "DELETE FROM events WHERE seq = ?"
+UNCOUNT = "UPDATE bucket_counts SET n = n - ? WHERE person_key = ? AND event_key = ? AND bucket = ?"
+DROP_EMPTY_COUNTS = "DELETE FROM bucket_counts WHERE person_key = ? AND n <= 0"
+UNCOUNT_SERIES = "UPDATE series_counts SET n = n - ? WHERE series_key = ? AND grain = ? AND bucket = ?"
+DROP_SERIES_PERSON = "DELETE FROM series_persons WHERE series_key = ? AND grain = ? AND bucket = ? AND person_key = ?"
+UNCOUNT_SERIES_PERSON = "UPDATE series_counts SET u = u - 1 WHERE series_key = ? AND grain = ? AND bucket = ?"
+DROP_EMPTY_SERIES = "DELETE FROM series_counts WHERE series_key = ? AND grain = ? AND bucket = ? AND n <= 0"
+# Whether the person still has an entry in a bucket (of one name, or of any: event_key '').
+HAS_ENTRY = "SELECT 1 FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ? AND ? IN ('', event) LIMIT 1"
+UNCOUNT_PERSON_EVENT = "UPDATE person_events SET n = n - ? WHERE person_key = ? AND event = ?"
+DROP_EMPTY_PERSON_EVENTS = "DELETE FROM person_events WHERE person_key = ? AND n <= 0"
+# The first time of a name left in timeline, after its oldest entries were removed (retention).
+RESET_FIRST_TS = (
+    "UPDATE person_events SET first_ts = (SELECT ts FROM timeline WHERE person_key = ?1 AND event = ?2"
+    " ORDER BY ts LIMIT 1) WHERE person_key = ?1 AND event = ?2 AND first_ts <= ?3"
+)
+# The claims of removed rows: by their key, only while they still point at that row
+# (a later event may hold the key's claim since).
+REMOVED_CLAIMS = "SELECT seq, message_id FROM events WHERE seq IN ({marks}) AND message_id IS NOT NULL"
+DROP_CLAIM = "DELETE FROM {table} WHERE claim_key = ? AND seq = ?"
+NEXT_PERSONS = "SELECT person_key, workspace_id FROM persons WHERE person_key > ? ORDER BY person_key LIMIT ?"
+EXPIRED_ENTRIES = "SELECT ts, event_id, event, seq FROM {table} WHERE person_key = ? AND ts < ? LIMIT ?"
 INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
+SET_RATE_LIMIT = "UPDATE workspaces SET events_per_second = ?, burst = ? WHERE workspace_id = ?"
+SELECT_RATE_LIMIT = "SELECT events_per_second, burst FROM workspaces WHERE workspace_id = ?"
 INSERT_KEY = (
     "INSERT INTO api_keys (key_id, key_hash, workspace_id, scopes, created_at, revoked_at)"
     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -457,6 +510,18 @@ class Tuning:
     # commit_gap_s after the start of the previous commit, gathering what arrives meanwhile.
     commit_gap_s: float = 0.002
     small_group_rows: int = 64
+    # Deleting a person (and retention) removes this many timeline entries, their rows and
+    # counts, per transaction, and lets other writers have the file for removal_pause_s
+    # between two: ingest waits at most one such transaction.
+    removal_chunk_rows: int = 200
+    removal_pause_s: float = 0.005
+    # Retention: a step looks at up to retention_step_persons persons (an index seek each)
+    # and removes up to removal_chunk_rows expired entries, one transaction; steps follow
+    # one another every retention_step_s, and a sweep over every person starts
+    # retention_sweep_s after the previous one began.
+    retention_step_persons: int = 1000
+    retention_step_s: float = 0.05
+    retention_sweep_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -614,9 +679,14 @@ class GroupCommitter:
     whichever runs it.
     """
 
-    def __init__(self, db: SqliteFile) -> None:
+    def __init__(self, db: SqliteFile, retention_days: int | None = None) -> None:
         self.db = db
         self._tuning = db.tuning
+        self._retention_days = retention_days
+        # The retention sweep: where the next step starts, when it is due, when the sweep began.
+        self._expired_through = -1
+        self._next_expiry = 0.0
+        self._sweep_started = 0.0
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
@@ -627,6 +697,7 @@ class GroupCommitter:
         # series_persons rows known committed, by (series_key, grain, bucket): see _remember_persons
         self._known_persons: dict[tuple[int, int, int], set[int]] = {}
         self._known_person_rows = 0
+        self._data_version: int | None = None  # PRAGMA data_version when they were last known valid
         self._recent_rows: int | None = None
         self._merged_through = -1
         # The claims in ``new_claims`` (None: not counted yet) and where the next claims merge step starts.
@@ -702,6 +773,11 @@ class GroupCommitter:
         """
         conn = self._conn
         assert conn is not None  # commit_or_error checked
+        # Another connection committed since (a person's deletion in a worker, a key):
+        # series_persons rows this committer remembers may be gone.
+        if (version := conn.execute("PRAGMA data_version").fetchone()[0]) != self._data_version:
+            self._data_version = version
+            self.forget_persons()
         cached, series_cached = self._person_keys, self._series_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
         missing_series = {k for e in events for k in ((e.workspace_id, e.event), (e.workspace_id, ""))
@@ -881,6 +957,32 @@ class GroupCommitter:
             self._merged_through, self._recent_rows = -1, None
         else:
             self._merged_through, self._recent_rows = through, self._recent_rows - moved
+
+    def expire_if_due(self) -> None:
+        """A retention step when one is due (see Tuning); none without a retention.
+
+        Runs between group commits, as merge steps do; a failed step is logged and
+        tried again at the next one.
+        """
+        conn, days = self._conn, self._retention_days
+        now = time.monotonic()
+        if conn is None or days is None or now < self._next_expiry:
+            return
+        if self._expired_through == -1:
+            self._sweep_started = now
+        try:
+            cursor, removed = expire_step(conn, retention_cutoff(now_us(), days), self._expired_through,
+                                          self._tuning)
+            if removed:
+                self.forget_persons()
+        except sqlite3.Error as exc:
+            log.warning("sqlite: retention step failed (tried again later): %s", exc)
+            self._next_expiry = now + self._tuning.retention_step_s
+            return
+        self._expired_through = cursor
+        self._next_expiry = now + self._tuning.retention_step_s
+        if cursor == -1:  # swept every person: the next sweep in due time
+            self._next_expiry = max(self._next_expiry, self._sweep_started + self._tuning.retention_sweep_s)
 
     @staticmethod
     def _statements(events: list[StoredEvent], keys: dict[tuple[str, str], int]) -> list[tuple[str, list]]:
@@ -1111,12 +1213,143 @@ def event_names(conn: sqlite3.Connection, workspace_id: str, since_us: int | Non
     return _name_stats(stats)
 
 
+def delete_person(conn: sqlite3.Connection, workspace_id: str, person_id: str, tuning: Tuning) -> int:
+    """Remove the person's events committed before the call, their timeline
+    entries, day counts and message_id claims, in transactions of at most
+    removal_chunk_rows entries; the number of events removed.
+
+    ``recent`` goes first: a merge step running meanwhile only moves entries
+    from it into ``timeline``, which is swept after it, so none is missed.
+    The person's key stays (it holds no data of the person but the derived
+    person_id), so events tracked later keep their place.
+    """
+    row = conn.execute(SELECT_PERSON_KEY, (workspace_id, person_id)).fetchone()
+    if row is None:
+        return 0
+    person_key = row[0]
+    (through,) = conn.execute(MAX_SEQ).fetchone()  # rows committed after this are kept
+    removed = 0
+    for table in ("recent", "timeline"):
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                entries = conn.execute(PERSON_ENTRIES.format(table=table),
+                                       (person_key, through, tuning.removal_chunk_rows)).fetchall()
+                _remove(conn, table, person_key, workspace_id, entries)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            removed += len(entries)
+            if len(entries) < tuning.removal_chunk_rows:
+                break
+            time.sleep(tuning.removal_pause_s)  # the writer's turn
+    return removed
+
+
+def expire_step(conn: sqlite3.Connection, cutoff_us: int, after: int, tuning: Tuning) -> tuple[int, int]:
+    """One retention step: remove the entries older than ``cutoff_us`` of the persons
+    after ``after`` (person keys), with their rows and day counts, in one transaction of
+    at most removal_chunk_rows entries. Returns ``(cursor, removed)``: where the next
+    step starts (-1: past the last person) and how many entries went."""
+    budget = tuning.removal_chunk_rows
+    removed = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        persons = conn.execute(NEXT_PERSONS, (after, tuning.retention_step_persons)).fetchall()
+        cursor = persons[-1][0] if len(persons) == tuning.retention_step_persons else -1
+        for person_key, workspace_id in persons:
+            for table in ("recent", "timeline"):
+                entries = conn.execute(EXPIRED_ENTRIES.format(table=table),
+                                       (person_key, cutoff_us, budget - removed)).fetchall()
+                _remove(conn, table, person_key, workspace_id, entries)
+                removed += len(entries)
+            if removed >= budget:
+                cursor = person_key - 1  # it may have more: the next step starts with it
+                break
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return cursor, removed
+
+
+def _remove(conn: sqlite3.Connection, table: str, person_key: int, workspace_id: str, entries: list[tuple]) -> None:
+    """Drop entries ``(ts, event_id, event, seq)`` of one person from ``table``, their
+    rows, the message_id claims of those rows, and (for ``timeline``, which they
+    count in) their day counts."""
+    if not entries:
+        return
+    seqs = [seq for *_, seq in entries]
+    claimed = conn.execute(REMOVED_CLAIMS.format(marks=", ".join("?" * len(seqs))), seqs).fetchall()
+    if claimed:
+        keys = [(claim_key(workspace_id, message_id), seq) for seq, message_id in claimed]
+        for claims in CLAIM_TABLES:
+            conn.executemany(DROP_CLAIM.format(table=claims), keys)
+    conn.executemany(DROP_ENTRY.format(table=table), [(person_key, ts, event_id) for ts, event_id, _, _ in entries])
+    conn.executemany(DROP_ROW, [(seq,) for seq in seqs])
+    _uncount_series(conn, person_key, workspace_id, entries)
+    if table == "timeline":
+        counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        for ts, _, event, _ in entries:
+            day = bucket_of(ts)
+            counts[(event, day)] += 1
+            counts[("", day)] += 1
+        conn.executemany(UNCOUNT, [(n, person_key, key, day) for (key, day), n in counts.items()])
+        conn.execute(DROP_EMPTY_COUNTS, (person_key,))
+        # person_events covers timeline's entries too: the names' counts, then the first
+        # time of a name whose oldest entry went (the last time only moves when all go).
+        names: collections.Counter[str] = collections.Counter(event for _, _, event, _ in entries)
+        newest = {event: max(ts for ts, _, e, _ in entries if e == event) for event in names}
+        conn.executemany(UNCOUNT_PERSON_EVENT, [(n, person_key, event) for event, n in names.items()])
+        conn.execute(DROP_EMPTY_PERSON_EVENTS, (person_key,))
+        conn.executemany(RESET_FIRST_TS, [(person_key, event, newest[event]) for event in names])
+
+
+def _uncount_series(conn: sqlite3.Connection, person_key: int, workspace_id: str, entries: list[tuple]) -> None:
+    """Take removed entries out of their workspace's series (every commit counted them,
+    wherever they are now): the counts of each hour, day and the whole history, and the
+    person from each bucket where they have no entry left. A bucket's first and last
+    time stay as they were (bounds, no longer exact, until the bucket empties)."""
+    series: dict[str, int | None] = {}
+    counts: collections.Counter[tuple[int, str, int, int]] = collections.Counter()
+    for ts, _, event, _ in entries:
+        for event_key in (event, ""):
+            if event_key not in series:
+                row = conn.execute(SELECT_SERIES_KEY, (workspace_id, event_key)).fetchone()
+                series[event_key] = None if row is None else row[0]
+            if (key := series[event_key]) is None:
+                continue
+            for grain in GRAINS:
+                counts[(key, event_key, grain, ts - ts % grain)] += 1
+            counts[(key, event_key, WHOLE_HISTORY, 0)] += 1
+    conn.executemany(UNCOUNT_SERIES, [(n, key, grain, bucket) for (key, _, grain, bucket), n in counts.items()])
+    for key, event_key, grain, bucket in counts:
+        if grain == WHOLE_HISTORY or any(
+                conn.execute(HAS_ENTRY.format(table=t), (person_key, bucket, bucket + grain, event_key)).fetchone()
+                for t in TIMELINE_TABLES):
+            continue
+        if conn.execute(DROP_SERIES_PERSON, (key, grain, bucket, person_key)).rowcount:
+            conn.execute(UNCOUNT_SERIES_PERSON, (key, grain, bucket))
+    conn.executemany(DROP_EMPTY_SERIES, [(key, grain, bucket) for key, _, grain, bucket in counts])
+
+
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:
     return conn.execute(INSERT_WORKSPACE, (workspace_id, created_at_us)).rowcount == 1
 
 
 def list_workspaces(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in conn.execute(SELECT_WORKSPACES)]
+
+
+def set_rate_limit(conn: sqlite3.Connection, workspace_id: str, limit: RateLimit | None) -> bool:
+    values = (None, None) if limit is None else (limit.events_per_second, limit.burst)
+    return conn.execute(SET_RATE_LIMIT, (*values, workspace_id)).rowcount == 1
+
+
+def rate_limit(conn: sqlite3.Connection, workspace_id: str) -> RateLimit | None:
+    row = conn.execute(SELECT_RATE_LIMIT, (workspace_id,)).fetchone()
+    return None if row is None or row[0] is None else RateLimit(row[0], row[1])
 
 
 def put_key(conn: sqlite3.Connection, key: ApiKeyRecord) -> None:

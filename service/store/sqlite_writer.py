@@ -37,16 +37,18 @@ log = logging.getLogger(__name__)
 
 
 async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | None = None,
-                       on_ready: Callable[[], None] | None = None, tuning: Tuning | None = None) -> None:
+                       on_ready: Callable[[], None] | None = None, tuning: Tuning | None = None,
+                       retention_days: int | None = None) -> None:
     """Take appends on ``socket_path`` until ``stop`` is set (without one: SIGTERM/SIGINT).
 
-    On stop it takes no new connections, answers every append it has read, and
-    closes the file.
+    With ``retention_days`` it also removes expired events, a step at a time
+    between group commits (GroupCommitter.expire_if_due). On stop it takes no
+    new connections, answers every append it has read, and closes the file.
     """
     db = SqliteFile.from_url(store_url, tuning)
     tuning = db.tuning
     db.migrate()
-    committer = GroupCommitter(db)
+    committer = GroupCommitter(db, retention_days)
     committer.open()
     loop = asyncio.get_running_loop()
     pending: collections.deque[tuple[Frames, int, list[StoredEvent]]] = collections.deque()
@@ -135,12 +137,24 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    async def expire() -> None:
+        """Retention steps on this loop: never while a commit runs (commits are callbacks)."""
+        while True:
+            await asyncio.sleep(tuning.retention_step_s)
+            try:
+                committer.expire_if_due()
+            except Exception:
+                log.exception("sqlite writer: retention step failed")
+
+    expiring = asyncio.create_task(expire()) if retention_days is not None else None
     log.info("sqlite writer serving %s on %s", db.path, socket_path)
     if on_ready is not None:
         on_ready()
     try:
         await stop.wait()
     finally:
+        if expiring is not None:
+            expiring.cancel()
         server.close()
         await idle.wait()  # every append read so far is committed and answered
         for peer in list(peers):  # a transport's close sends what it holds; workers reconnect to a new writer

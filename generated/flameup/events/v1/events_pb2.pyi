@@ -90,6 +90,20 @@ class ListPersonEventsRequest(_message.Message):
     page_token: str
     def __init__(self, person_id: _Optional[str] = ..., id_type: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., event: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page_token: _Optional[str] = ...) -> None: ...
 
+class DeletePersonRequest(_message.Message):
+    __slots__ = ("person_id", "id_type")
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_TYPE_FIELD_NUMBER: _ClassVar[int]
+    person_id: str
+    id_type: str
+    def __init__(self, person_id: _Optional[str] = ..., id_type: _Optional[str] = ...) -> None: ...
+
+class DeletePersonResponse(_message.Message):
+    __slots__ = ("deleted_events",)
+    DELETED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    deleted_events: int
+    def __init__(self, deleted_events: _Optional[int] = ...) -> None: ...
+
 class ListPersonEventsResponse(_message.Message):
     __slots__ = ("events", "total", "next_page_token")
     EVENTS_FIELD_NUMBER: _ClassVar[int]

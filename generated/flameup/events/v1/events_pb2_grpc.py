@@ -30,7 +30,8 @@ class EventsServiceStub:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames).
+    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames,
+    `people:delete` for DeletePerson).
     """
 
     def __init__(self, channel):
@@ -74,6 +75,11 @@ class EventsServiceStub:
                 request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesRequest.SerializeToString,
                 response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesResponse.FromString,
                 _registered_method=True)
+        self.DeletePerson = channel.unary_unary(
+                '/flameup.events.v1.EventsService/DeletePerson',
+                request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonRequest.SerializeToString,
+                response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonResponse.FromString,
+                _registered_method=True)
 
 
 class EventsServiceServicer:
@@ -81,7 +87,8 @@ class EventsServiceServicer:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames).
+    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames,
+    `people:delete` for DeletePerson).
     """
 
     def Track(self, request, context):
@@ -142,6 +149,17 @@ class EventsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeletePerson(self, request, context):
+        """DeletePerson erases one person of the workspace: every stored event, and
+        every count, summary and deduplication entry derived from them, on every
+        replica. Repeating it deletes nothing more and answers 0. Events tracked
+        for the person afterwards are kept. The event feed carries a deletion
+        notice so that its consumers can forget the person too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +198,11 @@ def add_EventsServiceServicer_to_server(servicer, server):
                     request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesRequest.FromString,
                     response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesResponse.SerializeToString,
             ),
+            'DeletePerson': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePerson,
+                    request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonRequest.FromString,
+                    response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'flameup.events.v1.EventsService', rpc_method_handlers)
@@ -193,7 +216,8 @@ class EventsService:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames).
+    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames,
+    `people:delete` for DeletePerson).
     """
 
     @staticmethod
@@ -375,6 +399,33 @@ class EventsService:
             '/flameup.events.v1.EventsService/ListEventNames',
             flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesRequest.SerializeToString,
             flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePerson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flameup.events.v1.EventsService/DeletePerson',
+            flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonRequest.SerializeToString,
+            flameup_dot_events_dot_v1_dot_events__pb2.DeletePersonResponse.FromString,
             options,
             channel_credentials,
             insecure,
