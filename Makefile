@@ -142,6 +142,22 @@ cassandra-up: ## start a local single-node Cassandra on 127.0.0.1:9042 (data in 
 cassandra-down: ## stop the local Cassandra (data is kept; scripts/cassandra.sh down --wipe drops it)
 	scripts/cassandra.sh down
 
+# The local clusters: three Cassandra nodes on 127.0.0.1-3 (CQL :9142, data in
+# .cassandra-cluster/) and three NATS JetStream servers (:14222-14224, .nats-cluster/).
+.PHONY: cluster-up
+cluster-up: $(VENV)/.installed ## start 3 Cassandra nodes (127.0.0.1-3:9142) and 3 NATS JetStream servers (:14222-14224)
+	scripts/cassandra-cluster.sh up
+	scripts/nats-cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## stop the local clusters (data is kept; add WIPE=1 to drop it)
+	scripts/nats-cluster.sh down $(if $(WIPE),--wipe)
+	scripts/cassandra-cluster.sh down $(if $(WIPE),--wipe)
+
+.PHONY: run-cluster
+run-cluster: $(VENV)/.installed ## two serve instances over the local clusters (gRPC :50051/:50052, REST :8080/:8081)
+	scripts/run-cluster.sh
+
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmark the real service next to the store's own limit (BENCH_QUICK=1: short run)
 	$(PY) -m bench.run $(BENCH_ARGS)
