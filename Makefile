@@ -158,6 +158,15 @@ cluster-down: ## stop the local clusters (data is kept; add WIPE=1 to drop it)
 run-cluster: $(VENV)/.installed ## two serve instances over the local clusters (gRPC :50051/:50052, REST :8080/:8081)
 	scripts/run-cluster.sh
 
+# The cluster next to the single node, in one run: grpc_batch and list_person on
+# both, then grpc_batch while a cluster node is SIGKILLed. BENCH_QUICK=1 works too.
+.PHONY: bench-cluster
+bench-cluster: $(VENV)/.installed ## benchmark the 3-node cluster next to the single node, and p99 during a node kill
+	scripts/cassandra.sh up
+	scripts/cassandra-cluster.sh up
+	$(PY) -m bench.run --stores cassandra,cassandra_cluster --workloads grpc_batch,list_person,grpc_batch_node_kill \
+	  --out bench/results-cluster.json $(BENCH_ARGS)
+
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmark the real service next to the store's own limit (BENCH_QUICK=1: short run)
 	$(PY) -m bench.run $(BENCH_ARGS)

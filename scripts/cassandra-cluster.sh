@@ -87,7 +87,7 @@ cmd_pid() {
 cmd_nodetool() {
   local n="$1"; shift
   # nodetool of this bundle needs the legacy RMI URL parsing on Java 17.
-  java -Xmx128m -Dcom.sun.jndi.rmiURLParsing=legacy -cp "$DIR/node$n/conf:$DIR/package/apache-cassandra-2.1.0/lib/*" \
+  java -Xmx128m -Dcom.sun.jndi.rmiURLParsing=legacy -cp "$DIR/package/apache-cassandra-2.1.0/lib/*" \
     org.apache.cassandra.tools.NodeTool -h 127.0.0.1 -p "$((JMX_BASE + 100 * n))" "$@"
 }
 
