@@ -24,6 +24,11 @@ EVENT_NAMES = (
     "signup_completed", "search_performed", "video_played", "email_opened", "session_started",
 )
 BATCH_SIZE = 100
+# grpc_batch_msgid: every event's message_id ends in this placeholder, which the
+# client replaces per call with its process and call number (bench/grpc_load.py),
+# so that every call sends new ids and a replay can send the same ones again.
+MESSAGE_TAG = b"@msgtag@"
+MESSAGE_TAG_CHARS = len(MESSAGE_TAG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +63,19 @@ def grpc_track_payloads(n: int) -> list[bytes]:
     return [track_request(item(i)).SerializeToString() for i in range(n)]
 
 
-def grpc_batch_payloads(n: int, size: int = BATCH_SIZE) -> list[bytes]:
-    return [
-        pb.TrackBatchRequest(events=[track_request(item(b * size + k)) for k in range(size)]).SerializeToString()
-        for b in range(n)
-    ]
+def grpc_batch_payloads(n: int, size: int = BATCH_SIZE, *, message_ids: bool = False) -> list[bytes]:
+    """Prebuilt TrackBatch requests; with ``message_ids``, every event carries one,
+    unique in the pool (b, k) and ending in MESSAGE_TAG."""
+    out = []
+    for b in range(n):
+        events = []
+        for k in range(size):
+            req = track_request(item(b * size + k))
+            if message_ids:
+                req.message_id = f"{b:04x}{k:02x}-5f1c6b1e-8d0a-4c47-{MESSAGE_TAG.decode()}"
+            events.append(req)
+        out.append(pb.TrackBatchRequest(events=events).SerializeToString())
+    return out
 
 
 def _track_json(it: Item) -> dict:
@@ -155,10 +168,11 @@ def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Perso
 
 
 def grpc_workload(workload: str) -> tuple[str, int, list[bytes]]:
-    """(RPC method, events per call, prebuilt requests) of grpc_track / grpc_batch."""
+    """(RPC method, events per call, prebuilt requests) of grpc_track / grpc_batch /
+    grpc_batch_msgid / grpc_batch_replay."""
     if workload == "grpc_track":
         return "Track", 1, grpc_track_payloads(2_000)
-    return "TrackBatch", BATCH_SIZE, grpc_batch_payloads(200)
+    return "TrackBatch", BATCH_SIZE, grpc_batch_payloads(200, message_ids=workload != "grpc_batch")
 
 
 def rest_workload(workload: str) -> tuple[str, int, list[str]]:

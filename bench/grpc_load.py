@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 import uvloop
 
+from bench.data import MESSAGE_TAG, MESSAGE_TAG_CHARS
 from flameup.events.v1 import events_pb2 as pb
 
 SUCCESS_PREFIX = b"\x08\x01"  # field 1 (bool success) = true, serialized first
@@ -47,6 +48,12 @@ class ClientJob:
     warmup_s: float
     duration_s: float
     offset: int = 0  # where this process starts in the payload pool
+    # Payloads with message_ids (grpc_batch_msgid): this process's number, so that its
+    # calls' ids differ from every other process's; with ``replay_calls``, the
+    # process sends its first ``replay_calls`` calls of that run again, round and
+    # round (grpc_batch_replay: every event a duplicate).
+    message_ids: int | None = None
+    replay_calls: int = 0
     channels: int = 64  # connections per process; the in-flight calls are spread over them
     timeout: float = 30.0  # how long after the window a call may still be unanswered
 
@@ -59,6 +66,7 @@ class ClientResult:
     acknowledged_events: int = 0  # all successful calls, warm-up included (for the stored-rows check)
     errors: int = 0  # failed calls or responses with success = false, any time
     first_error: str = ""
+    sequence: int = 0  # calls made with message_ids, warm-up included (what a replay sends again)
     cpu_s: float = 0.0  # this process's CPU time inside the window
 
 
@@ -102,6 +110,16 @@ async def _client(job: ClientJob, conn) -> ClientResult:
         latencies = result.latencies_ms
         monotonic = time.monotonic
 
+        def tagged(seq: int) -> bytes:
+            """Call ``seq``'s request: its payload with the ids made this call's own."""
+            if job.replay_calls:
+                seq %= job.replay_calls
+            tag = b"%02x%06x" % (job.message_ids, seq)
+            assert len(tag) == MESSAGE_TAG_CHARS
+            return payloads[(job.offset + seq) % n].replace(MESSAGE_TAG, tag)
+
+        expect_duplicates = bool(job.replay_calls)
+
         async def loop(worker: int) -> None:
             i = job.offset + worker * 7
             while True:
@@ -109,9 +127,14 @@ async def _client(job: ClientJob, conn) -> ClientResult:
                 if start >= end_at:
                     return
                 i += 1
+                if job.message_ids is None:
+                    payload = payloads[i % n]
+                else:
+                    payload = tagged(result.sequence)
+                    result.sequence += 1
                 try:
                     # round-robin over the connections, so every one carries load even at low concurrency
-                    response = await calls[i % len(calls)](payloads[i % n], metadata=metadata)
+                    response = await calls[i % len(calls)](payload, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     result.errors += 1
                     result.first_error = result.first_error or f"{exc.code().name}: {exc.details()}"
@@ -122,6 +145,12 @@ async def _client(job: ClientJob, conn) -> ClientResult:
                     result.errors += 1
                     result.first_error = result.first_error or f"success=false: {response_type.FromString(response)}"
                     continue
+                if job.message_ids is not None:  # every event new, or (a replay) every one a duplicate
+                    duplicates = len(response_type.FromString(response).duplicates)
+                    if duplicates != (job.events_per_call if expect_duplicates else 0):
+                        result.errors += 1
+                        result.first_error = result.first_error or f"{duplicates} duplicates in a batch"
+                        continue
                 result.acknowledged_events += job.events_per_call
                 if measure_at <= done <= end_at:
                     result.calls += 1

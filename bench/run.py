@@ -64,7 +64,7 @@ from procutil.cpu import (  # noqa: E402
 from service.supervisor import default_gateway_workers, default_workers  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-INGEST = ("grpc_track", "grpc_batch", "rest_track", "rest_batch")
+INGEST = ("grpc_track", "grpc_batch", "grpc_batch_msgid", "grpc_batch_replay", "rest_track", "rest_batch")
 # grpc_batch while a node of the cluster is SIGKILLed (cassandra_cluster only): its p99 is the cost of the fault.
 NODE_KILL = "grpc_batch_node_kill"
 WORKLOADS = ("raw_store_insert", *INGEST, "service_rss_mb", "list_person", NODE_KILL)
@@ -77,7 +77,8 @@ RAW_BRACKETS = "grpc_batch"
 # wake-ups do not preempt the service they measure; the service sets its own policy.
 LOAD_GENERATOR_CPU_POLICY = "batch"
 # In-flight requests: per client process for gRPC, connections in all for wrk.
-DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 3, "rest_track": 32, "rest_batch": 4}
+DEFAULT_CONCURRENCY = {"grpc_track": 16, "grpc_batch": 3, "grpc_batch_msgid": 3, "grpc_batch_replay": 3,
+                       "rest_track": 32, "rest_batch": 4}
 FULL = {"duration": 15.0, "warmup": 5.0, "persons": (100, 10_000, 100_000), "read_calls": 200, "raw_rows": 400_000,
         "raw_rows_cassandra": 60_000}
 QUICK = {"duration": 3.0, "warmup": 1.0, "persons": (100, 1_000, 10_000), "read_calls": 30, "raw_rows": 40_000,
@@ -277,17 +278,25 @@ def store_cpu_record(run: Run, store: str, workload: str, window: Window, second
 
 
 def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload: str, workdir: Path,
-                  acknowledged: list[int], fault: Fault | None = None) -> None:
-    """An ingest workload over gRPC; with a ``fault``, the fault strikes a quarter into
-    the measured window and is repaired after it (failed calls are counted, not fatal)."""
+                  acknowledged: list[int], msgid_calls: list[int], fault: Fault | None = None) -> None:
+    """``msgid_calls``: each client process's calls of grpc_batch_msgid (filled by that
+    run), which grpc_batch_replay sends again. With a ``fault``, the fault strikes a
+    quarter into the measured window and is repaired after it (failed calls are
+    counted, not fatal)."""
     s, store = run.settings, bs.name
     like = INGEST_OF_FAULT.get(workload, workload)
     method, per_call, payloads = data.grpc_workload(like)
     payloads_file = workdir / f"{workload}.pickle"
     payloads_file.write_bytes(pickle.dumps(payloads))
     concurrency = s.concurrency[like]
+    replay = workload == "grpc_batch_replay"
+    if replay and len(msgid_calls) != s.clients:
+        raise WorkloadFailed("grpc_batch_replay sends grpc_batch_msgid's batches again: run grpc_batch_msgid first")
     jobs = [grpc_load.ClientJob(svc.grpc_target, method, svc.key, str(payloads_file), per_call, concurrency, s.warmup,
-                                s.duration, offset=k * len(payloads) // s.clients) for k in range(s.clients)]
+                                s.duration, offset=k * len(payloads) // s.clients,
+                                message_ids=k if workload in ("grpc_batch_msgid", "grpc_batch_replay") else None,
+                                replay_calls=msgid_calls[k] if replay else 0)
+            for k in range(s.clients)]
     clients = grpc_load.Clients(jobs)
     clients.start()
     # A killed node takes its CPU counters with it: no store CPU for a fault's window.
@@ -302,7 +311,10 @@ def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
     results = clients.results()
     if fault is not None:
         fault.repair()
-    acknowledged.append(sum(r.acknowledged_events for r in results))
+    if workload == "grpc_batch_msgid":
+        msgid_calls[:] = [r.sequence for r in results]
+    if not replay:  # a replay's events are duplicates: acknowledged, but stored once before
+        acknowledged.append(sum(r.acknowledged_events for r in results))
     errors = sum(r.errors for r in results)
     run.add(store, workload, "errors", errors, "calls")
     latencies = sorted(x for r in results for x in r.latencies_ms)
@@ -451,12 +463,13 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
         return
 
     acknowledged: list[int] = []
+    msgid_calls: list[int] = []
     try:
         with tempfile.TemporaryDirectory(prefix="flameup-bench-load-") as workdir:
             def ingest(workload: str) -> None:
                 if workload.startswith("grpc"):
                     run.attempt(store, workload, lambda: grpc_workload(run, bs, svc, workload, Path(workdir),
-                                                                       acknowledged))
+                                                                       acknowledged, msgid_calls))
                 else:
                     run.attempt(store, workload, lambda: rest_workload(run, bs, svc, workload, wrk, Path(workdir),
                                                                        acknowledged))
@@ -494,12 +507,23 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
                           f"({r.calls} sequential calls, total {r.total:,}); the first call {r.first_ms:.2f} ms",
                           flush=True)
             run.attempt(store, f"list_person_{p.label}", read)
+        if persons:
+            def cursor(p=persons[-1]) -> None:
+                for r in reads.measure_cursor(svc.grpc_target, svc.key, p, s.read_calls):
+                    run.add(store, r.workload, "p50_ms", round(r.p50_ms, 2), "ms")
+                    run.add(store, r.workload, "p99_ms", round(r.p99_ms, 2), "ms")
+                    run.add(store, r.workload, "first_ms", round(r.first_ms, 2), "ms")
+                    run.add(store, r.workload, "page", 1 if r.workload.endswith("page1") else r.page, "page")
+                    print(f"{r.workload}: p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms ({r.calls} sequential calls, "
+                          f"limit {reads.CURSOR_LIMIT}, page {1 if r.workload.endswith('page1') else r.page})",
+                          flush=True)
+            run.attempt(store, f"list_person_{persons[-1].label}_cursor", cursor)
 
         if NODE_KILL in wanted and isinstance(bs, CassandraClusterBench):
             with tempfile.TemporaryDirectory(prefix="flameup-bench-load-") as workdir:
                 fault = node_kill(run, bs, KILLED_NODE)
                 run.attempt(store, NODE_KILL, lambda: grpc_workload(run, bs, svc, NODE_KILL, Path(workdir),
-                                                                    acknowledged, fault=fault))
+                                                                    acknowledged, [], fault=fault))
     finally:
         code = service_proc.stop(svc)
         if code != 0:
@@ -537,6 +561,19 @@ def targets(records: list[Record], stores: list[str], person_labels: list[str]) 
                             ">=", floor, f">= {floor:,} events/s"))
                 out.append((store, workload, "p99_ms", _value(records, store, workload, "p99_ms"), "<", 50,
                             "p99 < 50 ms"))
+        # message_ids cost at most this share of grpc_batch (run back to back); a replay of
+        # the same batches (all duplicates) is at least as fast as their first send on SQLite
+        plain = _value(records, store, "grpc_batch", "events_per_s")
+        with_ids = _value(records, store, "grpc_batch_msgid", "events_per_s")
+        floor = 0.8 if store == "sqlite" else 0.5
+        out.append((store, "grpc_batch_msgid", "share_of_plain",
+                    None if plain is None or with_ids is None else with_ids / plain, ">=", floor,
+                    f">= {floor:.2f} of grpc_batch"))
+        if store == "sqlite":
+            replay = _value(records, store, "grpc_batch_replay", "events_per_s")
+            out.append((store, "grpc_batch_replay", "share_of_first",
+                        None if replay is None or with_ids is None else replay / with_ids, ">=", 1.0,
+                        ">= 1.00 of grpc_batch_msgid"))
         if store == "cassandra":
             raw = _value(records, store, "raw_store_insert", "events_per_s")
             batch = _value(records, store, "grpc_batch", "events_per_s")
@@ -554,6 +591,12 @@ def targets(records: list[Record], stores: list[str], person_labels: list[str]) 
                         out.append((store, f"list_person_{label}{variant}", "p50_ms",
                                     _value(records, store, f"list_person_{label}{variant}", "p50_ms"), "<", 10,
                                     "p50 < 10 ms"))
+        if person_labels:  # a deep page by token costs what the first one does
+            big = person_labels[-1]
+            first = _value(records, store, f"list_person_{big}_cursor_page1", "p50_ms")
+            out.append((store, f"list_person_{big}_cursor_deep", "p50_ms",
+                        _value(records, store, f"list_person_{big}_cursor_deep", "p50_ms"), "<=",
+                        None if first is None else 2 * first, f"<= 2x list_person_{big}_cursor_page1"))
         out.append((store, "service_rss_mb", "rss_mb", _value(records, store, "service_rss_mb", "rss_mb"), "<", 300,
                     "< 300 MB"))
     return out

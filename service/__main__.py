@@ -3,7 +3,7 @@
 Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
 FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
 FLAMEUP_GATEWAY_WORKERS, FLAMEUP_KEY_CACHE_SECONDS, FLAMEUP_CPU_POLICY,
-FLAMEUP_WORKER_CPU_AFFINITY); a flag wins over the environment.
+FLAMEUP_WORKER_CPU_AFFINITY, FLAMEUP_DEDUP_WINDOW_DAYS); a flag wins over the environment.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from procutil.cpu import (
     keep_to_cpu,
 )
 from procutil.process import exit_with_parent, freeze_startup_heap
-from service.store import DEFAULT_STORE_URL, open_store
+from service.domain import DEFAULT_DEDUP_WINDOW_DAYS
+from service.store import DEFAULT_STORE_URL, open_store, with_dedup_window
 from service.supervisor import default_gateway_workers, default_workers, report_ready
 
 
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("FLAMEUP_WORKER_CPU_AFFINITY", DEFAULT_WORKER_CPU_AFFINITY),
         help="auto: gRPC worker i runs on the i-th CPU (its threads hand calls to one another"
         " on one CPU); off: wherever the kernel puts it (env FLAMEUP_WORKER_CPU_AFFINITY)",
+    )
+    serve.add_argument(
+        "--dedup-window-days",
+        type=float,
+        default=_env("FLAMEUP_DEDUP_WINDOW_DAYS", float(DEFAULT_DEDUP_WINDOW_DAYS)),
+        help="how long a message_id is remembered, in days (env FLAMEUP_DEDUP_WINDOW_DAYS;"
+        " default %(default)g; a store URL's dedup_window_days wins)",
     )
     _log_arg(serve)
 
@@ -219,9 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             if value not in choices:
                 build_parser().error(f"{env} must be one of {', '.join(choices)}, got {value!r}")
 
+        try:
+            days = args.dedup_window_days
+            store_url = with_dedup_window(args.store, None if days == DEFAULT_DEDUP_WINDOW_DAYS else days)
+            open_store(store_url)  # a bad URL or window fails here, with its reason
+        except ValueError as exc:
+            build_parser().error(str(exc))
         return serve(
             ServeConfig(
-                store_url=args.store,
+                store_url=store_url,
                 host=args.host,
                 grpc_port=args.grpc_port,
                 http_port=args.http_port,

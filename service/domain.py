@@ -7,10 +7,13 @@ protobuf messages into the plain values these functions take, and turns
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import math
 import random
 import re
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +29,8 @@ MAX_FUTURE_US = 24 * 3600 * 1_000_000
 MIN_BATCH, MAX_BATCH = 1, 100
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 MAX_OFFSET = 2**31 - 1
+DEFAULT_DEDUP_WINDOW_DAYS = 7
+DAY_S = 86_400
 ID_TYPES = ("person_id", "external_id")
 
 # A fixed namespace makes person ids reproducible in any process, any language:
@@ -77,6 +82,12 @@ class StoredEvent:
     parameters: str  # a JSON object, canonical: see canonical_parameters()
     timestamp_us: int
     created_at_us: int
+    message_id: str | None = None  # the client's id of the event, for deduplication
+
+
+# What a store answers for one appended event: None when it was stored, else
+# the (event_id, person_id) of the event stored earlier with its message_id.
+Original = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +101,17 @@ class EventQuery:
     event: str | None = None
     since_us: int | None = None
     until_us: int | None = None
+    # Keyset paging: only events strictly older than (timestamp_us, event_id) in
+    # the listing order; offset is then 0, and the cursor is before until_us.
+    after: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EventPage:
     events: list[StoredEvent]
     total: int
+    # With ``after``: whether events follow this page (stores read one more row).
+    more: bool = False
 
 
 def now_us() -> int:
@@ -177,6 +193,11 @@ def parse_timestamp(field: str, value: str) -> int:
     return seconds * 1_000_000 + micros
 
 
+def clock_skew(field: str, sent_at: str, received_us: int) -> int:
+    """What to add to a client's timestamps: received − sent_at, the client's clock error."""
+    return received_us - parse_timestamp(field, sent_at)
+
+
 def check_event_time(field: str, ts_us: int, received_us: int) -> int:
     if ts_us > received_us + MAX_FUTURE_US:
         raise ValidationError.of(field, "must not be more than 24 hours in the future")
@@ -233,3 +254,57 @@ def _normalize(field: str, value: Any, depth: int) -> Any:
 
 def parse_parameters(text: str) -> dict[str, Any]:
     return orjson.loads(text)
+
+
+# Page tokens ------------------------------------------------------------------
+# A token is base64url (no padding) of: version (1 byte), the person's UUID
+# (16), a digest of the workspace and filters (8), the last event's timestamp
+# (8, signed) and id (16: the 32 hex digits), then a BLAKE2b checksum (8) of
+# all that. It carries nothing secret: the checksum catches damaged and edited
+# tokens, the digest a token reused with other filters or another workspace.
+
+_TOKEN_VERSION = 1
+_TOKEN = struct.Struct(">B16s8sq16s")
+_CHECKSUM_BYTES = 8
+
+
+def _filters_digest(q: EventQuery) -> bytes:
+    text = f"{q.workspace_id}\n{q.event or ''}\n{q.since_us}\n{q.until_us}"
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def _checksum(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=_CHECKSUM_BYTES, person=b"flameup-page").digest()
+
+
+def page_token(q: EventQuery, last: StoredEvent) -> str:
+    """The token that continues the listing ``q`` after its event ``last``."""
+    payload = _TOKEN.pack(_TOKEN_VERSION, uuid.UUID(q.person_id).bytes, _filters_digest(q), last.timestamp_us,
+                          bytes.fromhex(last.event_id[4:]))
+    return base64.urlsafe_b64encode(payload + _checksum(payload)).rstrip(b"=").decode()
+
+
+def parse_page_token(field: str, token: str, q: EventQuery) -> tuple[int, str]:
+    """The (timestamp_us, event_id) a token of the listing ``q`` continues after.
+
+    A token that is damaged, edited, of another person, or of other filters is a
+    ValidationError naming ``field``.
+    """
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+    except (ValueError, TypeError):
+        raw = b""
+    if len(raw) != _TOKEN.size + _CHECKSUM_BYTES:
+        raise ValidationError.of(field, "is not a page token of this service; pass next_page_token unchanged")
+    payload, checksum = raw[:_TOKEN.size], raw[_TOKEN.size:]
+    if _checksum(payload) != checksum:
+        raise ValidationError.of(field, "is damaged or was edited; pass next_page_token unchanged")
+    version, person, digest, ts_us, event_id = _TOKEN.unpack(payload)
+    if version != _TOKEN_VERSION:
+        raise ValidationError.of(field, f"has an unknown version {version}; start the listing again")
+    if str(uuid.UUID(bytes=person)) != q.person_id:
+        raise ValidationError.of(field, "belongs to another person's listing")
+    if digest != _filters_digest(q):
+        raise ValidationError.of(
+            field, "was issued for other filters (event, since, until); use the same ones, or start again without it")
+    return ts_us, "evt_" + event_id.hex()

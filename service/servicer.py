@@ -137,30 +137,34 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def Track(self, request: events_pb2.TrackRequest, context) -> events_pb2.TrackResponse:
-        stored = await self._core.track(_principal.get().workspace_id, track_input(request))
-        return events_pb2.TrackResponse(success=True, event_id=stored.event_id, person_id=stored.person_id)
+        result = await self._core.track(_principal.get().workspace_id, track_input(request))
+        return events_pb2.TrackResponse(success=True, event_id=result.event_id, person_id=result.person_id,
+                                        duplicate=result.duplicate)
 
     @_grpc_errors
     async def TrackBatch(self, request: events_pb2.TrackBatchRequest, context) -> events_pb2.TrackBatchResponse:
         items = [track_input(item) for item in request.events]
-        result = await self._core.track_batch(_principal.get().workspace_id, items)
+        result = await self._core.track_batch(_principal.get().workspace_id, items, request.sent_at)
         return events_pb2.TrackBatchResponse(
             success=not result.errors,
             event_ids=result.event_ids,
             errors=[
                 events_pb2.BatchError(index=i, field=v.field, message=v.message) for i, v in result.errors
             ],
+            duplicates=result.duplicates,
         )
 
     @_grpc_errors
     async def ListPersonEvents(self, request: events_pb2.ListPersonEventsRequest, context):
-        page = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
-        return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in page.events], total=page.total)
+        result = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
+        return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in result.page.events],
+                                                   total=result.page.total, next_page_token=result.next_page_token)
 
 
 def track_input(request: events_pb2.TrackRequest) -> TrackInput:
     parameters = struct_to_python(request.parameters) if request.HasField("parameters") else None
-    return TrackInput(request.external_id, request.event, parameters, request.timestamp)
+    return TrackInput(request.external_id, request.event, parameters, request.timestamp, request.message_id,
+                      request.sent_at)
 
 
 def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
@@ -172,6 +176,7 @@ def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
         event=request.event,
         since_ns=request.since.ToNanoseconds() if request.HasField("since") else None,
         until_ns=request.until.ToNanoseconds() if request.HasField("until") else None,
+        page_token=request.page_token,
     )
 
 

@@ -9,8 +9,9 @@
   start, a failure in CI (CI=true).
 - ``workspace``: a workspace id of the test's own, so tests never see each
   other's data in a shared store (Cassandra's keyspace, a service's file).
-- ``server``: a real ``python -m service serve`` process tree (gRPC workers and
-  gateway workers) on ephemeral ports, on a throwaway SQLite file.
+- ``service`` (tests/service_support.py, per session and store): a real
+  ``python -m service serve`` process tree (gRPC workers and gateway workers)
+  on ephemeral ports, over a throwaway SQLite file or the Cassandra keyspace.
 """
 
 from __future__ import annotations

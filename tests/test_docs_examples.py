@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).parent / "docs_examples"
 
 
 def run_example(service, *command: str) -> str:
-    env = {**os.environ, "BASE_URL": service.http_url, "API_KEY": service.key,
+    env = {**os.environ, "BASE_URL": service.http_url, "GRPC_TARGET": service.grpc_target, "API_KEY": service.key,
            "EXTERNAL_ID": f"user_{uuid.uuid4().hex[:10]}"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=EXAMPLES)
     assert done.returncode == 0, done.stderr
@@ -48,11 +48,26 @@ def check_client_results(results: dict) -> None:
 
 
 def test_curl_examples(service):
-    track, batch, listing = (json.loads(line) for line in run_example(service, "bash", "examples.sh").splitlines())
+    track, retry, batch, listing = (
+        json.loads(line) for line in run_example(service, "bash", "examples.sh").splitlines())
     assert track["success"] is True and track["event_id"].startswith("evt_") and track["person_id"]
-    assert batch == {"success": True, "event_ids": batch["event_ids"], "errors": []}
+    assert track["duplicate"] is False and retry == {**track, "duplicate": True}
+    assert batch == {"success": True, "event_ids": batch["event_ids"], "errors": [], "duplicates": []}
     assert len(batch["event_ids"]) == 2 and all(batch["event_ids"])
     check_purchase_listing(listing)
+
+
+def test_grpc_python_example_with_retries(service):
+    assert run_example(service, sys.executable, "grpc_example.py").strip() == "1 ['purchase_completed']"
+
+
+def test_readme_shows_the_grpc_example():
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    example = (EXAMPLES / "grpc_example.py").read_text()
+    as_in_readme = example.replace("(TARGET,", '("127.0.0.1:50051",').replace("=EXTERNAL_ID,", '="user_123",')
+    for line in as_in_readme.splitlines():
+        if line.strip() and "harness" not in line and not line.startswith('"""'):
+            assert line in readme, line
 
 
 def test_python_examples(service):

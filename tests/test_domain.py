@@ -106,8 +106,142 @@ async def test_track_batch_stores_only_valid_events(sqlite_store):
     result = await core.track_batch("ws", [TrackInput("u", "ok"), TrackInput("u", ""), TrackInput("u", "ok2")])
     assert result.event_ids[1] == "" and all(result.event_ids[::2])
     assert [(i, v.field) for i, v in result.errors] == [(1, "events[1].event")]
-    page = await core.list_person_events("ws", ListInput("u", id_type="external_id"))
-    assert page.total == 2
+    listed = await core.list_person_events("ws", ListInput("u", id_type="external_id"))
+    assert listed.page.total == 2 and listed.next_page_token == ""
+
+
+# Idempotent ingest and clock correction --------------------------------------
+
+NOW = domain.parse_timestamp("t", "2024-06-01T12:00:00Z")
+HOUR = 3_600_000_000
+
+
+@pytest.mark.parametrize("client_offset_h", [48, -72, 0])
+def test_sent_at_shifts_the_timestamp_by_the_clock_error(client_offset_h):
+    """A client whose clock runs 48 h ahead (or 72 h behind) sends an event of
+    an hour ago by its clock: stored an hour before receipt, never rejected as
+    in the future."""
+    core = EventsCore(None, clock=lambda: NOW)
+    client_now = NOW + client_offset_h * HOUR
+    item = TrackInput("u", "e", timestamp=domain.format_timestamp(client_now - HOUR),
+                      sent_at=domain.format_timestamp(client_now))
+    assert core.prepare("ws", item, NOW).timestamp_us == NOW - HOUR
+    assert core.prepare("ws", TrackInput("u", "e", sent_at=domain.format_timestamp(client_now)), NOW).timestamp_us == NOW
+
+
+def test_the_future_rule_applies_after_the_correction():
+    core = EventsCore(None)
+    sent_at = domain.format_timestamp(NOW - 10 * HOUR)  # the client's clock is 10 h behind
+    ok = TrackInput("u", "e", timestamp=domain.format_timestamp(NOW + 14 * HOUR), sent_at=sent_at)
+    assert core.prepare("ws", ok, NOW).timestamp_us == NOW + 24 * HOUR
+    late = TrackInput("u", "e", timestamp=domain.format_timestamp(NOW + 14 * HOUR + 1), sent_at=sent_at)
+    with pytest.raises(ValidationError, match="events\\[2\\].timestamp: must not be more than 24 hours"):
+        core.prepare("ws", late, NOW, prefix="events[2].")
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"sent_at": "yesterday"}, "events[0].sent_at"),
+    ({"message_id": ""}, None),
+    ({"message_id": "x" * 256}, "events[0].message_id"),
+    ({"message_id": "a\nb"}, "events[0].message_id"),
+])
+def test_message_id_and_sent_at_are_checked(kw, field):
+    core = EventsCore(None)
+    item = TrackInput("u", "e", timestamp="2024-06-01T11:00:00Z", **kw)
+    if field is None:
+        assert core.prepare("ws", item, NOW, prefix="events[0].").message_id is None  # empty: no message_id
+        return
+    with pytest.raises(ValidationError) as exc:
+        core.prepare("ws", item, NOW, prefix="events[0].")
+    assert [v.field for v in exc.value.violations] == [field]
+
+
+async def test_a_batch_sent_at_applies_to_events_without_their_own(sqlite_store):
+    core = EventsCore(sqlite_store, clock=lambda: NOW)
+    ahead = domain.format_timestamp(NOW + 30 * HOUR)  # the batch's clock: 30 h ahead
+    behind = domain.format_timestamp(NOW - 5 * HOUR)  # one event's own clock: 5 h behind
+    result = await core.track_batch("ws", [
+        TrackInput("u", "a", timestamp=domain.format_timestamp(NOW + 29 * HOUR)),
+        TrackInput("u", "b", timestamp=domain.format_timestamp(NOW - 6 * HOUR), sent_at=behind),
+    ], sent_at=ahead)
+    assert not result.errors
+    listed = await core.list_person_events("ws", ListInput("u", id_type="external_id"))
+    assert sorted((e.event, e.timestamp_us) for e in listed.page.events) == [("a", NOW - HOUR), ("b", NOW - HOUR)]
+    with pytest.raises(ValidationError, match="^sent_at: must be an RFC 3339"):
+        await core.track_batch("ws", [TrackInput("u", "a")], sent_at="soon")
+
+
+async def test_track_and_batch_answer_duplicates(sqlite_store):
+    core = EventsCore(sqlite_store)
+    first = await core.track("ws", TrackInput("u", "a", message_id="m1"))
+    assert not first.duplicate
+    again = await core.track("ws", TrackInput("v", "other", message_id="m1"))
+    assert again == type(first)(first.event_id, first.person_id, duplicate=True)
+    result = await core.track_batch("ws", [
+        TrackInput("u", "b", message_id="m2"), TrackInput("u", ""), TrackInput("u", "c", message_id="m1"),
+        TrackInput("u", "d", message_id="m2"), TrackInput("u", "e"),
+    ])
+    assert result.duplicates == [2, 3] and [i for i, _ in result.errors] == [1]
+    assert result.event_ids[2] == first.event_id and result.event_ids[3] == result.event_ids[0]
+    listed = await core.list_person_events("ws", ListInput("u", id_type="external_id"))
+    assert sorted(e.event for e in listed.page.events) == ["a", "b", "e"] and listed.page.total == 3
+
+
+# Page tokens ------------------------------------------------------------------
+
+def _token_query(**kw):
+    return EventsCore.list_query("ws_a", ListInput("user_1", id_type="external_id", **kw))
+
+
+def _last_event(q):
+    return domain.StoredEvent(domain.new_event_id(NOW), "ws_a", q.person_id, "user_1", "e", "{}", NOW - 5, NOW)
+
+
+def test_a_page_token_round_trips_for_its_own_listing():
+    q = _token_query(event="e", since_ns=(NOW - HOUR) * 1000, limit=10)
+    last = _last_event(q)
+    token = domain.page_token(q, last)
+    assert token.isascii() and "=" not in token
+    resumed = _token_query(event="e", since_ns=(NOW - HOUR) * 1000, limit=20, page_token=token)  # the limit may change
+    assert resumed.after == (last.timestamp_us, last.event_id)
+
+
+def test_an_edited_cursor_cannot_reach_past_until():
+    """The checksum is no secret: a token rebuilt with a later cursor still lists only the window."""
+    q = _token_query(until_ns=NOW * 1000)
+    late = domain.StoredEvent(domain.new_event_id(NOW), "ws_a", q.person_id, "user_1", "e", "{}", NOW + HOUR, NOW)
+    resumed = _token_query(until_ns=NOW * 1000, page_token=domain.page_token(q, late))
+    assert resumed.after == (NOW, "")
+
+
+def _flip(token: str, at: int) -> str:
+    return token[:at] + ("A" if token[at] != "A" else "B") + token[at + 1:]
+
+
+@pytest.mark.parametrize("make_bad,kw,fragment", [
+    (lambda t: "not a token!", {}, "not a page token"),
+    (lambda t: t[:-4], {}, "not a page token"),
+    (lambda t: _flip(t, 30), {}, "damaged or was edited"),
+    (lambda t: _flip(t, len(t) - 2), {}, "damaged or was edited"),
+    (lambda t: t, {"event": "other"}, "other filters"),
+    (lambda t: t, {"until_ns": NOW * 1000}, "other filters"),
+    (lambda t: t, {"offset": 5}, "cannot be combined with an offset"),
+])
+def test_bad_page_tokens_are_field_errors(make_bad, kw, fragment):
+    q = _token_query()
+    token = make_bad(domain.page_token(q, _last_event(q)))
+    with pytest.raises(ValidationError, match=fragment) as exc:
+        _token_query(page_token=token, **kw)
+    assert [v.field for v in exc.value.violations] == ["page_token"]
+
+
+def test_a_page_token_is_bound_to_its_person_and_workspace():
+    q = _token_query()
+    token = domain.page_token(q, _last_event(q))
+    with pytest.raises(ValidationError, match="another person"):
+        EventsCore.list_query("ws_a", ListInput("user_2", id_type="external_id", page_token=token))
+    with pytest.raises(ValidationError, match="page_token: "):
+        EventsCore.list_query("ws_b", ListInput(q.person_id, page_token=token))
 
 
 # Keys ----------------------------------------------------------------------

@@ -369,15 +369,21 @@ def test_every_field_is_present_with_defaults():
         "created_at": None,
     }
     batch = CODECS.for_class(events_pb2.TrackBatchResponse)
-    assert batch.to_json(events_pb2.TrackBatchResponse()) == {"success": False, "event_ids": [], "errors": []}
+    assert batch.to_json(events_pb2.TrackBatchResponse()) == {
+        "success": False, "event_ids": [], "errors": [], "duplicates": []}
     reply = events_pb2.TrackBatchResponse(
-        success=False, event_ids=["evt_1", ""], errors=[events_pb2.BatchError(index=1, field="events[1].event")]
+        success=False, event_ids=["evt_1", "", "evt_1"], errors=[events_pb2.BatchError(index=1, field="events[1].event")],
+        duplicates=[2],
     )
     assert orjson.loads(orjson.dumps(batch.to_json(reply))) == {
         "success": False,
-        "event_ids": ["evt_1", ""],
+        "event_ids": ["evt_1", "", "evt_1"],
         "errors": [{"index": 1, "field": "events[1].event", "message": ""}],
+        "duplicates": [2],
     }
+    track = CODECS.for_class(events_pb2.TrackResponse)
+    assert track.to_json(events_pb2.TrackResponse()) == {
+        "success": False, "event_id": "", "person_id": "", "duplicate": False}
     out = THING.to_json(Thing())
     assert out["maybe"] is None and out["inner"] is None and out["at"] is None  # unset optional and messages
     assert out["meta"] == {} and out["tags"] == [] and out["nums"] == [] and out["i32"] == 0
@@ -719,7 +725,7 @@ def test_app_forwards_the_request_and_headers(client, stand_in):
         json={"external_id": "u1", "event": "e", "parameters": {"n": 2}, "extra": True},
     )
     assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
-    assert reply.json() == {"success": True, "event_id": "evt_1", "person_id": "p"}
+    assert reply.json() == {"success": True, "event_id": "evt_1", "person_id": "p", "duplicate": False}
     name, request, metadata = stand_in.seen[-1]
     assert name == "Track" and request.external_id == "u1" and request.parameters["n"] == 2
     assert metadata["authorization"] == "Bearer fe_test_key" and metadata["x-request-id"] == "req-1"

@@ -49,8 +49,8 @@ def api(service):
         def track(self, **kw):
             return stub.Track(pb.TrackRequest(**kw), metadata=md, timeout=10)
 
-        def batch(self, events):
-            return stub.TrackBatch(pb.TrackBatchRequest(events=[pb.TrackRequest(**e) for e in events]),
+        def batch(self, events, **kw):
+            return stub.TrackBatch(pb.TrackBatchRequest(events=[pb.TrackRequest(**e) for e in events], **kw),
                                    metadata=md, timeout=10)
 
         def list(self, person_id, **kw):
@@ -286,3 +286,46 @@ def test_health_and_reflection_need_no_key(service):
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
     (resp,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     assert SERVICE_NAME in {s.name for s in resp.list_services_response.service}
+
+
+def test_message_id_dedups_track_and_batch(api):
+    user, m = uid(), str(uuid.uuid4())
+    first = api.track(external_id=user, event="a", message_id=m)
+    again = api.track(external_id=user, event="b", message_id=m)
+    assert not first.duplicate and again.duplicate
+    assert (again.event_id, again.person_id) == (first.event_id, first.person_id)
+    resp = api.batch([{"external_id": user, "event": "c", "message_id": m}, {"external_id": user, "event": "d"}])
+    assert resp.success and list(resp.duplicates) == [0] and resp.event_ids[0] == first.event_id
+    assert api.list(first.person_id).total == 2
+
+
+@pytest.mark.parametrize("skew", [timedelta(hours=30), -timedelta(days=2)])
+def test_sent_at_corrects_a_skewed_client_clock(api, skew):
+    user = uid()
+    now = datetime.now(timezone.utc)
+    client_now = now + skew
+    resp = api.track(external_id=user, event="a", timestamp=rfc3339(client_now - timedelta(hours=1)),
+                     sent_at=rfc3339(client_now))
+    batch = api.batch([{"external_id": user, "event": "b", "timestamp": rfc3339(client_now - timedelta(hours=2))}],
+                      sent_at=rfc3339(client_now))
+    assert batch.success
+    stored = [e.timestamp.ToDatetime(timezone.utc) for e in api.list(resp.person_id).events]
+    assert len(stored) == 2
+    for at, hours in zip(stored, (1, 2)):
+        assert abs(at - (now - timedelta(hours=hours))) < timedelta(minutes=5)
+    with pytest.raises(grpc.RpcError) as exc:
+        api.batch([{"external_id": user, "event": "b"}], sent_at="later")
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request(exc.value)[0][0] == "sent_at"
+
+
+def test_page_token_errors_name_the_field(api):
+    user = uid()
+    api.batch([{"external_id": user, "event": "e"} for _ in range(3)])
+    first = api.list(user, id_type="external_id", limit=2)
+    assert first.next_page_token
+    rest = api.list(user, id_type="external_id", limit=2, page_token=first.next_page_token)
+    assert len(rest.events) == 1 and rest.next_page_token == "" and rest.total == 3
+    with pytest.raises(grpc.RpcError) as exc:
+        api.list(uid(), id_type="external_id", page_token=first.next_page_token)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(exc.value) == [("page_token", "belongs to another person's listing")]

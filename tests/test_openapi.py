@@ -44,6 +44,7 @@ def test_paths_parameters_bodies_and_errors(doc):
         ("event", "query"),
         ("since", "query"),
         ("until", "query"),
+        ("page_token", "query"),
     }
     assert params[("since", "query")]["schema"] == {"type": "string", "format": "date-time"}
     schemas = doc["components"]["schemas"]
@@ -97,9 +98,10 @@ def test_responses_list_every_field_with_its_json_type(doc):
     assert event["properties"]["parameters"]["type"] == "object"
     assert event["properties"]["timestamp"]["format"] == "date-time"
     page = schemas["flameup.events.v1.ListPersonEventsResponse"]
-    assert page["required"] == ["events", "total"]
+    assert page["required"] == ["events", "total", "next_page_token"]
     assert page["properties"]["total"]["type"] == "integer"
-    assert schemas["flameup.events.v1.TrackBatchResponse"]["required"] == ["success", "event_ids", "errors"]
+    assert schemas["flameup.events.v1.TrackBatchResponse"]["required"] == ["success", "event_ids", "errors", "duplicates"]
+    assert schemas["flameup.events.v1.TrackResponse"]["required"] == ["success", "event_id", "person_id", "duplicate"]
 
 
 def test_the_gateway_serves_the_generated_document():

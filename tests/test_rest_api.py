@@ -51,7 +51,8 @@ def test_track_batch_and_list(http):
                                             "timestamp": "2024-01-15T10:30:00Z", "unknown_field": "ignored"})
     assert resp.status_code == 200
     body = resp.json()
-    assert set(body) == {"success", "event_id", "person_id"} and body["success"] is True
+    assert set(body) == {"success", "event_id", "person_id", "duplicate"} and body["success"] is True
+    assert body["duplicate"] is False
     assert body["person_id"] == person_id_for("ws_default", user)
 
     resp = http.post("/api/v1/track/batch", json={"events": [
@@ -60,11 +61,13 @@ def test_track_batch_and_list(http):
         {"external_id": user, "event": "button_clicked"},
     ]})
     assert resp.status_code == 200 and resp.json()["success"] is True and resp.json()["errors"] == []
+    assert resp.json()["duplicates"] == []
 
     resp = http.get(f"/api/v1/people/{body['person_id']}/events", params={"limit": 2})
     assert resp.status_code == 200
     page = resp.json()
-    assert set(page) == {"events", "total"} and page["total"] == 3 and len(page["events"]) == 2
+    assert set(page) == {"events", "total", "next_page_token"} and page["total"] == 3 and len(page["events"]) == 2
+    assert page["next_page_token"]
     assert all(set(e) == EVENT_FIELDS for e in page["events"])
     assert page["events"][1]["timestamp"] == "2024-01-15T23:00:00Z"
 
@@ -93,7 +96,7 @@ def test_list_by_external_id_and_time_window(http):
 
 def test_unknown_person_is_empty(http):
     resp = http.get(f"/api/v1/people/{uuid.uuid4()}/events")
-    assert resp.status_code == 200 and resp.json() == {"events": [], "total": 0}
+    assert resp.status_code == 200 and resp.json() == {"events": [], "total": 0, "next_page_token": ""}
 
 
 def test_batch_keeps_valid_events_and_reports_each_rejected_one(http):
@@ -246,7 +249,7 @@ def test_another_workspace_person_is_invisible(service, http, workspace):
     other = service.create_key(workspace)
     resp = httpx.get(f"{service.http_url}/api/v1/people/{person}/events",
                      headers={"Authorization": f"Bearer {other}"})
-    assert resp.json() == {"events": [], "total": 0}
+    assert resp.json() == {"events": [], "total": 0, "next_page_token": ""}
 
 
 # Gateway plumbing ----------------------------------------------------------------
@@ -281,7 +284,7 @@ def test_empty_and_repeated_query_values_are_400(http, query, field):
 
 def test_unknown_query_parameters_and_empty_strings_are_ignored(http):
     resp = http.get(f"/api/v1/people/{uuid.uuid4()}/events?utm_source=x&event=&id_type=&limit=7&foo.bar=1")
-    assert resp.status_code == 200 and resp.json() == {"events": [], "total": 0}
+    assert resp.status_code == 200 and resp.json() == {"events": [], "total": 0, "next_page_token": ""}
 
 
 def test_wrong_method_on_a_known_path_is_405_with_allow(http):
@@ -319,3 +322,65 @@ def test_unknown_body_fields_are_ignored_at_every_level(http):
     assert resp.status_code == 200 and resp.json()["success"] is True
     page = http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id"}).json()
     assert page["total"] == 1 and page["events"][0]["parameters"] == {}
+
+
+def test_message_id_dedups_track_and_batch(http):
+    user, m1, m2 = uid(), str(uuid.uuid4()), str(uuid.uuid4())
+    first = http.post("/api/v1/track", json={"external_id": user, "event": "signup", "message_id": m1}).json()
+    again = http.post("/api/v1/track", json={"external_id": user, "event": "other", "message_id": m1})
+    assert again.status_code == 200
+    assert again.json() == {**first, "duplicate": True} and first["duplicate"] is False
+    resp = http.post("/api/v1/track/batch", json={"events": [
+        {"external_id": user, "event": "a", "message_id": m2},
+        {"external_id": user, "event": "b", "message_id": m1},
+        {"external_id": user, "event": ""},
+        {"external_id": user, "event": "c", "message_id": m2},
+    ]})
+    body = resp.json()
+    assert resp.status_code == 200 and body["duplicates"] == [1, 3] and body["success"] is False
+    assert body["event_ids"][1] == first["event_id"] and body["event_ids"][3] == body["event_ids"][0]
+    page = http.get(f"/api/v1/people/{first['person_id']}/events").json()
+    assert page["total"] == 2 and sorted(e["event"] for e in page["events"]) == ["a", "signup"]
+    assert_status(http.post("/api/v1/track", json={"external_id": user, "event": "e", "message_id": "x" * 256}),
+                  400, 3, "message_id")
+
+
+@pytest.mark.parametrize("skew", [timedelta(days=2), -timedelta(days=3)])
+def test_sent_at_corrects_a_skewed_client_clock(http, skew):
+    user = uid()
+    now = datetime.now(timezone.utc)
+    client_now = now + skew
+    resp = http.post("/api/v1/track", json={"external_id": user, "event": "a", "sent_at": iso(client_now),
+                                            "timestamp": iso(client_now - timedelta(hours=1))})
+    assert resp.status_code == 200, resp.text
+    resp = http.post("/api/v1/track/batch", json={"sent_at": iso(client_now), "events": [
+        {"external_id": user, "event": "b", "timestamp": iso(client_now - timedelta(hours=2))}]})
+    assert resp.json()["success"] is True, resp.text
+    page = http.get(f"/api/v1/people/{user}/events", params={"id_type": "external_id"}).json()
+    for event, hours in zip(page["events"], (1, 2)):
+        stored = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+        assert abs(stored - (now - timedelta(hours=hours))) < timedelta(minutes=5)
+    assert_status(http.post("/api/v1/track", json={"external_id": user, "event": "a", "sent_at": "now"}),
+                  400, 3, "sent_at")
+
+
+def test_page_tokens_walk_and_bad_ones_are_400(http):
+    user = uid()
+    resp = http.post("/api/v1/track/batch", json={"events": [
+        {"external_id": user, "event": "e", "timestamp": f"2024-02-01T00:00:{i:02d}Z"} for i in range(7)]})
+    assert resp.json()["success"] is True
+    path, seen, params = f"/api/v1/people/{user}/events", [], {"id_type": "external_id", "limit": 3}
+    while True:
+        page = http.get(path, params=params).json()
+        seen += [e["timestamp"] for e in page["events"]]
+        assert page["total"] == 7
+        if not page["next_page_token"]:
+            break
+        params = {**params, "page_token": page["next_page_token"]}
+    assert seen == [f"2024-02-01T00:00:{i:02d}Z" for i in reversed(range(7))]
+    token = http.get(path, params={"id_type": "external_id", "limit": 3}).json()["next_page_token"]
+    for bad, fragment in [({"page_token": "x" + token[1:]}, "page_token"),
+                          ({"page_token": token, "event": "other"}, "other filters"),
+                          ({"page_token": token, "offset": 3}, "offset")]:
+        body = assert_status(http.get(path, params={"id_type": "external_id", **bad}), 400, 3, "page_token")
+        assert fragment in body["message"]

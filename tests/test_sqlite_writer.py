@@ -112,7 +112,7 @@ async def test_stopping_the_writer_answers_every_append_it_has_read(sqlite_write
         batches = [[event(f"u{i}") for _ in range(10)] for i in range(6)]
         results = await asyncio.gather(*(store.append(b) for b in batches), return_exceptions=True)
         await writer.task
-        assert results == [None] * 6
+        assert results == [[None] * 10] * 6
         for b in batches:
             assert (await store.list_events(EventQuery("ws_w", b[0].person_id))).total == 10
 

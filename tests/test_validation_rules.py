@@ -37,8 +37,8 @@ NOW_US = domain.now_us()
 
 
 class _Discard:
-    async def append(self, events) -> None:
-        pass
+    async def append(self, events) -> list[None]:
+        return [None] * len(events)  # "stored"
 
 
 CORE = EventsCore(_Discard(), clock=lambda: NOW_US)
@@ -91,7 +91,8 @@ parameters = st.none() | st.dictionaries(
 
 @st.composite
 def track_requests(draw) -> events_pb2.TrackRequest:
-    request = events_pb2.TrackRequest(external_id=draw(names), event=draw(names), timestamp=draw(timestamps))
+    request = events_pb2.TrackRequest(external_id=draw(names), event=draw(names), timestamp=draw(timestamps),
+                                      message_id=draw(names))  # empty: no message_id, valid
     if (params := draw(parameters)) is not None:
         request.parameters.update(params)
     return request

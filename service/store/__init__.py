@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from service.store.base import ApiKeyRecord, Store, StoreUnavailable
 
-__all__ = ["ApiKeyRecord", "Store", "StoreUnavailable", "open_store", "DEFAULT_STORE_URL"]
+__all__ = ["ApiKeyRecord", "Store", "StoreUnavailable", "open_store", "with_dedup_window", "DEFAULT_STORE_URL"]
 
 DEFAULT_STORE_URL = "sqlite:///./data/events.db"
 
@@ -40,3 +40,12 @@ def open_store(url: str, *, sqlite_writer: str | None = None) -> Store:
             ) from exc
         return CassandraStore.from_url(url)
     raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}: use sqlite:// or cassandra://")
+
+
+def with_dedup_window(url: str, days: float | None) -> str:
+    """The URL with ``dedup_window_days`` set (``serve --dedup-window-days``),
+    unless it is None or the URL names a window itself."""
+    query = urlsplit(url).query
+    if days is None or "dedup_window_days" in parse_qs(query):
+        return url
+    return f"{url}{'&' if query else '?'}dedup_window_days={days:g}"

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.domain import EventPage, EventQuery, StoredEvent
+from service.domain import DAY_S, DEFAULT_DEDUP_WINDOW_DAYS, EventPage, EventQuery, Original, StoredEvent
 
 # Buckets group a person's timeline by UTC day. Cassandra partitions by them so
 # that no partition grows without bound; every store keeps exact per-bucket
@@ -22,6 +22,20 @@ BUCKET_US = 86_400 * 1_000_000
 
 def bucket_of(ts_us: int) -> int:
     return ts_us // BUCKET_US
+
+
+def dedup_window_seconds(days: str | float | None) -> int:
+    """The dedup window in whole seconds (at least one) from a number of days
+    (a store URL's ``dedup_window_days``; None: the default)."""
+    if days is None:
+        days = DEFAULT_DEDUP_WINDOW_DAYS
+    try:
+        value = float(days)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3650:
+        raise ValueError(f"dedup_window_days must be a number of days in (0, 3650], got {days!r}")
+    return max(1, round(value * DAY_S))
 
 
 class StoreUnavailable(Exception):
@@ -58,8 +72,14 @@ class Store(abc.ABC):
     # Events -------------------------------------------------------------
 
     @abc.abstractmethod
-    async def append(self, events: Sequence[StoredEvent]) -> None:
-        """Store events durably. When this returns, every event is stored.
+    async def append(self, events: Sequence[StoredEvent]) -> list[Original | None]:
+        """Store events durably. When this returns, every event is stored, or is
+        a duplicate: per event, None (stored) or the (event_id, person_id) of
+        the event stored earlier with the same (workspace_id, message_id)
+        within the dedup window, which is then stored for sure. A duplicate
+        stores nothing and counts nowhere. Of copies within ``events`` the first
+        wins; concurrent appends of one message_id, from any process, store it
+        exactly once.
 
         Raises StoreUnavailable when the store cannot take them; then the caller
         reports failure for all of them.
@@ -68,7 +88,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_events(self, query: EventQuery) -> EventPage:
         """A page of one person's events, newest first (timestamp, then id,
-        descending), and the exact count of events matching the filters."""
+        descending), and the exact count of events matching the filters
+        (``after`` does not narrow the count). With ``after``, the page starts
+        after that (timestamp, event_id) and ``more`` says whether events
+        follow it."""
 
     # Workspaces and keys ------------------------------------------------
 

@@ -19,6 +19,8 @@ URL parts (all optional except a host):
 - ``connect_timeout`` / ``request_timeout``: seconds (default 3 / 5). While the
   cluster is down requests fail at once (no live host) or within
   request_timeout (a node that hangs), as StoreUnavailable.
+- ``dedup_window_days``: how long a message_id is remembered (default 7; the
+  claims' TTL).
 
 Data model (docs/cassandra.md has the why):
 
@@ -32,6 +34,9 @@ Data model (docs/cassandra.md has the why):
   the time ``written_at`` of the last write into that day. The row with
   bucket = SUMMARY_BUCKET sorts first and carries the same three values for the
   person's whole history.
+- ``dedup``: PRIMARY KEY ((workspace_id, message_id)), holding the whole event
+  that claimed the message_id (a lightweight transaction, IF NOT EXISTS) with
+  a TTL of the dedup window; docs/idempotent-ingest.md has the protocol.
 - ``person_hours``: PRIMARY KEY ((workspace_id, person_id, event_key, bucket), hour):
   exact counts of the hours of a past day, ``n`` valid as of ``counted_at``, stored
   by readers that counted a window's edge day hour by hour. They are trusted under
@@ -96,8 +101,16 @@ from cassandra.policies import (
 from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
-from service.domain import EventPage, EventQuery, StoredEvent, now_us
-from service.store.base import BUCKET_US, ApiKeyRecord, Store, StoreUnavailable, bucket_of, settle
+from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
+from service.store.base import (
+    BUCKET_US,
+    ApiKeyRecord,
+    Store,
+    StoreUnavailable,
+    bucket_of,
+    dedup_window_seconds,
+    settle,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -211,6 +224,23 @@ CREATE TABLE IF NOT EXISTS person_hours (
     PRIMARY KEY ((workspace_id, person_id, event_key, bucket), hour)
 ) WITH compaction = {'class': 'LeveledCompactionStrategy'}"""
 
+# One partition per (workspace, message_id): the claim of a message, holding the
+# whole event that claimed it, so that whoever finds the claim can (re)write that
+# event (docs/idempotent-ingest.md). Rows expire by TTL (the dedup window).
+CREATE_DEDUP = """
+CREATE TABLE IF NOT EXISTS dedup (
+    workspace_id text,
+    message_id text,
+    event_id text,
+    person_id text,
+    external_id text,
+    event text,
+    parameters text,
+    ts bigint,
+    created_at bigint,
+    PRIMARY KEY ((workspace_id, message_id))
+)"""
+
 # Workspaces and keys are few: one partition each lists them in one read.
 CREATE_WORKSPACES = """
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -254,11 +284,12 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         CREATE_API_KEYS_BY_HASH,
     )),
     (2, "hour counts of past days, for the edges of time windows", (CREATE_PERSON_HOURS,)),
+    (3, "message_id claims, for idempotent ingest", (CREATE_DEDUP,)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Tables holding data (what tests truncate between cases).
-DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "workspaces", "api_keys",
-               "api_keys_by_hash")
+DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "dedup", "workspaces",
+               "api_keys", "api_keys_by_hash")
 
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
@@ -277,6 +308,20 @@ SELECT_EVENTS = (
 SELECT_EVENTS_BY_NAME = (
     "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_name"
     " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ? AND ts >= ? AND ts < ? LIMIT ?"
+)
+# Keyset paging: the rows of the cursor's own timestamp after the cursor's id.
+SELECT_EVENTS_AT = (
+    "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_person"
+    " WHERE workspace_id = ? AND person_id = ? AND bucket = ? AND ts = ? AND event_id < ? LIMIT ?"
+)
+SELECT_EVENTS_BY_NAME_AT = (
+    "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_name"
+    " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ? AND ts = ? AND event_id < ? LIMIT ?"
+)
+# Claims a message_id; when it is taken, Cassandra answers with the claim's row.
+CLAIM_MESSAGE = (
+    "INSERT INTO dedup (workspace_id, message_id, event_id, person_id, external_id, event, parameters, ts,"
+    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
 )
 COUNT_EVENTS = (
     "SELECT COUNT(*) FROM events_by_person"
@@ -405,6 +450,7 @@ class _Settings:
     replication: dict[str, str] = field(default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": "1"})
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    dedup_window_s: int = dedup_window_seconds(None)
     username: str | None = None
     password: str | None = None
 
@@ -441,7 +487,7 @@ def parse_url(url: str) -> _Settings:
 
     params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     known = {"consistency", "protocol_version", "local_dc", "replication_factor", "replication",
-             "connect_timeout", "request_timeout"}
+             "connect_timeout", "request_timeout", "dedup_window_days"}
     if unknown := set(params) - known:
         raise ValueError(f"unknown cassandra URL parameter(s) {sorted(unknown)}; known: {sorted(known)}")
     if "consistency" in params:
@@ -467,6 +513,8 @@ def parse_url(url: str) -> _Settings:
             if not _DC_NAME.fullmatch(dc):
                 raise ValueError(f"bad datacenter {dc!r} in replication={params['replication']!r}")
             settings.replication[dc] = str(_positive_int(f"replication factor of {dc}", rf))
+    if "dedup_window_days" in params:
+        settings.dedup_window_s = dedup_window_seconds(params["dedup_window_days"])
     for name in ("connect_timeout", "request_timeout"):
         if name in params:
             value = float(params[name])
@@ -614,6 +662,7 @@ class CassandraStore(Store):
         idempotent = {
             "insert_event": INSERT_EVENT, "insert_event_by_name": INSERT_EVENT_BY_NAME,
             "select_events": SELECT_EVENTS, "select_events_by_name": SELECT_EVENTS_BY_NAME,
+            "select_events_at": SELECT_EVENTS_AT, "select_events_by_name_at": SELECT_EVENTS_BY_NAME_AT,
             "count_events": COUNT_EVENTS, "count_events_by_name": COUNT_EVENTS_BY_NAME,
             "mark_written": MARK_WRITTEN, "save_count": SAVE_COUNT,
             "select_hours": SELECT_HOURS, "save_hour_count": SAVE_HOUR_COUNT,
@@ -625,7 +674,8 @@ class CassandraStore(Store):
         }
         # Lightweight transactions report whether *this* attempt applied: a retry
         # could see its own first attempt as "not applied".
-        not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY}
+        not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY,
+                          "claim_message": CLAIM_MESSAGE}
         for names, is_idempotent in ((idempotent, True), (not_idempotent, False)):
             for name, cql in names.items():
                 ps = session.prepare(cql)
@@ -728,16 +778,61 @@ class CassandraStore(Store):
 
     # Events -------------------------------------------------------------------
 
-    async def append(self, events: Sequence[StoredEvent]) -> None:
-        """Write events in three waves: dirty marks, rows, clean marks.
+    async def append(self, events: Sequence[StoredEvent]) -> list[Original | None]:
+        """Claim the events' message_ids, then write in three waves: dirty marks,
+        rows, clean marks.
+
+        An event whose message_id is claimed already is a duplicate: the claim's
+        event (the original) is written again in its place, the same rows under
+        the same keys, so that the original is stored for sure when the
+        duplicate is answered, even if the process that claimed it died before
+        its rows (docs/idempotent-ingest.md).
 
         Each wave sends every partition's writes at once, small partitions packed
         together by replica (see _write_partitions): a batch of the API holding 100
         persons costs a few dozen requests, not four per person.
         """
         if not events:
-            return
+            return []
         self._require_session()
+        results: list[Original | None] = [None] * len(events)
+        writes: dict[str, StoredEvent] = {}  # by event_id: an original found twice is written once
+        claims: dict[tuple[str, str], list[int]] = {}  # (workspace, message_id) -> indexes, first first
+        for i, e in enumerate(events):
+            if e.message_id is None:
+                writes[e.event_id] = e
+            else:
+                claims.setdefault((e.workspace_id, e.message_id), []).append(i)
+        if claims:
+            firsts = [events[indexes[0]] for indexes in claims.values()]
+            originals = await self._gather(self._claim(e) for e in firsts)
+            for e, original, indexes in zip(firsts, originals, claims.values(), strict=True):
+                writes[original.event_id] = original
+                for i in indexes if original is not e else indexes[1:]:
+                    results[i] = (original.event_id, original.person_id)
+        await self._write_events(list(writes.values()))
+        return results
+
+    async def _claim(self, e: StoredEvent) -> StoredEvent:
+        """Claim e's message_id (a lightweight transaction): e when it won, else
+        the event that holds the claim."""
+        # The claim lasts the window from the time the event was received.
+        window = self.settings.dedup_window_s
+        ttl = min(window, max(1, -(-(e.created_at_us + window * 1_000_000 - now_us()) // 1_000_000)))
+        rows = await self._execute("claim_message", (
+            e.workspace_id, e.message_id, e.event_id, e.person_id, e.external_id, e.event, e.parameters,
+            e.timestamp_us, e.created_at_us, ttl))
+        row = rows[0]
+        # A retried claim may find its own first attempt (same event_id): then it won.
+        if row[0] or row.event_id == e.event_id:
+            return e
+        return StoredEvent(event_id=row.event_id, workspace_id=e.workspace_id, person_id=row.person_id,
+                           external_id=row.external_id, event=row.event, parameters=row.parameters,
+                           timestamp_us=row.ts, created_at_us=row.created_at, message_id=e.message_id)
+
+    async def _write_events(self, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
         keys: dict[tuple[str, str], set[tuple[str, int]]] = {}
         rows: dict[tuple, list[_Write]] = defaultdict(list)
         insert, insert_by_name = self._ps["insert_event"], self._ps["insert_event_by_name"]
@@ -843,6 +938,13 @@ class CassandraStore(Store):
             return EventPage([], 0)
         event_key = q.event if q.event is not None else ALL_EVENTS
         pk = (q.workspace_id, q.person_id, event_key)
+        if q.after is not None:  # the total (from the counts) and the page, concurrently
+            counted = asyncio.ensure_future(self._total(q, pk))
+            try:
+                events, more = await self._read_after(q, pk)
+            finally:
+                total = await counted
+            return EventPage(events, total, more)
         prefetched = None
         if q.since_us is None and q.until_us is None:
             total, buckets = await self._whole_history(pk, q.offset, q.limit)
@@ -906,7 +1008,7 @@ class CassandraStore(Store):
         self.stats.index_rows += len(rows)
         hours = dict(zip(edges, edge_hours))
         days = [self._day(r, since_us, until_us, hours.get(r.bucket)) for r in rows]
-        if days and q.offset == 0:
+        if days and q.offset == 0 and q.after is None:
             _, newest_page = await self._gather([self._count_dirty(pk, days), self._read_day(q, days[0], 0, q.limit)])
             prefetched = (days[0], newest_page)
         else:
@@ -1071,21 +1173,61 @@ class CassandraStore(Store):
         return [e for page in pages for e in page]
 
     async def _read_day(self, q: EventQuery, d: _Bucket, skip: int, take: int) -> list[StoredEvent]:
-        limit = skip + take
-        fetch = min(limit, ROW_PAGE)
+        return await self._read_rows(q, "select_events", "select_events_by_name", (d.bucket, d.start_us, d.end_us),
+                                     skip + take, skip=skip)
+
+    async def _total(self, q: EventQuery, pk: tuple[str, str, str]) -> int:
+        """The exact count of the listing's events (a cursor page reads no days for it)."""
+        if q.since_us is None and q.until_us is None:
+            return (await self._whole_history(pk, 0, 0))[0]
+        return (await self._window(q, pk))[0]
+
+    async def _read_after(self, q: EventQuery, pk: tuple[str, str, str]) -> tuple[list[StoredEvent], bool]:
+        """Keyset paging: up to q.limit events after q.after, and whether more follow.
+
+        Starts at the cursor's day (the rows of the cursor's timestamp after its
+        id, then the older rows of that day) and goes on to older days in the
+        index, one day at a time until the page is full: a deep page reads what
+        the first one does.
+        """
+        after_ts, after_id = q.after  # type: ignore[misc]
+        lo = MIN_BUCKET if q.since_us is None else bucket_of(q.since_us)
+        hi = bucket_of(after_ts) if q.until_us is None else min(bucket_of(after_ts), bucket_of(q.until_us - 1))
+        want = q.limit + 1
+        out: list[StoredEvent] = []
+        if lo > hi:
+            return out, False
+        ps = self._ps["select_bucket_range"]
+        rows, state = await self._page(ps, (*pk, lo, hi), fetch_size=FIRST_INDEX_PAGE)
+        while True:
+            self.stats.index_rows += len(rows)
+            for r in rows:
+                start, end = r.bucket * BUCKET_US, (r.bucket + 1) * BUCKET_US
+                start = start if q.since_us is None else max(start, q.since_us)
+                end = end if q.until_us is None else min(end, q.until_us)
+                if start <= after_ts < end:
+                    out += await self._read_rows(q, "select_events_at", "select_events_by_name_at",
+                                                 (r.bucket, after_ts, after_id), want - len(out))
+                if len(out) < want and start < min(end, after_ts):
+                    out += await self._read_rows(q, "select_events", "select_events_by_name",
+                                                 (r.bucket, start, min(end, after_ts)), want - len(out))
+                if len(out) >= want:
+                    return out[:q.limit], True
+            if state is None:
+                return out, False
+            rows, state = await self._page(ps, (*pk, lo, hi), fetch_size=INDEX_PAGE, paging_state=state)
+
+    async def _read_rows(self, q: EventQuery, all_events: str, by_name: str, where: tuple,
+                         limit: int, *, skip: int = 0) -> list[StoredEvent]:
+        """Up to ``limit`` rows of one day's partition (``where``: the statement's
+        values after the partition's person and event), the first ``skip`` dropped."""
         if q.event is None:
-            rows = await self._all(self._ps["select_events"],
-                                   (q.workspace_id, q.person_id, d.bucket, d.start_us, d.end_us, limit),
-                                   fetch_size=fetch)
+            ps, params = self._ps[all_events], (q.workspace_id, q.person_id, *where, limit)
         else:
-            rows = await self._all(self._ps["select_events_by_name"],
-                                   (q.workspace_id, q.person_id, q.event, d.bucket, d.start_us, d.end_us, limit),
-                                   fetch_size=fetch)
-        self.stats.event_rows += len(rows)
-        return [StoredEvent(event_id=r.event_id, workspace_id=q.workspace_id, person_id=q.person_id,
-                            external_id=r.external_id, event=r.event, parameters=r.parameters,
-                            timestamp_us=r.ts, created_at_us=r.created_at)
-                for r in rows[skip:skip + take]]
+            ps, params = self._ps[by_name], (q.workspace_id, q.person_id, q.event, *where, limit)
+        rows = await self._all(ps, params, fetch_size=min(limit, ROW_PAGE))
+        self.stats.event_rows += len(rows)  # rows skipped for an offset too
+        return _events(q, rows[skip:])
 
     # Workspaces and keys --------------------------------------------------------
 
@@ -1152,6 +1294,13 @@ def _chunks(items: list[tuple[BoundStatement, _Write]]) -> Iterable[list[tuple[B
         size += item[1][2]
     if chunk:
         yield chunk
+
+
+def _events(q: EventQuery, rows: list) -> list[StoredEvent]:
+    return [StoredEvent(event_id=r.event_id, workspace_id=q.workspace_id, person_id=q.person_id,
+                        external_id=r.external_id, event=r.event, parameters=r.parameters,
+                        timestamp_us=r.ts, created_at_us=r.created_at)
+            for r in rows]
 
 
 def _key(row: Any) -> ApiKeyRecord:

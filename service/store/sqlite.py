@@ -3,7 +3,8 @@
 ``sqlite:///./data/events.db`` (relative path) or ``sqlite:////var/lib/flameup/events.db``
 (absolute). Query parameters: ``synchronous=NORMAL|FULL`` (NORMAL, the default,
 survives a crash or kill of the process; FULL also survives power loss, at the
-cost of an fsync per commit) and ``busy_timeout_ms`` (default 10000).
+cost of an fsync per commit), ``busy_timeout_ms`` (default 10000) and
+``dedup_window_days`` (default 7: how long a message_id is remembered).
 
 Two shapes, one per role; both read on a small thread pool with a connection
 per thread, so the asyncio loop never blocks on the file:
@@ -26,9 +27,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from service.domain import EventPage, EventQuery, StoredEvent
+from service.domain import EventPage, EventQuery, Original, StoredEvent
 from service.store import sqlite_engine as engine
-from service.store.base import ApiKeyRecord, Store, StoreUnavailable, settle
+from service.store.base import ApiKeyRecord, Store, StoreUnavailable, dedup_window_seconds, settle
 from service.store.sqlite_engine import GroupCommitter, SqliteFile, Tuning
 from service.store.sqlite_wire import WriterClient
 
@@ -101,17 +102,17 @@ class _SqliteReads(Store):
         return await self._run(lambda conn: engine.revoke_key(conn, key_id, revoked_at_us))
 
 
-def _settle_all(waiters: list[asyncio.Future], error: BaseException | None) -> None:
-    for done in waiters:
-        settle(done, None, error)
+def _settle_all(waiters: list[tuple[asyncio.Future, list[Original | None]]], error: BaseException | None) -> None:
+    for done, results in waiters:
+        settle(done, results, error)
 
 
 class SqliteStore(_SqliteReads):
     """The embedded store: appends are committed on this store's own writer thread."""
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
-                 tuning: Tuning | None = None) -> None:
-        super().__init__(SqliteFile(path, synchronous, busy_timeout_ms, tuning or Tuning()))
+                 tuning: Tuning | None = None, dedup_window_s: int = dedup_window_seconds(None)) -> None:
+        super().__init__(SqliteFile(path, synchronous, busy_timeout_ms, tuning or Tuning(), dedup_window_s))
         self._writes: queue.SimpleQueue | None = None
         self._writer: threading.Thread | None = None
         self._committer: GroupCommitter | None = None
@@ -119,7 +120,8 @@ class SqliteStore(_SqliteReads):
     @classmethod
     def from_url(cls, url: str, tuning: Tuning | None = None) -> SqliteStore:
         db = SqliteFile.from_url(url, tuning)
-        return cls(db.path, synchronous=db.synchronous, busy_timeout_ms=db.busy_timeout_ms, tuning=db.tuning)
+        return cls(db.path, synchronous=db.synchronous, busy_timeout_ms=db.busy_timeout_ms, tuning=db.tuning,
+                   dedup_window_s=db.dedup_window_s)
 
     async def open(self) -> None:
         """Create or migrate the schema, then start the writer and checkpointer threads."""
@@ -141,15 +143,15 @@ class SqliteStore(_SqliteReads):
             self._committer = None
         await super().close()
 
-    async def append(self, events: Sequence[StoredEvent]) -> None:
+    async def append(self, events: Sequence[StoredEvent]) -> list[Original | None]:
         if not events:
-            return
+            return []
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._writes.put((events, loop, done))
-        await asyncio.shield(done)  # a cancelled caller must not abandon a commit in flight
+        return await asyncio.shield(done)  # a cancelled caller must not abandon a commit in flight
 
     def _write_loop(self, committer: GroupCommitter) -> None:
         max_rows = self.db.tuning.max_group_rows
@@ -169,11 +171,15 @@ class SqliteStore(_SqliteReads):
                     break
                 group.append(nxt)
                 rows += len(nxt[0])
-            error = committer.commit_or_error([e for events, _, _ in group for e in events])
+            results = committer.commit_or_error([e for events, _, _ in group for e in events])
+            error = results if isinstance(results, BaseException) else None
             # One wake-up per event loop for the whole group, not one per waiter.
-            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-            for _, loop, done in group:
-                by_loop.setdefault(loop, []).append(done)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, list[Original | None]]]] = {}
+            start = 0
+            for events, loop, done in group:
+                mine = [] if isinstance(results, BaseException) else results[start : start + len(events)]
+                start += len(events)
+                by_loop.setdefault(loop, []).append((done, mine))
             for loop, waiters in by_loop.items():
                 try:
                     loop.call_soon_threadsafe(_settle_all, waiters, error)
@@ -206,9 +212,9 @@ class SqliteClientStore(_SqliteReads):
             self._client = None
         await super().close()
 
-    async def append(self, events: Sequence[StoredEvent]) -> None:
+    async def append(self, events: Sequence[StoredEvent]) -> list[Original | None]:
         if not events:
-            return
+            return []
         if self._client is None:
             raise StoreUnavailable("the store is closed")
-        await self._client.append(events)
+        return await self._client.append(events)

@@ -5,7 +5,8 @@ Synchronous code only; the stores (sqlite.py) and the writer process
 layout, with their measurements, are in docs/decisions/sqlite-storage.md.
 
 - ``SqliteFile``: the file and how every connection to it is set up (pragmas),
-  parsed from a ``sqlite:///path?synchronous=NORMAL|FULL&busy_timeout_ms=N`` URL.
+  parsed from a ``sqlite:///path?synchronous=NORMAL|FULL&busy_timeout_ms=N&dedup_window_days=D``
+  URL, and how long a message_id is remembered (default 7 days).
 - ``migrate``: creates or upgrades the schema (``MIGRATIONS``, ``PRAGMA user_version``).
 - ``GroupCommitter``: the one writing connection. ``commit`` stores a group of
   appends in one transaction; ``merge_if_due`` runs a timeline merge step; a
@@ -32,6 +33,17 @@ Exact totals: per-day counts (``bucket_counts``) cover the entries in
 ``timeline``; the step that moves entries adds their counts in the same
 transaction. A read sums at most a few hundred day rows and counts the
 person's few entries still in ``recent``.
+
+Idempotent ingest (docs/idempotent-ingest.md): ``dedup`` maps (workspace,
+message_id) to the event that claimed it. A commit looks its events' ids up in
+the same transaction that inserts them, under SQLite's write lock, so no two
+commits, of any process, can both claim one message_id; a duplicate is never
+inserted and so counts nowhere. Each commit also deletes at most
+``dedup_cleanup_rows`` expired entries, oldest first by the ``created_at`` index.
+
+Keyset paging: a page after (ts, event_id) adds ``(ts, event_id) < (?, ?)`` to
+both timeline ranges, which SQLite seeks to in the (person_key, ts, event_id)
+key: a deep page reads what the first one does.
 """
 
 from __future__ import annotations
@@ -47,12 +59,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import EventPage, EventQuery, StoredEvent
-from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, split_window
+from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
+from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, dedup_window_seconds, split_window
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Each version is a list of statements, applied in order in one transaction.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -136,6 +148,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """INSERT INTO timeline (person_key, ts, event_id, event, seq)
             SELECT person_key, ts, event_id, event, seq FROM events ORDER BY person_key, ts, event_id""",
     ),
+    # Idempotent ingest: the event that claimed each message_id, while the dedup
+    # window lasts (created_at: when that event was received).
+    4: (
+        """CREATE TABLE dedup (
+            workspace_id TEXT NOT NULL,
+            message_id   TEXT NOT NULL,
+            event_id     TEXT NOT NULL,
+            person_id    TEXT NOT NULL,
+            created_at   INTEGER NOT NULL,
+            PRIMARY KEY (workspace_id, message_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX dedup_expiry ON dedup (created_at)",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
@@ -157,6 +182,21 @@ STAGE_ENTRIES = (
     " SELECT person_key, ts, event_id, event, seq FROM events WHERE seq > ?"
 )
 COUNT_RECENT = "SELECT count(*) FROM recent"
+# One workspace at a time: a row-value IN (VALUES ...) over both key columns scans the table.
+SELECT_CLAIMS = (
+    "SELECT message_id, event_id, person_id, created_at FROM dedup WHERE workspace_id = ? AND message_id IN ({marks})"
+)
+CLAIM_COLUMNS = 5
+# A claim replaces an expired one that the cleanup has not reached yet.
+INSERT_CLAIMS = "INSERT INTO dedup (workspace_id, message_id, event_id, person_id, created_at) VALUES "
+INSERT_CLAIMS_END = (
+    " ON CONFLICT (workspace_id, message_id) DO UPDATE SET event_id = excluded.event_id,"
+    " person_id = excluded.person_id, created_at = excluded.created_at"
+)
+EXPIRE_CLAIMS = (
+    "DELETE FROM dedup WHERE (workspace_id, message_id) IN"
+    " (SELECT workspace_id, message_id FROM dedup WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+)
 # A merge step: the persons after the cursor up to the one holding the n-th entry.
 MERGE_BOUNDARY = "SELECT person_key FROM recent WHERE person_key > ? ORDER BY person_key LIMIT 1 OFFSET ?"
 MERGE_ENTRIES = (
@@ -178,7 +218,7 @@ MERGE_COUNTS = (
 DROP_MERGED = "DELETE FROM recent WHERE person_key > ? AND person_key <= ?"
 # Reads merge both tables in timeline order (SQLite walks the two ranges side by
 # side) and fetch the rows of the page only. Named parameters: :person, :event,
-# :since, :until, :limit, :offset.
+# :since, :until, :after_ts, :after_id, :limit, :offset.
 TIMELINE_TABLES = ("timeline", "recent")
 SELECT_EVENTS = (
     "SELECT e.event_id, e.external_id, e.event, e.parameters, e.ts, e.created_at FROM ("
@@ -231,6 +271,9 @@ class Tuning:
     merge_from_rows: int = 50_000
     merge_step_rows: int = 2_000
     max_person_key_cache: int = 100_000
+    # Expired dedup entries one commit deletes at most: more than a group inserts, so
+    # the table shrinks back to the window's entries; bounded, so no commit stalls.
+    dedup_cleanup_rows: int = 2000
     # The writer process: a group of fewer than small_group_rows rows waits until
     # commit_gap_s after the start of the previous commit, gathering what arrives meanwhile.
     commit_gap_s: float = 0.002
@@ -249,6 +292,7 @@ class SqliteFile:
     synchronous: str = "NORMAL"
     busy_timeout_ms: int = 10_000
     tuning: Tuning = field(default_factory=Tuning)
+    dedup_window_s: int = dedup_window_seconds(None)  # how long a message_id is remembered
 
     def __post_init__(self) -> None:
         if self.synchronous.upper() not in ("NORMAL", "FULL"):
@@ -258,17 +302,19 @@ class SqliteFile:
     @classmethod
     def from_url(cls, url: str, tuning: Tuning | None = None) -> SqliteFile:
         """``sqlite:///./data/x.db`` (relative path) or ``sqlite:////abs/x.db`` (absolute);
-        query parameters ``synchronous`` and ``busy_timeout_ms``."""
+        query parameters ``synchronous``, ``busy_timeout_ms`` and ``dedup_window_days``."""
         parts = urlsplit(url)
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path:
             raise ValueError(f"sqlite URL needs a file path, e.g. sqlite:///./data/events.db, got {url!r}")
         params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        if unknown := sorted(set(params) - {"synchronous", "busy_timeout_ms"}):
+        known = ("synchronous", "busy_timeout_ms", "dedup_window_days")
+        if unknown := sorted(set(params) - set(known)):
             raise ValueError(f"sqlite URL {url!r}: unknown parameter {', '.join(unknown)}"
-                             " (known: synchronous, busy_timeout_ms)")
+                             f" (known: {', '.join(known)})")
         return cls(path, synchronous=params.get("synchronous", "NORMAL"),
-                   busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)), tuning=tuning or Tuning())
+                   busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)), tuning=tuning or Tuning(),
+                   dedup_window_s=dedup_window_seconds(params.get("dedup_window_days")))
 
     def connect(self) -> sqlite3.Connection:
         """A new connection (autocommit: every transaction is begun explicitly), usable from any thread."""
@@ -409,22 +455,23 @@ class GroupCommitter:
             self._conn.close()
             self._conn = None
 
-    def commit(self, events: list[StoredEvent]) -> None:
-        """Commit one group of appends; raises StoreUnavailable when SQLite fails
-        (nothing of the group is then stored)."""
-        error = self.commit_or_error(events)
-        if error is not None:
-            raise error
+    def commit(self, events: list[StoredEvent]) -> list[Original | None]:
+        """Commit one group of appends; per event, what Store.append answers.
+        Raises StoreUnavailable when SQLite fails (nothing of the group is then stored)."""
+        results = self.commit_or_error(events)
+        if isinstance(results, BaseException):
+            raise results
+        return results
 
-    def commit_or_error(self, events: list[StoredEvent]) -> BaseException | None:
-        """Commit one group of appends; the error that every waiter of the group gets, or None."""
+    def commit_or_error(self, events: list[StoredEvent]) -> list[Original | None] | BaseException:
+        """Commit one group of appends; per event, what Store.append answers, or
+        the error that every waiter of the group gets."""
         if self._conn is None:
             return StoreUnavailable("the store is closed")
         try:
-            self._commit(events)
+            return self._commit(events)
         except Exception as exc:  # every waiter gets an answer, whatever went wrong
             return StoreUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
-        return None
 
     def _checkpoint_loop(self) -> None:
         """Copy the WAL into the database off the commit path (PASSIVE: never
@@ -448,19 +495,32 @@ class GroupCommitter:
             writeback.close()
             conn.close()
 
-    def _commit(self, events: list[StoredEvent]) -> None:
-        """One transaction for a group of appends: persons, rows, staged timeline entries.
+    def _commit(self, events: list[StoredEvent]) -> list[Original | None]:
+        """One transaction for a group of appends: message claims, persons, rows,
+        staged timeline entries.
 
         While the transaction is open every other writer process waits, so the
         statements' values are built before it starts whenever every person
-        already has a key (the usual case); only new persons need it first.
+        already has a key (the usual case); only new persons, or duplicates
+        (which leave the group), need it first.
         """
         conn = self._conn
+        assert conn is not None  # commit_or_error checked
         cached = self._person_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
         statements = None if missing else self._statements(events, cached)
+        claims = any(e.message_id is not None for e in events)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            results: list[Original | None] = [None] * len(events)
+            if claims:
+                results = self._claim_messages(conn, events)
+                if any(results):
+                    events = [e for e, original in zip(events, results, strict=True) if original is None]
+                    missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+                    statements = None
+            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
+                                         self._tuning.dedup_cleanup_rows))
             new_keys = self._assign_person_keys(conn, missing) if missing else {}
             (last_seq,) = conn.execute(MAX_SEQ).fetchone()
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
@@ -476,6 +536,43 @@ class GroupCommitter:
             cached.update(new_keys)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
+        return results
+
+    def _claim_messages(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> list[Original | None]:
+        """Per event, None when it claims its message_id (or has none), else the
+        original it duplicates: a live claim from before this group, or an
+        earlier event of this group. Runs inside the commit's transaction."""
+        window_us = self.db.dedup_window_s * 1_000_000
+        wanted: dict[str, set[str]] = {}
+        for e in events:
+            if e.message_id is not None:
+                wanted.setdefault(e.workspace_id, set()).add(e.message_id)
+        claims: dict[tuple[str, str], tuple[str, str, int]] = {}
+        for workspace_id, message_ids in wanted.items():
+            for chunk in _chunks(list(message_ids)):
+                for message_id, event_id, person_id, created_at in conn.execute(
+                        SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), [workspace_id, *chunk]):
+                    claims[(workspace_id, message_id)] = (event_id, person_id, created_at)
+        results: list[Original | None] = []
+        new: dict[tuple[str, str], StoredEvent] = {}
+        for e in events:
+            if e.message_id is None:
+                results.append(None)
+                continue
+            key = (e.workspace_id, e.message_id)
+            claim = claims.get(key)
+            if claim is not None and claim[2] + window_us > e.created_at_us:
+                results.append(claim[:2])
+                continue
+            claims[key] = (e.event_id, e.person_id, e.created_at_us)
+            new[key] = e
+            results.append(None)
+        rows = [v for e in new.values()
+                for v in (e.workspace_id, e.message_id, e.event_id, e.person_id, e.created_at_us)]
+        for chunk in _chunks(rows, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
+            conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END,
+                         chunk)
+        return results
 
     def merge_if_due(self) -> None:
         """One merge step when ``recent`` has grown past merge_from_rows.
@@ -557,6 +654,8 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
             return EventPage([], 0)
         args = {"person": row[0], "event": q.event, "since": q.since_us, "until": q.until_us,
                 "limit": q.limit, "offset": q.offset}
+        if q.after is not None:  # keyset paging: one row more tells whether more follow
+            args.update(after_ts=q.after[0], after_id=q.after[1], limit=q.limit + 1)
         filters = "" if q.event is None else " AND event = :event"
         range_filters = ("" if q.since_us is None else " AND ts >= :since") + (
             "" if q.until_us is None else " AND ts < :until")
@@ -577,15 +676,21 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
                               args).fetchone()[0]
         # The total is exact, so an offset past it (or an event that never occurred)
         # needs no walk of the timeline.
-        rows = [] if q.offset >= total else conn.execute(
-            SELECT_EVENTS.format(filters=filters + range_filters), args).fetchall()
+        page_filters = filters + range_filters
+        if q.after is not None:
+            # The cursor lies inside the window (the token is bound to it), so it replaces
+            # ``until`` as the upper bound: SQLite then seeks to it in the key, and the
+            # lower bound stays ``since``.
+            page_filters = filters + ("" if q.since_us is None else " AND ts >= :since") + (
+                " AND (ts, event_id) < (:after_ts, :after_id)")
+        rows = [] if q.offset >= total else conn.execute(SELECT_EVENTS.format(filters=page_filters), args).fetchall()
     finally:
         conn.execute("COMMIT")
     events = [
         StoredEvent(event_id, q.workspace_id, q.person_id, external_id, event, parameters, ts, created_at)
-        for event_id, external_id, event, parameters, ts, created_at in rows
+        for event_id, external_id, event, parameters, ts, created_at in rows[:q.limit]
     ]
-    return EventPage(events, total)
+    return EventPage(events, total, more=len(rows) > q.limit)
 
 
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:

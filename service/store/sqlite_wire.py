@@ -2,8 +2,10 @@
 
 Frames on the Unix socket: a 4-byte big-endian length, then JSON.
 
-- request: ``[id, [[workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us], ...]]``
-- response: ``[id, null]`` once committed, or ``[id, "why not"]``
+- request: ``[id, [[workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us,
+  message_id or null], ...]]``
+- response: ``[id, null, [[index, event_id, person_id], ...]]`` once committed, listing the
+  request's duplicates (by message_id) with their originals; or ``[id, "why not", []]``
 
 ``WriterClient`` keeps many appends in flight on one connection and
 reconnects after the writer process went away.
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from service.domain import StoredEvent
+from service.domain import Original, StoredEvent
 from service.store.base import StoreUnavailable
 
 _HEADER = struct.Struct(">I")
@@ -41,14 +43,21 @@ async def read_frame(reader: asyncio.StreamReader) -> object:
 
 def event_row(e: StoredEvent) -> tuple:
     return (e.workspace_id, e.person_id, e.event_id, e.external_id, e.event, e.parameters, e.timestamp_us,
-            e.created_at_us)
+            e.created_at_us, e.message_id)
 
 
 def row_event(row: Sequence) -> StoredEvent:
-    workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us = row
-    if not (all(isinstance(v, str) for v in row[:6]) and all(type(v) is int for v in row[6:])):
-        raise ValueError("a row is not six strings and two integers")
-    return StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us)
+    workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us, message_id = row
+    if not (all(isinstance(v, str) for v in row[:6]) and all(type(v) is int for v in row[6:8])
+            and (message_id is None or isinstance(message_id, str))):
+        raise ValueError("a row is not six strings, two integers and a message_id (a string or null)")
+    return StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us,
+                       message_id)
+
+
+def duplicates(results: Sequence[Original | None]) -> list[list]:
+    """A response's duplicates: [index, event_id, person_id] of each."""
+    return [[i, *original] for i, original in enumerate(results) if original is not None]
 
 
 class Frames:
@@ -76,22 +85,26 @@ class WriterClient:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[tuple[str | None, list]]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._frames: Frames | None = None
         self._reading: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
 
-    async def append(self, events: Sequence[StoredEvent]) -> None:
+    async def append(self, events: Sequence[StoredEvent]) -> list[Original | None]:
         frames = await self._connection()
         request_id = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
         frames.send([request_id, [event_row(e) for e in events]])
         # A cancelled caller must not lose track of a commit in flight: it completes anyway.
-        error = await asyncio.shield(answer)
+        error, found = await asyncio.shield(answer)  # (str | None, [[index, event_id, person_id], ...])
         if error is not None:
             raise StoreUnavailable(f"sqlite writer: {error}")
+        results: list[Original | None] = [None] * len(events)
+        for i, event_id, person_id in found:
+            results[i] = (event_id, person_id)
+        return results
 
     async def _connection(self) -> Frames:
         async with self._connecting:
@@ -108,10 +121,10 @@ class WriterClient:
         reason = "closed the connection"
         try:
             while True:
-                request_id, error = await read_frame(reader)
+                request_id, error, found = await read_frame(reader)
                 answer = self._pending.pop(request_id, None)
                 if answer is not None and not answer.done():
-                    answer.set_result(error)
+                    answer.set_result((error, found))
         except asyncio.IncompleteReadError:
             pass
         except Exception as exc:  # a broken frame or socket: nothing more can be trusted on it
@@ -122,7 +135,7 @@ class WriterClient:
             pending, self._pending = self._pending, {}
             for answer in pending.values():
                 if not answer.done():
-                    answer.set_result(f"the writer process {reason} before answering")
+                    answer.set_result((f"the writer process {reason} before answering", []))
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from service.domain import StoredEvent
 from service.store.base import StoreUnavailable
 from service.store.sqlite_engine import GroupCommitter, SqliteFile, Tuning
-from service.store.sqlite_wire import Frames, read_frame, row_event
+from service.store.sqlite_wire import Frames, duplicates, read_frame, row_event
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,19 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
             group.append(pending.popleft())
             rows += len(group[-1][2])
         pending_rows -= rows
-        error = None
+        error, results = None, []
         try:
-            committer.commit([e for _, _, events in group for e in events])
+            results = committer.commit([e for _, _, events in group for e in events])
         except StoreUnavailable as exc:
             error = str(exc)
         except Exception as exc:
             log.exception("sqlite writer: commit failed")
             error = f"{type(exc).__name__}: {exc}"
-        for answers, request_id, _ in group:
-            answers.send([request_id, error])
+        start = 0
+        for answers, request_id, events in group:
+            mine = results[start:start + len(events)]
+            start += len(events)
+            answers.send([request_id, error, [] if error is not None else duplicates(mine)])
         loop.call_soon(after_group)  # after the answers' writes, which are queued before it
 
     def after_group() -> None:

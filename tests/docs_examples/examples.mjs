@@ -5,7 +5,9 @@ const API_KEY = process.env.API_KEY; // harness
 const BASE_URL = process.env.BASE_URL; // harness
 const results = {}; // harness
 
-async function trackEvent(externalId, eventName, parameters = {}) {
+// A new UUID per event; a retry of the same event sends the same one, and the
+// service stores the event once (the answer says "duplicate": true).
+async function trackEvent(externalId, eventName, parameters = {}, messageId = crypto.randomUUID()) {
   const response = await fetch(
     `${BASE_URL}/api/v1/track`,
     {
@@ -17,6 +19,7 @@ async function trackEvent(externalId, eventName, parameters = {}) {
       body: JSON.stringify({
         external_id: externalId,
         event: eventName,
+        message_id: messageId,
         parameters: parameters
       })
     }
@@ -75,16 +78,19 @@ results.nps_submitted = await trackEvent(externalId, 'nps_submitted', {
           {
             external_id: externalId,
             event: 'page_viewed',
+            message_id: crypto.randomUUID(),
             parameters: { page: '/home' }
           },
           {
             external_id: externalId,
             event: 'button_clicked',
+            message_id: crypto.randomUUID(),
             parameters: { button: 'signup' }
           },
           {
             external_id: externalId + '_456',
             event: 'purchase_completed',
+            message_id: crypto.randomUUID(),
             parameters: { amount: 99.99 }
           }
         ]

@@ -3,6 +3,7 @@ them: only the host is BASE_URL, and lines marked "harness" are ours."""
 
 import json  # harness
 import os  # harness
+import uuid
 from datetime import datetime
 
 import requests
@@ -13,7 +14,10 @@ EXTERNAL_ID = os.environ["EXTERNAL_ID"]  # harness: user_123 in the docs
 results = {}  # harness
 
 
-def track_event(external_id, event_name, parameters=None):
+def track_event(external_id, event_name, parameters=None, message_id=None):
+    # A new UUID per event; a retry of the same event sends the same one, and
+    # the service stores the event once (the answer says "duplicate": true).
+    message_id = message_id or str(uuid.uuid4())
     response = requests.post(
         f'{BASE_URL}/api/v1/track',
         headers={
@@ -23,6 +27,7 @@ def track_event(external_id, event_name, parameters=None):
         json={
             'external_id': external_id,
             'event': event_name,
+            'message_id': message_id,
             'parameters': parameters or {}
         }
     )
@@ -58,16 +63,19 @@ response = requests.post(
             {
                 'external_id': EXTERNAL_ID,
                 'event': 'page_viewed',
+                'message_id': str(uuid.uuid4()),
                 'parameters': {'page': '/home'}
             },
             {
                 'external_id': EXTERNAL_ID,
                 'event': 'button_clicked',
+                'message_id': str(uuid.uuid4()),
                 'parameters': {'button': 'signup'}
             },
             {
                 'external_id': EXTERNAL_ID + '_456',
                 'event': 'purchase_completed',
+                'message_id': str(uuid.uuid4()),
                 'parameters': {'amount': 99.99}
             }
         ]

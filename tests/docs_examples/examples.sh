@@ -4,12 +4,19 @@
 # $EXTERNAL_ID. Prints one JSON response per line.
 set -euo pipefail
 
+# A new UUID per event (uuidgen, where installed, does the same): a retry sends
+# the same message_id again, and the event is stored once.
+new_id() { python3 -c 'import uuid; print(uuid.uuid4())'; }
+MESSAGE_ID=$(new_id)
+
+track() {
 curl -sS -X POST "$BASE_URL/api/v1/track" \
 -H "Content-Type: application/json" \
 -H "Authorization: Bearer $API_KEY" \
 -d '{
 "external_id": "'"$EXTERNAL_ID"'",
 "event": "purchase_completed",
+"message_id": "'"$MESSAGE_ID"'",
 "parameters": {
 "order_id": "order_789",
 "amount": 99.99,
@@ -17,14 +24,17 @@ curl -sS -X POST "$BASE_URL/api/v1/track" \
 }
 }'
 echo
+}
+track
+track  # a retry: answered with the same event_id and "duplicate": true, stored once
 
 curl -sS -X POST "$BASE_URL/api/v1/track/batch" \
 -H "Content-Type: application/json" \
 -H "Authorization: Bearer $API_KEY" \
 -d '{
 "events": [
-{"external_id": "'"$EXTERNAL_ID"'", "event": "page_viewed", "parameters": {"page": "/home"}},
-{"external_id": "'"$EXTERNAL_ID"'", "event": "button_clicked", "parameters": {"button": "signup"}}
+{"external_id": "'"$EXTERNAL_ID"'", "event": "page_viewed", "message_id": "'"$(new_id)"'", "parameters": {"page": "/home"}},
+{"external_id": "'"$EXTERNAL_ID"'", "event": "button_clicked", "message_id": "'"$(new_id)"'", "parameters": {"button": "signup"}}
 ]
 }'
 echo

@@ -13,42 +13,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrackRequest(_message.Message):
-    __slots__ = ("external_id", "event", "parameters", "timestamp")
+    __slots__ = ("external_id", "event", "parameters", "timestamp", "message_id", "sent_at")
     EXTERNAL_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     external_id: str
     event: str
     parameters: _struct_pb2.Struct
     timestamp: str
-    def __init__(self, external_id: _Optional[str] = ..., event: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timestamp: _Optional[str] = ...) -> None: ...
+    message_id: str
+    sent_at: str
+    def __init__(self, external_id: _Optional[str] = ..., event: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timestamp: _Optional[str] = ..., message_id: _Optional[str] = ..., sent_at: _Optional[str] = ...) -> None: ...
 
 class TrackResponse(_message.Message):
-    __slots__ = ("success", "event_id", "person_id")
+    __slots__ = ("success", "event_id", "person_id", "duplicate")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     success: bool
     event_id: str
     person_id: str
-    def __init__(self, success: _Optional[bool] = ..., event_id: _Optional[str] = ..., person_id: _Optional[str] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, success: _Optional[bool] = ..., event_id: _Optional[str] = ..., person_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class TrackBatchRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "sent_at")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[TrackRequest]
-    def __init__(self, events: _Optional[_Iterable[_Union[TrackRequest, _Mapping]]] = ...) -> None: ...
+    sent_at: str
+    def __init__(self, events: _Optional[_Iterable[_Union[TrackRequest, _Mapping]]] = ..., sent_at: _Optional[str] = ...) -> None: ...
 
 class TrackBatchResponse(_message.Message):
-    __slots__ = ("success", "event_ids", "errors")
+    __slots__ = ("success", "event_ids", "errors", "duplicates")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     success: bool
     event_ids: _containers.RepeatedScalarFieldContainer[str]
     errors: _containers.RepeatedCompositeFieldContainer[BatchError]
-    def __init__(self, success: _Optional[bool] = ..., event_ids: _Optional[_Iterable[str]] = ..., errors: _Optional[_Iterable[_Union[BatchError, _Mapping]]] = ...) -> None: ...
+    duplicates: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, success: _Optional[bool] = ..., event_ids: _Optional[_Iterable[str]] = ..., errors: _Optional[_Iterable[_Union[BatchError, _Mapping]]] = ..., duplicates: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchError(_message.Message):
     __slots__ = ("index", "field", "message")
@@ -61,7 +71,7 @@ class BatchError(_message.Message):
     def __init__(self, index: _Optional[int] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListPersonEventsRequest(_message.Message):
-    __slots__ = ("person_id", "id_type", "limit", "offset", "event", "since", "until")
+    __slots__ = ("person_id", "id_type", "limit", "offset", "event", "since", "until", "page_token")
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
     ID_TYPE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +79,7 @@ class ListPersonEventsRequest(_message.Message):
     EVENT_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     person_id: str
     id_type: str
     limit: int
@@ -76,15 +87,18 @@ class ListPersonEventsRequest(_message.Message):
     event: str
     since: _timestamp_pb2.Timestamp
     until: _timestamp_pb2.Timestamp
-    def __init__(self, person_id: _Optional[str] = ..., id_type: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., event: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    page_token: str
+    def __init__(self, person_id: _Optional[str] = ..., id_type: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., event: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListPersonEventsResponse(_message.Message):
-    __slots__ = ("events", "total")
+    __slots__ = ("events", "total", "next_page_token")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     total: int
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., total: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("id", "workspace_id", "person_id", "external_id", "event", "parameters", "timestamp", "created_at")
