@@ -165,7 +165,7 @@ bench-cluster: $(VENV)/.installed ## benchmark the 3-node cluster next to the si
 	scripts/cassandra.sh up
 	scripts/cassandra-cluster.sh up
 	$(PY) -m bench.run --stores cassandra,cassandra_cluster --workloads grpc_batch,list_person,grpc_batch_node_kill \
-	  --out bench/results-cluster.json $(BENCH_ARGS)
+	  --out bench/out/cluster.json $(BENCH_ARGS)
 
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmark the real service next to the store's own limit (BENCH_QUICK=1: short run)
