@@ -319,8 +319,8 @@ def _fault_line(name: str, ledger: Ledger, verified: dict[str, int], **times: fl
     parts = [f"acknowledged={len(ledger.acked)}", f"stored={verified['stored']}", f"lost={verified['lost']}",
              f"duplicated={verified['duplicated']}", f"requests={ledger.requests}",
              f"failed_attempts={failed} {dict(ledger.failed_attempts)}", f"retried_requests={ledger.retried_requests}",
-             f"duplicates_answered={ledger.duplicates_answered}", f"replays={ledger.replays}", f"longest_retry_s={ledger.longest_retry_s:.1f}",
-             *(f"{k}={v:.1f}" for k, v in times.items())]
+             f"duplicates_answered={ledger.duplicates_answered}", f"replays={ledger.replays}",
+             f"longest_retry_s={ledger.longest_retry_s:.1f}", *(f"{k}={v:.1f}" for k, v in times.items())]
     return f"FAULT {name}: " + " ".join(parts)
 
 
@@ -403,8 +403,8 @@ async def test_sigkill_of_a_cassandra_node_under_ingest_loses_nothing_and_stores
                              driver_reconnect_s=reconnect_s,
                              hints_replayed_s=catch_up_s,
                              clients_recovered_s=max(0.0, ledger.last_failure - killed)),
-          f"hints_at_restart={hints_at_restart} hints_written_after_restart={later_hints} reads_ok={dict(reads.ok)} reads_failed={dict(reads.failed)}"
-          f" slowest_read_s={reads.slowest_s:.1f}")
+          f"hints_at_restart={hints_at_restart} hints_written_after_restart={later_hints}",
+          f"reads_ok={dict(reads.ok)} reads_failed={dict(reads.failed)} slowest_read_s={reads.slowest_s:.1f}")
     assert verified["lost"] == 0
     assert verified["duplicated"] == 0
     assert verified["stored"] == len(ledger.acked)
