@@ -64,14 +64,16 @@ class RunningService:
 
 
 def start_service(store_url: str, *, workers: int = 1, gateway_workers: int = 1,
-                  extra_env: dict[str, str] | None = None, grpc_port: int = 0, http_port: int = 0) -> RunningService:
+                  extra_env: dict[str, str] | None = None, grpc_port: int = 0, http_port: int = 0,
+                  extra_args: tuple[str, ...] = ()) -> RunningService:
     """``serve`` on ``store_url`` and the given ports (0: ephemeral ones), once it says it is up."""
     key = "test_" + secrets.token_urlsafe(24)
     env = {**os.environ, "FLAMEUP_BOOTSTRAP_KEY": key, "FLAMEUP_KEY_CACHE_SECONDS": "0", **(extra_env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--store", store_url,
          "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-         "--workers", str(workers), "--gateway-workers", str(gateway_workers), "--log-level", "warning"],
+         "--workers", str(workers), "--gateway-workers", str(gateway_workers), "--log-level", "warning",
+         *extra_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     output: list[str] = []
