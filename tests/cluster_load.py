@@ -151,7 +151,7 @@ async def ingest(services: list[RunningService], ledger: Ledger, stop: asyncio.E
                 previous = ledger.acked.setdefault(event.message_id, event_id)
                 assert previous == event_id, f"message {event.message_id} acknowledged as two events"
             if rng.random() < REPLAY:
-                again = await call_with_retries(stubs[::-1], "TrackBatch", request, metadata, ledger)
+                again = await call_with_retries(stubs, "TrackBatch", request, metadata, ledger)
                 ledger.replays += 1
                 assert list(again.duplicates) == list(range(len(request.events))), again
                 assert list(again.event_ids) == list(reply.event_ids), "a replayed batch got other ids"

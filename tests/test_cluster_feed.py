@@ -1,0 +1,225 @@
+"""The feed on the clusters: two ``serve`` instances over the three-node Cassandra
+cluster publish to a stream with three replicas on the three-node NATS cluster.
+One publisher holds the lease at a time; the stream loses nothing when the
+instance that publishes dies, or when the stream's NATS leader dies.
+
+Clients are spread over both instances and retry by ``message_id``
+(tests/cluster_load.py); after each fault every acknowledged event is stored
+once and on the stream. Each fault prints a ``FAULT`` line (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("service.feed", reason="the feed (service/feed) is not in this tree")
+
+import nats  # noqa: E402
+from cluster_load import CLIENTS_PER_INSTANCE, Ledger, fault_line, ingest, start_pair, stop_pair, verify  # noqa: E402
+from cluster_support import NatsCluster, wait_for  # noqa: E402
+from feed_support import stream_ids  # noqa: E402
+from service_support import RunningService  # noqa: E402
+
+pytestmark = [pytest.mark.slow]
+
+WARMUP_S = 3.0
+AFTER_S = 4.0
+PUBLISHER_MOVES_WITHIN = 10.0  # the issue's promise; the lease's TTL and renewal make it about 7.5 s
+
+
+@pytest.fixture(scope="module")
+def feed_pair(cluster_url: str, nats_cluster: NatsCluster) -> Iterator[tuple[list[RunningService], str]]:
+    """Two instances publishing to a stream of their own (its own lease and checkpoint
+    in the shared keyspace), three replicas. The tests run in this file's order: the
+    NATS leader's death first, the instance's death (which leaves one) last."""
+    stream = f"CLUSTER_{uuid.uuid4().hex[:8].upper()}"
+    asyncio.run(_drop_streams(nats_cluster.urls))  # every stream takes all of the feed's subjects: one at a time
+    args = ("--nats-url", nats_cluster.urls[0], "--feed-replicas", "3", "--feed-stream", stream)
+    pair = start_pair(cluster_url, extra_args=args)
+    yield pair, stream
+    stop_pair(pair)
+    asyncio.run(_drop_streams(nats_cluster.urls))
+
+
+@pytest.fixture
+def whole_nats(nats_cluster: NatsCluster) -> Iterator[NatsCluster]:
+    """The NATS cluster, every server running again after the test whatever happened."""
+    yield nats_cluster
+    done = nats_cluster.script("up")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def _drop_streams(nats_urls: list[str]) -> None:
+    """Delete the streams of earlier runs on the NATS cluster (the tests' own)."""
+    nc = await nats.connect(servers=nats_urls, connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if info.config.name.startswith("CLUSTER_"):
+                await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
+def _tree(pid: int) -> set[int]:
+    """pid and every process under it."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, grew = {pid}, True
+    while grew:
+        new = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree
+
+
+def _kill_machine(svc: RunningService) -> None:
+    """SIGKILL the instance's every process at once, as when its host dies."""
+    for pid in _tree(svc.proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    svc.proc.wait(30)
+
+
+def _lease_owner(store_url: str, stream: str) -> int | None:
+    """The pid of the publisher holding the stream's lease (owner is host-pid-token)."""
+    from cassandra.cluster import Cluster
+
+    from service.store.cassandra import parse_url
+
+    settings = parse_url(store_url)
+    cluster = Cluster(settings.hosts, port=settings.port, protocol_version=3, schema_metadata_enabled=False)
+    try:
+        rows = list(cluster.connect(settings.keyspace).execute(
+            "SELECT owner FROM feed_lease WHERE name = %s", (stream,)))
+    finally:
+        cluster.shutdown()
+    return int(rows[0].owner.rsplit("-", 2)[1]) if rows and rows[0].owner else None
+
+
+def _acked_on_stream(nats_url: str, stream: str, ledgers: list[Ledger]) -> dict[str, int]:
+    acked = {event_id for ledger in ledgers for event_id in ledger.acked.values()}
+    ids = stream_ids(nats_url, stream, expect=acked)
+    return {"on_stream": len(set(ids) & acked), "missing_from_stream": len(acked - set(ids)),
+            "twice_on_stream": len(ids) - len(set(ids))}
+
+
+async def _run_clients(pair: list[RunningService], stop: asyncio.Event) -> tuple[list[Ledger], list[asyncio.Task]]:
+    """Clients of each instance (each failing over to the other), one ledger per instance."""
+    ledgers = [Ledger(), Ledger()]
+    orders = [pair, pair[::-1]]
+    tasks = [asyncio.create_task(ingest(orders[i % 2], ledgers[i % 2], stop, seed=i))
+             for i in range(CLIENTS_PER_INSTANCE * 2)]
+    return ledgers, tasks
+
+
+async def _stream_state(nats_urls: list[str], stream: str) -> tuple[str | None, int]:
+    """The stream's leader (server name) and last sequence, asked of any live server."""
+    nc = await nats.connect(servers=nats_urls, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return info.cluster.leader if info.cluster else None, info.state.last_seq
+    finally:
+        await nc.close()
+
+
+async def test_sigkill_of_the_streams_nats_leader_pauses_the_feed_and_leaves_no_gap(
+        feed_pair: tuple[list[RunningService], str], whole_nats: NatsCluster) -> None:
+    nats_cluster = whole_nats
+    pair, stream = feed_pair
+    stop = asyncio.Event()
+    ledgers, tasks = await _run_clients(pair, stop)
+    try:
+        await asyncio.sleep(WARMUP_S)
+        leader, last_seq = await _stream_state(nats_cluster.urls, stream)
+        assert leader and last_seq > 0, "nothing was published before the fault"
+        n = int(leader.removeprefix("n"))
+        killed = time.monotonic()
+        await asyncio.to_thread(nats_cluster.kill, n)
+        others = [u for i, u in enumerate(nats_cluster.urls, 1) if i != n]
+        at_kill = last_seq
+        while True:  # the feed resumes: a new leader takes publishes again
+            try:
+                new_leader, last_seq = await _stream_state(others, stream)
+            except Exception:  # noqa: BLE001 - no leader yet
+                new_leader = None
+            if new_leader and new_leader != leader and last_seq > at_kill:
+                break
+            assert time.monotonic() - killed < 60, "the feed did not resume within 60 s"
+            await asyncio.sleep(0.2)
+        resumed_s = time.monotonic() - killed
+        await asyncio.sleep(AFTER_S)
+    finally:
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    stored = [await verify(pair, ledger) for ledger in ledgers]
+    stream_check = await asyncio.to_thread(_acked_on_stream, others[0], stream, ledgers)
+    both = Ledger()
+    for ledger in ledgers:
+        both.acked.update(ledger.acked)
+        both.requests += ledger.requests
+        both.failed_attempts.update(ledger.failed_attempts)
+        both.retried_requests += ledger.retried_requests
+        both.replays += ledger.replays
+    totals = {k: sum(s[k] for s in stored) for k in stored[0]}
+    print("\n" + fault_line(f"NATS stream leader {leader} SIGKILL", both, totals, feed_resumed_s=resumed_s),
+          stream_check)
+    assert totals["lost"] == 0 and totals["duplicated"] == 0, totals
+    assert sum(both.failed_attempts.values()) == 0, "ingest must not notice NATS"
+    assert stream_check["missing_from_stream"] == 0, stream_check
+    assert stream_check["twice_on_stream"] == 0, stream_check
+
+
+async def test_sigkill_of_the_publishing_instance_moves_the_publisher_and_loses_no_event(
+        feed_pair: tuple[list[RunningService], str], cluster_url: str, nats_cluster: NatsCluster) -> None:
+    pair, stream = feed_pair
+    stop = asyncio.Event()
+    ledgers, tasks = await _run_clients(pair, stop)
+    try:
+        await asyncio.sleep(WARMUP_S)
+        owner = await asyncio.to_thread(lambda: wait_for(lambda: _lease_owner(cluster_url, stream), 30) and
+                                        _lease_owner(cluster_url, stream))
+        victim = next(i for i, svc in enumerate(pair) if owner in _tree(svc.proc.pid))
+        survivor = pair[1 - victim]
+        await asyncio.to_thread(_kill_machine, pair[victim])
+
+        def moved() -> bool:
+            """the survivor's publisher holds the lease"""
+            return (_lease_owner(cluster_url, stream) or -1) in _tree(survivor.proc.pid)
+
+        moved_s = await asyncio.to_thread(wait_for, moved, 60, 0.2)
+        await asyncio.sleep(AFTER_S)
+    finally:
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    stored = [await verify([survivor], ledger) for ledger in ledgers]
+    stream_check = await asyncio.to_thread(_acked_on_stream, nats_cluster.urls[1 - victim], stream, ledgers)
+    for name, ledger, check in (("killed instance's clients", ledgers[victim], stored[victim]),
+                                ("survivor's clients", ledgers[1 - victim], stored[1 - victim])):
+        # longest_retry_s: what a request of a client whose instance died waited at most
+        print("\n" + fault_line(f"serve instance SIGKILL, {name}", ledger, check, publisher_moved_s=moved_s),
+              stream_check)
+    assert all(s["lost"] == 0 and s["duplicated"] == 0 for s in stored), stored
+    assert sum(ledgers[1 - victim].failed_attempts.values()) == 0, "the other instance's clients saw the fault"
+    assert moved_s <= PUBLISHER_MOVES_WITHIN, f"the publisher moved after {moved_s:.1f}s"
+    assert stream_check["missing_from_stream"] == 0, stream_check
+    assert stream_check["twice_on_stream"] == 0, stream_check
