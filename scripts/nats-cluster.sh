@@ -51,16 +51,7 @@ our_pid() {
   echo "$pid"
 }
 
-healthy() {
-  python3 - "$((HTTP_PORT + $1 - 1))" <<'PY'
-import sys, urllib.request
-try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=2) as r:
-        sys.exit(0 if r.status == 200 else 1)
-except Exception:
-    sys.exit(1)
-PY
-}
+healthy() { python3 "$ROOT/scripts/http_ok.py" "http://127.0.0.1:$((HTTP_PORT + $1 - 1))/healthz"; }
 
 write_config() {
   local n="$1" i routes=""

@@ -31,16 +31,7 @@ stop() {
 }
 trap stop INT TERM
 
-healthy() {
-  python3 - "$1" <<'PY'
-import sys, urllib.request
-try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=2) as r:
-        sys.exit(0 if r.status == 200 else 1)
-except Exception:
-    sys.exit(1)
-PY
-}
+healthy() { python3 "$ROOT/scripts/http_ok.py" "http://127.0.0.1:$1/healthz"; }
 
 for i in 0 1; do
   "$PY" -m service serve --store "$STORE" --grpc-port "${GRPC_PORTS[$i]}" --http-port "${HTTP_PORTS[$i]}" \

@@ -160,6 +160,31 @@ async def ingest(services: list[RunningService], ledger: Ledger, stop: asyncio.E
             await c.close()
 
 
+class Clients:
+    """CLIENTS_PER_INSTANCE ingest clients per instance of ``pair``, each failing over to
+    the other instance; client i keeps its ledger in ``ledgers[i % len(ledgers)]``, so
+    with two ledgers each instance's clients have their own. ``extra`` coroutines (given
+    the stop event) run alongside, such as readers. Leaving the block stops them all and
+    fails on any error they raised."""
+
+    def __init__(self, pair: list[RunningService], ledgers: list[Ledger], extra=()) -> None:
+        self.stop = asyncio.Event()
+        orders = [pair, pair[::-1]]
+        self.tasks = [asyncio.create_task(ingest(orders[i % 2], ledgers[i % len(ledgers)], self.stop, seed=i))
+                      for i in range(CLIENTS_PER_INSTANCE * len(pair))]
+        self.tasks += [asyncio.create_task(make(self.stop)) for make in extra]
+
+    async def __aenter__(self) -> Clients:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.stop.set()
+        results = await asyncio.gather(*self.tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if exc_info[0] is None:
+            assert not errors, errors
+
+
 def window_request(person: str, since: datetime, until: datetime) -> pb.ListPersonEventsRequest:
     request = pb.ListPersonEventsRequest(person_id=person, id_type="external_id", limit=10)
     request.since.FromDatetime(since)

@@ -27,16 +27,15 @@ import grpc
 import pytest
 from cluster_load import (
     CALL_DEADLINE,
-    CLIENTS_PER_INSTANCE,
     EVENT_NAMES,
     PEOPLE,
     RETRIED,
     RETRY_FOR,
     RETRY_PAUSE,
+    Clients,
     Ledger,
     all_pages,
     fault_line,
-    ingest,
     start_pair,
     stop_pair,
     verify,
@@ -181,15 +180,11 @@ async def test_sigkill_of_a_cassandra_node_under_ingest_loses_nothing_and_stores
         whole_cluster: CassandraCluster, instances: list[RunningService], cluster_url: str) -> None:
     cluster = whole_cluster
     ledger, reads = Ledger(), Reads()
-    stop = asyncio.Event()
     # The store as the service opens it, to watch its driver find the node again.
     store = CassandraStore.from_url(cluster_url)
     await store.open()
-    orders = [instances, instances[::-1]]
-    tasks = [asyncio.create_task(ingest(orders[i % 2], ledger, stop, seed=i))
-             for i in range(CLIENTS_PER_INSTANCE * len(instances))]
-    readers = [asyncio.create_task(_read(orders[i], ledger, stop, reads)) for i in range(2)]
-    try:
+    readers = [lambda stop, order=order: _read(order, ledger, stop, reads) for order in (instances, instances[::-1])]
+    async with Clients(instances, [ledger], extra=readers):
         await asyncio.sleep(WARMUP_S)
         assert ledger.acked, "nothing was acknowledged before the fault"
         acked_at_kill = len(ledger.acked)
@@ -204,11 +199,6 @@ async def test_sigkill_of_a_cassandra_node_under_ingest_loses_nothing_and_stores
         victim = next(h for h in store._cluster.metadata.all_hosts() if h.address == f"127.0.0.{VICTIM}")
         reconnect_s = await asyncio.to_thread(wait_for, lambda: victim.is_up, 30)
         await asyncio.sleep(AFTER_S)
-    finally:
-        stop.set()
-        results = await asyncio.gather(*tasks, *readers, return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert not errors, errors
     assert acked_while_down > 0, "nothing was acknowledged while the node was down"
 
     # The survivors replay the hints they kept for the node once gossip sees it up

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("service.feed", reason="the feed (service/feed) is not in this tree")
 
 import nats  # noqa: E402
-from cluster_load import CLIENTS_PER_INSTANCE, Ledger, fault_line, ingest, start_pair, stop_pair, verify  # noqa: E402
+from cluster_load import Clients, Ledger, fault_line, start_pair, stop_pair, verify  # noqa: E402
 from cluster_support import NatsCluster, wait_for  # noqa: E402
 from feed_support import stream_ids  # noqa: E402
 from service_support import RunningService  # noqa: E402
@@ -119,15 +119,6 @@ def _acked_on_stream(nats_url: str, stream: str, ledgers: list[Ledger]) -> dict[
             "twice_on_stream": len(ids) - len(set(ids))}
 
 
-async def _run_clients(pair: list[RunningService], stop: asyncio.Event) -> tuple[list[Ledger], list[asyncio.Task]]:
-    """Clients of each instance (each failing over to the other), one ledger per instance."""
-    ledgers = [Ledger(), Ledger()]
-    orders = [pair, pair[::-1]]
-    tasks = [asyncio.create_task(ingest(orders[i % 2], ledgers[i % 2], stop, seed=i))
-             for i in range(CLIENTS_PER_INSTANCE * 2)]
-    return ledgers, tasks
-
-
 async def _stream_state(nats_urls: list[str], stream: str) -> tuple[str | None, int]:
     """The stream's leader (server name) and last sequence, asked of any live server."""
     nc = await nats.connect(servers=nats_urls, connect_timeout=2, max_reconnect_attempts=1)
@@ -142,9 +133,8 @@ async def test_sigkill_of_the_streams_nats_leader_pauses_the_feed_and_leaves_no_
         feed_pair: tuple[list[RunningService], str], whole_nats: NatsCluster) -> None:
     nats_cluster = whole_nats
     pair, stream = feed_pair
-    stop = asyncio.Event()
-    ledgers, tasks = await _run_clients(pair, stop)
-    try:
+    ledger = Ledger()
+    async with Clients(pair, [ledger]):
         await asyncio.sleep(WARMUP_S)
         leader, last_seq = await _stream_state(nats_cluster.urls, stream)
         assert leader and last_seq > 0, "nothing was published before the fault"
@@ -164,25 +154,12 @@ async def test_sigkill_of_the_streams_nats_leader_pauses_the_feed_and_leaves_no_
             await asyncio.sleep(0.2)
         resumed_s = time.monotonic() - killed
         await asyncio.sleep(AFTER_S)
-    finally:
-        stop.set()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert not errors, errors
-    stored = [await verify(pair, ledger) for ledger in ledgers]
-    stream_check = await asyncio.to_thread(_acked_on_stream, others[0], stream, ledgers)
-    both = Ledger()
-    for ledger in ledgers:
-        both.acked.update(ledger.acked)
-        both.requests += ledger.requests
-        both.failed_attempts.update(ledger.failed_attempts)
-        both.retried_requests += ledger.retried_requests
-        both.replays += ledger.replays
-    totals = {k: sum(s[k] for s in stored) for k in stored[0]}
-    print("\n" + fault_line(f"NATS stream leader {leader} SIGKILL", both, totals, feed_resumed_s=resumed_s),
+    stored = await verify(pair, ledger)
+    stream_check = await asyncio.to_thread(_acked_on_stream, others[0], stream, [ledger])
+    print("\n" + fault_line(f"NATS stream leader {leader} SIGKILL", ledger, stored, feed_resumed_s=resumed_s),
           stream_check)
-    assert totals["lost"] == 0 and totals["duplicated"] == 0, totals
-    assert sum(both.failed_attempts.values()) == 0, "ingest must not notice NATS"
+    assert stored["lost"] == 0 and stored["duplicated"] == 0, stored
+    assert sum(ledger.failed_attempts.values()) == 0, "ingest must not notice NATS"
     assert stream_check["missing_from_stream"] == 0, stream_check
     assert stream_check["twice_on_stream"] == 0, stream_check
 
@@ -190,12 +167,11 @@ async def test_sigkill_of_the_streams_nats_leader_pauses_the_feed_and_leaves_no_
 async def test_sigkill_of_the_publishing_instance_moves_the_publisher_and_loses_no_event(
         feed_pair: tuple[list[RunningService], str], cluster_url: str, nats_cluster: NatsCluster) -> None:
     pair, stream = feed_pair
-    stop = asyncio.Event()
-    ledgers, tasks = await _run_clients(pair, stop)
-    try:
+    ledgers = [Ledger(), Ledger()]
+    async with Clients(pair, ledgers):
         await asyncio.sleep(WARMUP_S)
-        owner = await asyncio.to_thread(lambda: wait_for(lambda: _lease_owner(cluster_url, stream), 30) and
-                                        _lease_owner(cluster_url, stream))
+        await asyncio.to_thread(wait_for, lambda: _lease_owner(cluster_url, stream), 30)
+        owner = await asyncio.to_thread(_lease_owner, cluster_url, stream)
         victim = next(i for i, svc in enumerate(pair) if owner in _tree(svc.proc.pid))
         survivor = pair[1 - victim]
         await asyncio.to_thread(_kill_machine, pair[victim])
@@ -206,11 +182,6 @@ async def test_sigkill_of_the_publishing_instance_moves_the_publisher_and_loses_
 
         moved_s = await asyncio.to_thread(wait_for, moved, 60, 0.2)
         await asyncio.sleep(AFTER_S)
-    finally:
-        stop.set()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert not errors, errors
     stored = [await verify([survivor], ledger) for ledger in ledgers]
     stream_check = await asyncio.to_thread(_acked_on_stream, nats_cluster.urls[1 - victim], stream, ledgers)
     for name, ledger, check in (("killed instance's clients", ledgers[victim], stored[victim]),
