@@ -69,8 +69,10 @@ cmd_up() {
 }
 
 cmd_down() {
-  local n
-  for n in $(seq "$NODES" -1 1); do node "$n" down "$@"; done
+  local n pids=() rc=0
+  for n in $(seq 1 "$NODES"); do node "$n" down "$@" & pids+=($!); done  # at once: each flushes on its own
+  for n in "${pids[@]}"; do wait "$n" || rc=1; done
+  return "$rc"
 }
 
 cmd_status() {

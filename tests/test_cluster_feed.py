@@ -1,7 +1,7 @@
 """The feed on the clusters: two ``serve`` instances over the three-node Cassandra
 cluster publish to a stream with three replicas on the three-node NATS cluster.
 One publisher holds the lease at a time; the stream loses nothing when the
-instance that publishes dies, or when the stream's NATS leader dies.
+stream's NATS leader dies, nor when the instance that publishes dies.
 
 Clients are spread over both instances and retry by ``message_id``
 (tests/cluster_load.py); after each fault every acknowledged event is stored
@@ -33,13 +33,13 @@ pytestmark = [pytest.mark.slow]
 WARMUP_S = 3.0
 AFTER_S = 4.0
 PUBLISHER_MOVES_WITHIN = 10.0  # the issue's promise; the lease's TTL and renewal make it about 7.5 s
+STREAM_WAIT = 150.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def feed_pair(cluster_url: str, nats_cluster: NatsCluster) -> Iterator[tuple[list[RunningService], str]]:
     """Two instances publishing to a stream of their own (its own lease and checkpoint
-    in the shared keyspace), three replicas. The tests run in this file's order: the
-    NATS leader's death first, the instance's death (which leaves one) last."""
+    in the shared keyspace), three replicas."""
     stream = f"CLUSTER_{uuid.uuid4().hex[:8].upper()}"
     asyncio.run(_drop_streams(nats_cluster.urls))  # every stream takes all of the feed's subjects: one at a time
     args = ("--nats-url", nats_cluster.urls[0], "--feed-replicas", "3", "--feed-stream", stream)
@@ -112,11 +112,14 @@ def _lease_owner(store_url: str, stream: str) -> int | None:
     return int(rows[0].owner.rsplit("-", 2)[1]) if rows and rows[0].owner else None
 
 
-def _acked_on_stream(nats_url: str, stream: str, ledgers: list[Ledger]) -> dict[str, int]:
-    acked = {event_id for ledger in ledgers for event_id in ledger.acked.values()}
-    ids = stream_ids(nats_url, stream, expect=acked)
-    return {"on_stream": len(set(ids) & acked), "missing_from_stream": len(acked - set(ids)),
-            "twice_on_stream": len(ids) - len(set(ids))}
+def _stream_check(nats_url: str, stream: str, ledgers: list[Ledger]) -> list[dict[str, int]]:
+    """Per ledger: its acknowledged events found on the stream, missing from it, and
+    events on the stream more than once (waits for every acknowledged event, up to
+    STREAM_WAIT: the Cassandra publisher passes over late rows once more after a minute)."""
+    acked = [set(ledger.acked.values()) for ledger in ledgers]
+    ids = stream_ids(nats_url, stream, expect=set().union(*acked), timeout=STREAM_WAIT)
+    on, twice = set(ids), len(ids) - len(set(ids))
+    return [{"on_stream": len(a & on), "missing_from_stream": len(a - on), "twice_on_stream": twice} for a in acked]
 
 
 async def _stream_state(nats_urls: list[str], stream: str) -> tuple[str | None, int]:
@@ -129,45 +132,38 @@ async def _stream_state(nats_urls: list[str], stream: str) -> tuple[str | None, 
         await nc.close()
 
 
-async def test_sigkill_of_the_streams_nats_leader_pauses_the_feed_and_leaves_no_gap(
-        feed_pair: tuple[list[RunningService], str], whole_nats: NatsCluster) -> None:
+async def test_the_feed_loses_nothing_when_the_streams_nats_leader_and_then_the_publishing_instance_die(
+        feed_pair: tuple[list[RunningService], str], cluster_url: str, whole_nats: NatsCluster) -> None:
+    """Two faults in a row under ingest, checked together at the end (the stream check
+    waits for the publisher's second pass once, not once per fault)."""
     nats_cluster = whole_nats
     pair, stream = feed_pair
-    ledger = Ledger()
-    async with Clients(pair, [ledger]):
+
+    # 1. SIGKILL of the nats-server leading the stream: the feed pauses for the election.
+    nats_ledger = Ledger()
+    async with Clients(pair, [nats_ledger]):
         await asyncio.sleep(WARMUP_S)
-        leader, last_seq = await _stream_state(nats_cluster.urls, stream)
-        assert leader and last_seq > 0, "nothing was published before the fault"
+        leader, at_kill = await _stream_state(nats_cluster.urls, stream)
+        assert leader and at_kill > 0, "nothing was published before the fault"
         n = int(leader.removeprefix("n"))
         killed = time.monotonic()
         await asyncio.to_thread(nats_cluster.kill, n)
         others = [u for i, u in enumerate(nats_cluster.urls, 1) if i != n]
-        at_kill = last_seq
         while True:  # the feed resumes: a new leader takes publishes again
             try:
                 new_leader, last_seq = await _stream_state(others, stream)
             except Exception:  # noqa: BLE001 - no leader yet
-                new_leader = None
+                new_leader, last_seq = None, at_kill
             if new_leader and new_leader != leader and last_seq > at_kill:
                 break
             assert time.monotonic() - killed < 60, "the feed did not resume within 60 s"
             await asyncio.sleep(0.2)
         resumed_s = time.monotonic() - killed
         await asyncio.sleep(AFTER_S)
-    stored = await verify(pair, ledger)
-    stream_check = await asyncio.to_thread(_acked_on_stream, others[0], stream, [ledger])
-    print("\n" + fault_line(f"NATS stream leader {leader} SIGKILL", ledger, stored, feed_resumed_s=resumed_s),
-          stream_check)
-    assert stored["lost"] == 0 and stored["duplicated"] == 0, stored
-    assert sum(ledger.failed_attempts.values()) == 0, "ingest must not notice NATS"
-    assert stream_check["missing_from_stream"] == 0, stream_check
-    assert stream_check["twice_on_stream"] == 0, stream_check
+    assert sum(nats_ledger.failed_attempts.values()) == 0, "ingest must not notice NATS"
 
-
-async def test_sigkill_of_the_publishing_instance_moves_the_publisher_and_loses_no_event(
-        feed_pair: tuple[list[RunningService], str], cluster_url: str, nats_cluster: NatsCluster) -> None:
-    pair, stream = feed_pair
-    ledgers = [Ledger(), Ledger()]
+    # 2. SIGKILL of every process of the instance whose publisher holds the lease.
+    ledgers = [Ledger(), Ledger()]  # the clients of pair[0], of pair[1]
     async with Clients(pair, ledgers):
         await asyncio.sleep(WARMUP_S)
         await asyncio.to_thread(wait_for, lambda: _lease_owner(cluster_url, stream), 30)
@@ -182,15 +178,16 @@ async def test_sigkill_of_the_publishing_instance_moves_the_publisher_and_loses_
 
         moved_s = await asyncio.to_thread(wait_for, moved, 60, 0.2)
         await asyncio.sleep(AFTER_S)
-    stored = [await verify([survivor], ledger) for ledger in ledgers]
-    stream_check = await asyncio.to_thread(_acked_on_stream, nats_cluster.urls[1 - victim], stream, ledgers)
-    for name, ledger, check in (("killed instance's clients", ledgers[victim], stored[victim]),
-                                ("survivor's clients", ledgers[1 - victim], stored[1 - victim])):
-        # longest_retry_s: what a request of a client whose instance died waited at most
-        print("\n" + fault_line(f"serve instance SIGKILL, {name}", ledger, check, publisher_moved_s=moved_s),
-              stream_check)
+
+    everyone = [nats_ledger, ledgers[victim], ledgers[1 - victim]]
+    stored = [await verify([survivor], ledger) for ledger in everyone]
+    on_stream = await asyncio.to_thread(_stream_check, others[0], stream, everyone)
+    lines = [(f"NATS stream leader {leader} SIGKILL", {"feed_resumed_s": resumed_s}),
+             ("serve instance SIGKILL, the killed instance's clients", {"publisher_moved_s": moved_s}),
+             ("serve instance SIGKILL, the other instance's clients", {"publisher_moved_s": moved_s})]
+    for (name, times), ledger, check, stream_check in zip(lines, everyone, stored, on_stream, strict=True):
+        print("\n" + fault_line(name, ledger, check, **times), stream_check)
     assert all(s["lost"] == 0 and s["duplicated"] == 0 for s in stored), stored
     assert sum(ledgers[1 - victim].failed_attempts.values()) == 0, "the other instance's clients saw the fault"
     assert moved_s <= PUBLISHER_MOVES_WITHIN, f"the publisher moved after {moved_s:.1f}s"
-    assert stream_check["missing_from_stream"] == 0, stream_check
-    assert stream_check["twice_on_stream"] == 0, stream_check
+    assert all(c["missing_from_stream"] == 0 and c["twice_on_stream"] == 0 for c in on_stream), on_stream
