@@ -170,8 +170,11 @@ INSERT_EVENTS = (
     "INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at) VALUES "
 )
 INSERT_PERSONS = "INSERT OR IGNORE INTO persons (workspace_id, person_id) VALUES "
+# The VALUES drive a join on the (workspace_id, person_id) index: a row-value
+# IN (VALUES ...) would scan the whole table instead.
 SELECT_PERSON_KEYS = (
-    "SELECT workspace_id, person_id, person_key FROM persons WHERE (workspace_id, person_id) IN (VALUES {values})"
+    "SELECT p.workspace_id, p.person_id, p.person_key FROM (VALUES {values}) AS v"
+    " JOIN persons AS p ON p.workspace_id = v.column1 AND p.person_id = v.column2"
 )
 SELECT_PERSON_KEY = "SELECT person_key FROM persons WHERE workspace_id = ? AND person_id = ?"
 # The rows of a commit get seq numbers above the largest before it; their timeline

@@ -1,0 +1,30 @@
+"""The commit's lookups by key use an index: a scan would cost a commit the whole table."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from service.store import sqlite_engine
+
+
+def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
+    return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, [0] * sql.count("?"))]
+
+
+@pytest.mark.parametrize(
+    ("statement", "table"),
+    [
+        (sqlite_engine.SELECT_PERSON_KEYS.format(values=sqlite_engine._values(3, 2)), "persons"),
+        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "dedup"),
+        (sqlite_engine.EXPIRE_CLAIMS, "dedup"),
+    ],
+    ids=["person_keys", "claims", "expire_claims"],
+)
+def test_a_lookup_by_key_searches_an_index(tmp_path, statement, table):
+    conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    sqlite_engine.migrate(conn)
+    plan = _plan(conn, statement)
+    assert not [step for step in plan if step.startswith(f"SCAN {table}") or step.startswith("SCAN p")], plan
+    assert any(step.startswith("SEARCH") for step in plan), plan
