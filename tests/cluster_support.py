@@ -69,6 +69,13 @@ class CassandraCluster:
         done = self.script("start", str(n))
         assert done.returncode == 0, done.stdout + done.stderr
 
+    def signal(self, n: int, signum: int) -> None:
+        """Send node n a signal: SIGSTOP makes it a node cut off the network (its
+        connections stay open, nothing answers), SIGCONT brings it back."""
+        done = self.script("pid", str(n), timeout=30)
+        assert done.returncode == 0, f"node {n} is not running"
+        os.kill(int(done.stdout.strip()), signum)
+
     def ensure_up(self) -> None:
         """Start every node that is not running (idempotent)."""
         done = self.script("up")
