@@ -17,10 +17,16 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
     ("statement", "table"),
     [
         (sqlite_engine.SELECT_PERSON_KEYS.format(values=sqlite_engine._values(3, 2)), "persons"),
-        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "dedup"),
-        (sqlite_engine.EXPIRE_CLAIMS, "dedup"),
+        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "claims"),
+        (sqlite_engine.SELECT_CLAIMS.format(marks="?, ?, ?"), "new_claims"),
+        (sqlite_engine.SELECT_CLAIMING_ROWS, "events"),
+        (sqlite_engine.EXPIRE_CLAIMS, "claims"),
+        (sqlite_engine.CLAIMS_MERGE_BOUNDARY, "new_claims"),
+        (sqlite_engine.MERGE_CLAIMS, "new_claims"),
+        (sqlite_engine.DROP_MERGED_CLAIMS, "new_claims"),
     ],
-    ids=["person_keys", "claims", "expire_claims"],
+    ids=["person_keys", "claims", "new_claims", "claiming_rows", "expire_claims", "claims_boundary", "merge_claims",
+         "drop_merged_claims"],
 )
 def test_a_lookup_by_key_searches_an_index(tmp_path, statement, table):
     conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)

@@ -113,7 +113,7 @@ class SqliteStore(_SqliteReads):
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
                  tuning: Tuning | None = None, dedup_window_s: int = dedup_window_seconds(None)) -> None:
         super().__init__(SqliteFile(path, synchronous, busy_timeout_ms, tuning or Tuning(), dedup_window_s))
-        self._writes: queue.SimpleQueue | None = None
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._committer: GroupCommitter | None = None
 

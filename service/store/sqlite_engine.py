@@ -34,12 +34,17 @@ Exact totals: per-day counts (``bucket_counts``) cover the entries in
 transaction. A read sums at most a few hundred day rows and counts the
 person's few entries still in ``recent``.
 
-Idempotent ingest (docs/idempotent-ingest.md): ``dedup`` maps (workspace,
-message_id) to the event that claimed it. A commit looks its events' ids up in
-the same transaction that inserts them, under SQLite's write lock, so no two
+Idempotent ingest (docs/idempotent-ingest.md): ``claims`` maps
+``claim_key(workspace, message_id)``, a 64-bit hash, to the row of the event
+that claimed it, which keeps its message_id: a hit is verified against that row,
+and the duplicate answer read from it. A commit looks its events' keys up in the
+same transaction that inserts them, under SQLite's write lock, so no two
 commits, of any process, can both claim one message_id; a duplicate is never
-inserted and so counts nowhere. Each commit also deletes at most
-``dedup_cleanup_rows`` expired entries, oldest first by the ``created_at`` index.
+inserted and so counts nowhere. Claims are keyed at random, so new ones go to
+the small ``new_claims`` and move into ``claims`` a key range at a time, as the
+timeline's entries do (a step inside a commit with claims). Each commit also
+deletes at most ``dedup_cleanup_rows`` expired claims of ``claims``, oldest
+first by its ``created_at`` index.
 
 Keyset paging: a page after (ts, event_id) adds ``(ts, event_id) < (?, ?)`` to
 both timeline ranges, which SQLite seeks to in the (person_key, ts, event_id)
@@ -49,6 +54,7 @@ key: a deep page reads what the first one does.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import logging
 import os
@@ -64,7 +70,9 @@ from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, dedup_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+# The claims of message_ids: new ones are staged in the first, merged into the second.
+CLAIM_TABLES = ("new_claims", "claims")
 # Each version is a list of statements, applied in order in one transaction.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -161,13 +169,39 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX dedup_expiry ON dedup (created_at)",
     ),
+    # Compact claims (docs/idempotent-ingest.md): a claim is keyed by claim_key(),
+    # a 64-bit hash of (workspace_id, message_id), and points at the original's row,
+    # which now keeps its message_id to verify a hit: about a fifth of a version 4
+    # claim's bytes. New claims go to the small ``new_claims`` and move into
+    # ``claims`` in key-range steps, as the timeline's entries do, so a commit
+    # dirties few of the big table's pages. claim_key() is a function of the
+    # migrating connection (see migrate).
+    5: (
+        "ALTER TABLE events ADD COLUMN message_id TEXT",  # the client's id; NULL: none
+        *(f"""CREATE TABLE {table} (
+            claim_key    INTEGER PRIMARY KEY,  -- claim_key(workspace_id, message_id)
+            seq          INTEGER NOT NULL,     -- the original's row in events
+            created_at   INTEGER NOT NULL      -- when the original was received
+        )""" for table in CLAIM_TABLES),
+        "CREATE INDEX dedup_by_event ON dedup (event_id)",
+        """UPDATE events SET message_id = d.message_id FROM dedup AS d WHERE d.event_id = events.event_id""",
+        # Two ids of one hash (never seen): the first keeps the claim, the other's row is a stored event.
+        """INSERT OR IGNORE INTO claims (claim_key, seq, created_at)
+            SELECT claim_key(d.workspace_id, d.message_id), e.seq, d.created_at
+            FROM events AS e JOIN dedup AS d ON d.event_id = e.event_id ORDER BY e.seq""",
+        "DROP TABLE dedup",
+        # Only claims expires through an index: new_claims' claims all move there within
+        # one sweep of the keys, and an index merge steps delete from at random would
+        # cost each step about as many pages as the claims it moves.
+        "CREATE INDEX claims_expiry ON claims (created_at)",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
 ROWS_PER_STATEMENT = 500
-EVENT_COLUMNS = 7
+EVENT_COLUMNS = 8
 INSERT_EVENTS = (
-    "INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at) VALUES "
+    "INSERT INTO events (event_id, person_key, ts, external_id, event, parameters, created_at, message_id) VALUES "
 )
 INSERT_PERSONS = "INSERT OR IGNORE INTO persons (workspace_id, person_id) VALUES "
 # The VALUES drive a join on the (workspace_id, person_id) index: a row-value
@@ -185,21 +219,37 @@ STAGE_ENTRIES = (
     " SELECT person_key, ts, event_id, event, seq FROM events WHERE seq > ?"
 )
 COUNT_RECENT = "SELECT count(*) FROM recent"
-# One workspace at a time: a row-value IN (VALUES ...) over both key columns scans the table.
+# The claims of a group's keys in both tables, with what a hit is verified against
+# and answered with: the original's workspace, message_id, event_id and person_id.
+# A claim whose row is gone (removed with its person) finds nothing and is replaced,
+# also when a later row took its seq (its created_at differs).
 SELECT_CLAIMS = (
-    "SELECT message_id, event_id, person_id, created_at FROM dedup WHERE workspace_id = ? AND message_id IN ({marks})"
+    "SELECT c.claim_key, c.created_at, p.workspace_id, e.message_id, e.event_id, p.person_id FROM ("
+    + " UNION ALL ".join(f"SELECT claim_key, seq, created_at FROM {t} WHERE claim_key IN ({{marks}})"
+                         for t in CLAIM_TABLES)
+    + ") AS c JOIN events AS e ON e.seq = c.seq AND e.created_at = c.created_at"
+    " JOIN persons AS p ON p.person_key = e.person_key"
 )
-CLAIM_COLUMNS = 5
+# The rows of this commit that claim their message_id get a claim pointing at them.
+SELECT_CLAIMING_ROWS = "SELECT seq, event_id, created_at FROM events WHERE seq > ? AND message_id IS NOT NULL"
+CLAIM_COLUMNS = 3
 # A claim replaces an expired one that the cleanup has not reached yet.
-INSERT_CLAIMS = "INSERT INTO dedup (workspace_id, message_id, event_id, person_id, created_at) VALUES "
-INSERT_CLAIMS_END = (
-    " ON CONFLICT (workspace_id, message_id) DO UPDATE SET event_id = excluded.event_id,"
-    " person_id = excluded.person_id, created_at = excluded.created_at"
-)
+_REPLACE_CLAIM = " ON CONFLICT (claim_key) DO UPDATE SET seq = excluded.seq, created_at = excluded.created_at"
+INSERT_CLAIMS = "INSERT INTO new_claims (claim_key, seq, created_at) VALUES "
+INSERT_CLAIMS_END = _REPLACE_CLAIM
+# The oldest expired claims, through the created_at index.
 EXPIRE_CLAIMS = (
-    "DELETE FROM dedup WHERE (workspace_id, message_id) IN"
-    " (SELECT workspace_id, message_id FROM dedup WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+    "DELETE FROM claims WHERE claim_key IN"
+    " (SELECT claim_key FROM claims WHERE created_at < ? ORDER BY created_at LIMIT ?)"
 )
+# A claims merge step: new_claims' keys from the cursor up to the n-th one, into claims.
+COUNT_NEW_CLAIMS = "SELECT count(*) FROM new_claims"
+CLAIMS_MERGE_BOUNDARY = "SELECT claim_key FROM new_claims WHERE claim_key >= ? ORDER BY claim_key LIMIT 1 OFFSET ?"
+MERGE_CLAIMS = (
+    "INSERT INTO claims (claim_key, seq, created_at)"
+    " SELECT claim_key, seq, created_at FROM new_claims WHERE claim_key >= ? AND claim_key <= ?" + _REPLACE_CLAIM
+)
+DROP_MERGED_CLAIMS = "DELETE FROM new_claims WHERE claim_key >= ? AND claim_key <= ?"
 # A merge step: the persons after the cursor up to the one holding the n-th entry.
 MERGE_BOUNDARY = "SELECT person_key FROM recent WHERE person_key > ? ORDER BY person_key LIMIT 1 OFFSET ?"
 MERGE_ENTRIES = (
@@ -251,6 +301,7 @@ REVOKE_KEY = "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key
 PAGE_BYTES = 16 * 1024
 _MIN_BUCKET, _MAX_BUCKET = -(2**62), 2**62
 _MAX_KEY = 2**63 - 1
+_MIN_KEY = -(2**63)
 
 
 @dataclass(frozen=True)
@@ -277,6 +328,12 @@ class Tuning:
     # Expired dedup entries one commit deletes at most: more than a group inserts, so
     # the table shrinks back to the window's entries; bounded, so no commit stalls.
     dedup_cleanup_rows: int = 2000
+    # New claims wait in ``new_claims`` (a commit's random inserts then dirty its few
+    # pages) until it holds claims_merge_from_rows; then every commit with claims
+    # moves about claims_merge_step_rows of them, a range of keys, into ``claims``
+    # (more than a group adds, so the staged table stays near its size).
+    claims_merge_from_rows: int = 50_000
+    claims_merge_step_rows: int = 2_000
     # The writer process: a group of fewer than small_group_rows rows waits until
     # commit_gap_s after the start of the previous commit, gathering what arrives meanwhile.
     commit_gap_s: float = 0.002
@@ -350,6 +407,7 @@ class SqliteFile:
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Create or upgrade the schema to SCHEMA_VERSION, in one transaction."""
+    conn.create_function("claim_key", 2, claim_key, deterministic=True)
     conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see the version
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -363,6 +421,15 @@ def migrate(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def claim_key(workspace_id: str, message_id: str) -> int:
+    """The key of a message's claim: BLAKE2b of (workspace_id, message_id) cut to
+    64 bits, signed (an INTEGER PRIMARY KEY). Two messages of one key are told
+    apart by the original's row; the later one, while the first's claim lives, is
+    stored without a claim (one chance in 2**64 per pair of ids)."""
+    digest = hashlib.blake2b(f"{workspace_id}\0{message_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class _Writeback:
@@ -439,6 +506,9 @@ class GroupCommitter:
         self._person_keys: dict[tuple[str, str], int] = {}
         self._recent_rows: int | None = None
         self._merged_through = -1
+        # The claims in ``new_claims`` (None: not counted yet) and where the next claims merge step starts.
+        self._new_claims: int | None = None
+        self._claims_merge_from = _MIN_KEY
 
     def open(self) -> None:
         """Open the writing connection and start the checkpointer thread (the schema must be current)."""
@@ -516,18 +586,23 @@ class GroupCommitter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             results: list[Original | None] = [None] * len(events)
+            claimed: dict[str, int] = {}
             if claims:
-                results = self._claim_messages(conn, events)
+                results, claimed = self._claim_messages(conn, events)
                 if any(results):
                     events = [e for e, original in zip(events, results, strict=True) if original is None]
                     missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
                     statements = None
-            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
-                                         self._tuning.dedup_cleanup_rows))
             new_keys = self._assign_person_keys(conn, missing) if missing else {}
             (last_seq,) = conn.execute(MAX_SEQ).fetchone()
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
                 conn.execute(sql, values)
+            claims_merge = None
+            if claimed:
+                self._insert_claims(conn, claimed, last_seq)
+                claims_merge = self._merge_claims_if_due(conn, len(claimed))
+            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
+                                         self._tuning.dedup_cleanup_rows))
             conn.execute(STAGE_ENTRIES, (last_seq,))
             conn.execute("COMMIT")
         except BaseException:
@@ -539,43 +614,81 @@ class GroupCommitter:
             cached.update(new_keys)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
+        if claims_merge is not None:
+            self._new_claims, self._claims_merge_from = claims_merge
         return results
 
-    def _claim_messages(self, conn: sqlite3.Connection, events: list[StoredEvent]) -> list[Original | None]:
-        """Per event, None when it claims its message_id (or has none), else the
-        original it duplicates: a live claim from before this group, or an
-        earlier event of this group. Runs inside the commit's transaction."""
+    def _claim_messages(self, conn: sqlite3.Connection,
+                        events: list[StoredEvent]) -> tuple[list[Original | None], dict[str, int]]:
+        """Per event, None when it is stored (it has no message_id, claims it, or
+        its key is held by another message's live claim), else the original it
+        duplicates: a live claim from before this group, or an earlier event of
+        this group; and the claim keys of the claiming events, by event_id. Runs
+        inside the commit's transaction."""
         window_us = self.db.dedup_window_s * 1_000_000
-        wanted: dict[str, set[str]] = {}
-        for e in events:
-            if e.message_id is not None:
-                wanted.setdefault(e.workspace_id, set()).add(e.message_id)
-        claims: dict[tuple[str, str], tuple[str, str, int]] = {}
-        for workspace_id, message_ids in wanted.items():
-            for chunk in _chunks(list(message_ids)):
-                for message_id, event_id, person_id, created_at in conn.execute(
-                        SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), [workspace_id, *chunk]):
-                    claims[(workspace_id, message_id)] = (event_id, person_id, created_at)
+        keys = {(e.workspace_id, e.message_id): claim_key(e.workspace_id, e.message_id)
+                for e in events if e.message_id is not None}
+        # claim key -> (workspace_id, message_id, event_id, person_id, created_at) of its original
+        held: dict[int, tuple[str, str, str, str, int]] = {}
+        for chunk in _chunks(sorted(set(keys.values()))):
+            for key, created_at, workspace_id, message_id, event_id, person_id in conn.execute(
+                    SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), chunk * len(CLAIM_TABLES)):
+                if key not in held or held[key][4] < created_at:  # staged: replaced an expired one
+                    held[key] = (workspace_id, message_id, event_id, person_id, created_at)
         results: list[Original | None] = []
-        new: dict[tuple[str, str], StoredEvent] = {}
+        stored: dict[tuple[str, str], Original] = {}  # this group's events with a message_id
+        claimed: dict[str, int] = {}
         for e in events:
             if e.message_id is None:
                 results.append(None)
                 continue
-            key = (e.workspace_id, e.message_id)
-            claim = claims.get(key)
-            if claim is not None and claim[2] + window_us > e.created_at_us:
-                results.append(claim[:2])
+            message = (e.workspace_id, e.message_id)
+            if (first := stored.get(message)) is not None:
+                results.append(first)
                 continue
-            claims[key] = (e.event_id, e.person_id, e.created_at_us)
-            new[key] = e
+            key = keys[message]
+            claim = held.get(key)
+            live = claim is not None and claim[4] + window_us > e.created_at_us
+            if claim is not None and live and claim[:2] == message:
+                results.append(claim[2:4])
+                continue
+            if not live:  # a live claim of another message of this key: stored without a claim
+                held[key] = (*message, e.event_id, e.person_id, e.created_at_us)
+                claimed[e.event_id] = key
+            stored[message] = (e.event_id, e.person_id)
             results.append(None)
-        rows = [v for e in new.values()
-                for v in (e.workspace_id, e.message_id, e.event_id, e.person_id, e.created_at_us)]
-        for chunk in _chunks(rows, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
+        return results, claimed
+
+    @staticmethod
+    def _insert_claims(conn: sqlite3.Connection, claimed: dict[str, int], last_seq: int) -> None:
+        """The claims of this commit's claiming rows (seq above last_seq), in key order."""
+        rows = sorted((claimed[event_id], seq, created_at)
+                      for seq, event_id, created_at in conn.execute(SELECT_CLAIMING_ROWS, (last_seq,))
+                      if event_id in claimed)
+        flat = [v for row in rows for v in row]
+        for chunk in _chunks(flat, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
             conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END,
                          chunk)
-        return results
+
+    def _merge_claims_if_due(self, conn: sqlite3.Connection, added: int) -> tuple[int | None, int]:
+        """One claims merge step inside the commit when ``new_claims`` has grown past
+        claims_merge_from_rows: the staged claims from the cursor's key up to the
+        claims_merge_step_rows-th one move into ``claims``, whose pages of that key
+        range each take many claims at once. Past the last key the cursor starts
+        over and the staged claims are counted afresh. Returns the count and cursor
+        to keep once the commit is through."""
+        staged = self._new_claims
+        staged = conn.execute(COUNT_NEW_CLAIMS).fetchone()[0] if staged is None else staged + added
+        start = self._claims_merge_from
+        if staged < self._tuning.claims_merge_from_rows:
+            return staged, start
+        row = conn.execute(CLAIMS_MERGE_BOUNDARY, (start, self._tuning.claims_merge_step_rows - 1)).fetchone()
+        through = row[0] if row else _MAX_KEY
+        conn.execute(MERGE_CLAIMS, (start, through))
+        moved = conn.execute(DROP_MERGED_CLAIMS, (start, through)).rowcount
+        if through == _MAX_KEY:
+            return None, _MIN_KEY
+        return staged - moved, through + 1
 
     def merge_if_due(self) -> None:
         """One merge step when ``recent`` has grown past merge_from_rows.
@@ -622,11 +735,12 @@ class GroupCommitter:
         entries of a person land on the same page (arrival order within a group
         means nothing).
         """
-        rows = []
+        rows: list = []
         keyed = sorted(((keys[(e.workspace_id, e.person_id)], e.timestamp_us, i) for i, e in enumerate(events)))
         for key, _, i in keyed:
             e = events[i]
-            rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us))
+            rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us,
+                         e.message_id))
         return [
             (INSERT_EVENTS + _values(len(chunk) // EVENT_COLUMNS, EVENT_COLUMNS), chunk)
             for chunk in _chunks(rows, ROWS_PER_STATEMENT * EVENT_COLUMNS)

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
@@ -34,7 +35,7 @@ def frame(payload: object) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> object:
+async def read_frame(reader: asyncio.StreamReader) -> Any:
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     if size > MAX_FRAME_BYTES:
         raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} byte limit")
@@ -115,6 +116,7 @@ class WriterClient:
                     raise StoreUnavailable(f"cannot reach the sqlite writer at {self.socket_path}: {exc}") from exc
                 self._frames = Frames(self._writer)
                 self._reading = asyncio.create_task(self._read_answers(reader, self._writer))
+            assert self._frames is not None
             return self._frames
 
     async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
