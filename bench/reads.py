@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -69,7 +70,8 @@ def measure(target: str, key: str, person: Person, calls: int, warmup_calls: int
                 if i == 0 or i == warmup_calls:
                     _check(workload, response, expected, request)
 
-            latencies, first = _timed(stub, request, metadata, calls, warmup_calls, check)
+            latencies, first = timed(lambda r=request: stub.ListPersonEvents(r, metadata=metadata, timeout=60), calls,
+                                     warmup_calls, check)
             results.append(ReadResult(
                 workload, calls, percentile(latencies, 50), percentile(latencies, 99),
                 statistics.fmean(latencies), expected, first,
@@ -77,14 +79,14 @@ def measure(target: str, key: str, person: Person, calls: int, warmup_calls: int
     return results
 
 
-def _timed(stub, request: pb.ListPersonEventsRequest, metadata, calls: int, warmup_calls: int,
-           check: Callable[[int, pb.ListPersonEventsResponse], None]) -> tuple[list[float], float]:
+def timed(call: Callable[[], Any], calls: int, warmup_calls: int,
+          check: Callable[[int, Any], None]) -> tuple[list[float], float]:
     """Sequential calls: the latencies after the warm-up (sorted, ms) and the first call's;
     ``check(i, response)`` sees every answer."""
     latencies, first = [], 0.0
     for i in range(warmup_calls + calls):
         started = time.perf_counter()
-        response = stub.ListPersonEvents(request, metadata=metadata, timeout=60)
+        response = call()
         elapsed = (time.perf_counter() - started) * 1000
         if i == 0:
             first = elapsed
@@ -145,7 +147,8 @@ def measure_cursor(target: str, key: str, person: Person, calls: int, warmup_cal
                 if i == 0 and (response.total != person.expected_total or len(response.events) != CURSOR_LIMIT):
                     raise AssertionError(f"{workload}: total {response.total}, {len(response.events)} events")
 
-            latencies, first_ms = _timed(stub, req, metadata, calls, warmup_calls, check)
+            latencies, first_ms = timed(lambda r=req: stub.ListPersonEvents(r, metadata=metadata, timeout=60), calls,
+                                         warmup_calls, check)
             results.append(ReadResult(workload, calls, percentile(latencies, 50), percentile(latencies, 99),
                                       statistics.fmean(latencies), person.expected_total, first_ms, page=depth))
     return results

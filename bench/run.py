@@ -43,7 +43,7 @@ import grpc
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import data, grpc_load, reads, rest_load, service_proc  # noqa: E402
+from bench import aggregates, data, grpc_load, reads, rest_load, service_proc  # noqa: E402
 from bench.metrics import Record, percentile  # noqa: E402
 from bench.stores import (  # noqa: E402
     CLUSTER_CASSANDRA_URL,
@@ -67,7 +67,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 INGEST = ("grpc_track", "grpc_batch", "grpc_batch_msgid", "grpc_batch_replay", "rest_track", "rest_batch")
 # grpc_batch while a node of the cluster is SIGKILLed (cassandra_cluster only): its p99 is the cost of the fault.
 NODE_KILL = "grpc_batch_node_kill"
-WORKLOADS = ("raw_store_insert", *INGEST, "service_rss_mb", "list_person", NODE_KILL)
+WORKLOADS = ("raw_store_insert", *INGEST, "service_rss_mb", "list_person", "aggregates", NODE_KILL)
 STORES = ("sqlite", "cassandra", "cassandra_cluster")
 KILLED_NODE = 2  # of the cluster; killed a quarter into the window, started again after it
 # raw_store_insert runs right before and right after this workload, the one measured against it.
@@ -110,6 +110,7 @@ class Settings:
     persons: tuple[int, ...]
     read_calls: int
     raw_rows: dict[str, int]
+    baseline: Path | None = None
 
 
 @dataclass
@@ -171,6 +172,9 @@ def parse_args(argv: list[str] | None) -> Settings:
                         f"(default {CLUSTER_CASSANDRA_URL})")
     p.add_argument("--person-sizes", help="events of the list_person persons (default 100,10000,100000; quick 100,1000,10000)")
     p.add_argument("--read-calls", type=int, help="measured calls per list_person variant (default 200, quick 30)")
+    p.add_argument("--baseline", type=Path,
+                   help="results.json of the same bench run back to back from a clone of an earlier commit: "
+                        "grpc_batch is compared with its grpc_batch")
     a = p.parse_args(argv)
 
     mode = QUICK if a.quick else FULL
@@ -199,6 +203,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         persons=persons, read_calls=a.read_calls or mode["read_calls"],
         raw_rows={"sqlite": mode["raw_rows"], "cassandra": mode["raw_rows_cassandra"],
                   "cassandra_cluster": mode["raw_rows_cassandra"]},
+        baseline=a.baseline,
     )
 
 
@@ -410,7 +415,7 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
         result = bs.raw_insert(rows, max_seconds=s.duration)
         raws.append(result)
         run.add(store, "raw_store_insert", f"events_per_s_{when}", round(result.events_per_s, 1), "events/s")
-        print(f"raw_store_insert {when}: {result.events:,} events ({result.events * result.rows_per_event:,} rows) in "
+        print(f"raw_store_insert {when}: {result.events:,} events ({result.events * result.rows_per_event:,.0f} rows) in "
               f"{result.seconds:.2f} s: {result.events_per_s:,.0f} events/s; loader "
               f"{result.client_cpu_s / result.seconds:.2f} cores"
               + (f", store server {result.store_cpu_s / result.seconds:.2f} cores" if bs.server_pids() else ""),
@@ -442,17 +447,23 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
         raw_bracket(lambda: None)
         return
     url = bs.service_url()
-    persons = [data.person(n) for n in s.persons] if "list_person" in wanted else []
+    persons = [data.person(n) for n in s.persons] if wanted & {"list_person", "aggregates"} else []
     svc: service_proc.Service | None = None
+    counts_end = aggregates.range_end(data.domain.now_us())  # the small workspace's events end there
+    small_rows = aggregates.small_workspace_rows(counts_end) if "aggregates" in wanted else []
+    small_key = ""
 
     def start() -> None:
-        nonlocal svc
+        nonlocal svc, small_key
         if persons:
             t0 = time.perf_counter()
             rows = [r for p in persons for r in p.rows]
             asyncio.run(bs.load(url, rows))
             print(f"loaded the list_person persons ({', '.join(p.label for p in persons)} events: {len(rows):,} rows) "
                   f"through the store's append in {time.perf_counter() - t0:.1f} s", flush=True)
+        if small_rows:
+            asyncio.run(bs.load(url, small_rows))
+            small_key = asyncio.run(bs.create_key(url, aggregates.SMALL_WORKSPACE))
         svc = service_proc.start(url, workers=s.workers, gateway_workers=s.gateway_workers,
                                     cpu_policy=s.cpu_policy, worker_cpu_affinity=s.worker_cpu_affinity)
         print(f"service up: gRPC {svc.grpc_target}, REST {svc.http_url}, store {url}", flush=True)
@@ -506,8 +517,9 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
                     print(f"{r.workload}: p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms "
                           f"({r.calls} sequential calls, total {r.total:,}); the first call {r.first_ms:.2f} ms",
                           flush=True)
-            run.attempt(store, f"list_person_{p.label}", read)
-        if persons:
+            if "list_person" in wanted:
+                run.attempt(store, f"list_person_{p.label}", read)
+        if persons and "list_person" in wanted:
             def cursor(p=persons[-1]) -> None:
                 for r in reads.measure_cursor(svc.grpc_target, svc.key, p, s.read_calls):
                     run.add(store, r.workload, "p50_ms", round(r.p50_ms, 2), "ms")
@@ -518,6 +530,22 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
                           f"limit {reads.CURSOR_LIMIT}, page {1 if r.workload.endswith('page1') else r.page})",
                           flush=True)
             run.attempt(store, f"list_person_{persons[-1].label}_cursor", cursor)
+
+        def record_reads(results: list[reads.ReadResult]) -> None:
+            for r in results:
+                run.add(store, r.workload, "p50_ms", round(r.p50_ms, 2), "ms")
+                run.add(store, r.workload, "p99_ms", round(r.p99_ms, 2), "ms")
+                run.add(store, r.workload, "first_ms", round(r.first_ms, 2), "ms")
+                print(f"{r.workload}: p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms ({r.calls} sequential calls); "
+                      f"the first call {r.first_ms:.2f} ms", flush=True)
+
+        if "aggregates" in wanted:
+            run.attempt(store, "person_summary", lambda: record_reads(
+                aggregates.measure_summaries(svc.grpc_target, svc.key, persons, s.read_calls)))
+            run.attempt(store, "event_counts", lambda: record_reads(
+                aggregates.measure_counts(svc.grpc_target, svc.key, "big", counts_end, s.read_calls)
+                + aggregates.measure_counts(svc.grpc_target, small_key, "small", counts_end, s.read_calls,
+                                            small_rows)))
 
         if NODE_KILL in wanted and isinstance(bs, CassandraClusterBench):
             with tempfile.TemporaryDirectory(prefix="flameup-bench-load-") as workdir:
@@ -550,10 +578,17 @@ def _value(records: list[Record], store: str, workload: str, metric: str):
     return next((r.value for r in records if (r.store, r.workload, r.metric) == (store, workload, metric)), None)
 
 
-def targets(records: list[Record], stores: list[str], person_labels: list[str]) -> list[tuple]:
-    """(store, workload, metric, measured, op, target, description) for the targets."""
+def targets(records: list[Record], stores: list[str], person_labels: list[str],
+            baseline_batch: dict[str, float] | None = None) -> list[tuple]:
+    """(store, workload, metric, measured, op, target, description) for the targets;
+    ``baseline_batch``: grpc_batch events/s per store of the baseline run (--baseline)."""
     out = []
     for store in stores:
+        for interval, _, _ in aggregates.RANGES:
+            base = _value(records, store, f"event_counts_{interval}_small", "p50_ms")
+            out.append((store, f"event_counts_{interval}_big", "p50_ms",
+                        _value(records, store, f"event_counts_{interval}_big", "p50_ms"), "<=",
+                        None if base is None else 2 * base, f"<= 2x event_counts_{interval}_small"))
         if store == "sqlite":
             for workload, floor in (("grpc_batch", 50_000), ("rest_batch", 20_000), ("grpc_track", 5_000),
                                     ("rest_track", 2_500)):
@@ -579,8 +614,21 @@ def targets(records: list[Record], stores: list[str], person_labels: list[str]) 
             batch = _value(records, store, "grpc_batch", "events_per_s")
             out.append((store, "grpc_batch", "share_of_raw", None if raw is None or batch is None else batch / raw,
                         ">=", 0.8, ">= 0.80 of raw_store_insert"))
+        if baseline_batch and store in baseline_batch:
+            batch = _value(records, store, "grpc_batch", "events_per_s")
+            out.append((store, "grpc_batch", "share_of_baseline", None if batch is None else batch /
+                        baseline_batch[store], ">=", 0.85, ">= 0.85 of the baseline's"))
         if person_labels:
             small, big = person_labels[0], person_labels[-1]
+            base = _value(records, store, f"person_summary_{small}", "p50_ms")
+            out.append((store, f"person_summary_{big}", "p50_ms", _value(records, store, f"person_summary_{big}",
+                                                                          "p50_ms"),
+                        "<=", None if base is None else 2 * base, f"<= 2x person_summary_{small}"))
+            limit = 5 if store == "sqlite" else 20
+            for label in person_labels:
+                out.append((store, f"person_summary_{label}", "p50_ms",
+                            _value(records, store, f"person_summary_{label}", "p50_ms"), "<", limit,
+                            f"p50 < {limit} ms"))
             for variant in ("", "_event", "_window"):
                 base = _value(records, store, f"list_person_{small}{variant}", "p50_ms")
                 out.append((store, f"list_person_{big}{variant}", "p50_ms",
@@ -630,7 +678,12 @@ def print_table(run: Run) -> None:
 
     labels = sorted({r.workload.split("_")[2] for r in recs if r.workload.startswith("list_person_")},
                     key=lambda x: int(x[:-1]) * 1000 if x.endswith("k") else int(x))
-    rows = targets(recs, sorted({r.store for r in recs if r.store}, key=lambda x: x != "sqlite"), labels)
+    baseline = None
+    if run.settings.baseline is not None:
+        base_records = json.loads(run.settings.baseline.read_text())
+        baseline = {r["store"]: r["value"] for r in base_records
+                    if r["workload"] == "grpc_batch" and r["metric"] == "events_per_s"}
+    rows = targets(recs, sorted({r.store for r in recs if r.store}, key=lambda x: x != "sqlite"), labels, baseline)
     print("\nTargets; ratio = measured / target")
     for store, workload, metric, measured, op, target, text in rows:
         if measured is None or target is None:

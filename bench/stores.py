@@ -24,9 +24,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from bench.service_proc import all_pids, cmdline, cpu_seconds
-from service.domain import EventQuery, StoredEvent
+from service import auth
+from service.domain import HOUR_US, EventQuery, StoredEvent
 from service.store import open_store
-from service.store.base import bucket_of
+from service.store.base import BUCKET_US, bucket_of
 
 LOAD_CHUNK = 5_000  # events per store.append when loading the list_person persons
 
@@ -35,7 +36,7 @@ LOAD_CHUNK = 5_000  # events per store.append when loading the list_person perso
 class RawResult:
     events: int
     seconds: float
-    rows_per_event: int
+    rows_per_event: float  # rows the store writes per event
     client_cpu_s: float = 0.0  # this process (the bulk loader; for SQLite, the store itself)
     store_cpu_s: float = 0.0  # the database server's processes, when it has any
 
@@ -68,6 +69,16 @@ class BenchStore:
         try:
             for i in range(0, len(events), LOAD_CHUNK):
                 await store.append(events[i:i + LOAD_CHUNK])
+        finally:
+            await store.close()
+
+    async def create_key(self, url: str, workspace_id: str) -> str:
+        """A read key for a workspace of the bench's own (made before the service starts)."""
+        store = open_store(url)
+        await store.open()
+        try:
+            _, key = await auth.create_key(store, workspace_id, frozenset({auth.READ}))
+            return key
         finally:
             await store.close()
 
@@ -184,25 +195,35 @@ class CassandraBench(BenchStore):
         try:
             session = store._session
             # The store's own prepared inserts (consistency, idempotence, routing as the service has them):
-            # every event is one row in events_by_person and one in events_by_name.
+            # every event is one row in events_by_person, one in events_by_name and one in
+            # workspace_events; each (hour or day, event key, person) of a chunk one in workspace_persons.
             by_person, by_name = store._ps["insert_event"], store._ps["insert_event_by_name"]
+            ws_event, ws_person = store._ps["insert_ws_event"], store._ps["insert_ws_person"]
             chunk_size = 2_000
             chunks = []
+            written = 0
             for i in range(0, len(rows), chunk_size):
                 chunk = rows[i:i + chunk_size]
-                person_args, name_args = [], []
+                person_args, name_args, ws_event_args, ws_person_args = [], [], [], set()
                 for e in chunk:
                     b = bucket_of(e.timestamp_us)
                     person_args.append((e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event,
                                         e.external_id, e.parameters, e.created_at_us))
                     name_args.append((e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id,
                                       e.external_id, e.parameters, e.created_at_us))
-                chunks.append((person_args, name_args))
+                    hour = e.timestamp_us - e.timestamp_us % HOUR_US
+                    ws_event_args.append((e.workspace_id, hour, e.event, e.timestamp_us, e.event_id))
+                    for grain, bucket in ((HOUR_US, hour), (BUCKET_US, b * BUCKET_US)):
+                        for key in ("", e.event):
+                            ws_person_args.add((e.workspace_id, grain, bucket, key, e.person_id))
+                chunks.append((person_args, name_args, ws_event_args, sorted(ws_person_args)))
             done = 0
             server = self.server_pids()
             cpu0, server0, started = time.process_time(), cpu_seconds(server), time.perf_counter()
-            for person_args, name_args in chunks:
-                for statement, args in ((by_person, person_args), (by_name, name_args)):
+            for person_args, name_args, ws_event_args, ws_person_args in chunks:
+                written += len(person_args) + len(name_args) + len(ws_event_args) + len(ws_person_args)
+                for statement, args in ((by_person, person_args), (by_name, name_args), (ws_event, ws_event_args),
+                                        (ws_person, ws_person_args)):
                     for ok, result in execute_concurrent_with_args(session, statement, args, concurrency=100,
                                                                    raise_on_first_error=True):
                         if not ok:
@@ -210,8 +231,8 @@ class CassandraBench(BenchStore):
                 done += len(person_args)
                 if time.perf_counter() - started >= max_seconds:
                     break
-            return RawResult(done, time.perf_counter() - started, 2, client_cpu_s=time.process_time() - cpu0,
-                             store_cpu_s=cpu_seconds(server) - server0)
+            return RawResult(done, time.perf_counter() - started, round(written / max(done, 1), 2),
+                             client_cpu_s=time.process_time() - cpu0, store_cpu_s=cpu_seconds(server) - server0)
         finally:
             asyncio.run(store.close())
 

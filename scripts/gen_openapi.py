@@ -230,7 +230,8 @@ class _Builder:
         fields = message.fields
         schema: dict[str, Any] = {
             "type": "object",
-            "properties": {f.name: self._field_schema(f, nullable=request, checked=checked) for f in fields},
+            "properties": {f.name: self._field_schema(f, nullable=request or _prints_null(f), checked=checked)
+                           for f in fields},
             # Responses carry every field; requests need what their rules require.
             "required": [f.name for f in fields if not request or (checked and _required(f))],
         }
@@ -270,6 +271,13 @@ class _Builder:
         if description:
             schema["description"] = description
         return schema
+
+
+def _prints_null(field: FieldDescriptor) -> bool:
+    """A response's unset message field is written as null (grpc-gateway's
+    EmitUnpopulated); the gateway writes an unset Struct as {}."""
+    return (field.message_type is not None and not field.is_repeated
+            and field.message_type.full_name != "google.protobuf.Struct")
 
 
 def _rules(field: FieldDescriptor) -> validate_pb2.FieldRules:

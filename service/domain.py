@@ -28,6 +28,11 @@ MAX_PARAMETERS_DEPTH = 32
 MAX_FUTURE_US = 24 * 3600 * 1_000_000
 MIN_BATCH, MAX_BATCH = 1, 100
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
+INTERVALS = {"hour": HOUR_US, "day": DAY_US}  # the bucket sizes of event counts
+MAX_COUNT_BUCKETS = 1000
+DEFAULT_COUNTS_RANGE_US = 30 * DAY_US
 MAX_OFFSET = 2**31 - 1
 DEFAULT_DEDUP_WINDOW_DAYS = 7
 DAY_S = 86_400
@@ -112,6 +117,30 @@ class EventPage:
     total: int
     # With ``after``: whether events follow this page (stores read one more row).
     more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NameStats:
+    """One event name's exact count and first and last time (microseconds)."""
+
+    event: str
+    count: int
+    first_us: int
+    last_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class CountBucket:
+    """One UTC hour or day of a workspace's events: starts at start_us."""
+
+    start_us: int
+    count: int
+    unique_persons: int
+
+
+def by_last_seen(stats: list[NameStats]) -> list[NameStats]:
+    """Most recently seen first; ties by name, so the order is stable."""
+    return sorted(stats, key=lambda s: (-s.last_us, s.event))
 
 
 def now_us() -> int:

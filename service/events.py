@@ -1,4 +1,5 @@
-"""The use cases: track one event, track a batch, list a person's events.
+"""The use cases: track one event, track a batch, list a person's events, and
+read the aggregates (a person's summary, a workspace's counts and event names).
 
 Plain Python in, plain Python out: the servicer adapts protobuf messages to
 these calls, and these calls raise ValidationError (bad input) or
@@ -10,10 +11,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from service import domain
-from service.domain import EventPage, EventQuery, FieldViolation, StoredEvent, ValidationError
+from service.domain import (
+    CountBucket,
+    EventPage,
+    EventQuery,
+    FieldViolation,
+    NameStats,
+    StoredEvent,
+    ValidationError,
+)
 from service.store import Store
 
 
@@ -61,6 +70,38 @@ class ListInput:
 class ListResult:
     page: EventPage
     next_page_token: str  # "" on the last page
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryInput:
+    person_ref: str  # as ListInput
+    id_type: str = ""
+    since_ns: int | None = None
+    until_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PersonSummary:
+    person_id: str
+    events: list[NameStats]  # most recently seen first
+
+
+@dataclass(frozen=True, slots=True)
+class CountsInput:
+    event: str = ""  # empty: every event
+    interval: str = ""  # "hour" or "day"
+    since_ns: int | None = None
+    until_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventCounts:
+    interval: str
+    buckets: list[CountBucket]  # every bucket of the range, oldest first, empty ones as zeros
+
+    @property
+    def total(self) -> int:
+        return sum(b.count for b in self.buckets)
 
 
 class EventsCore:
@@ -168,21 +209,57 @@ class EventsCore:
         more = page.more if q.after is not None else q.offset + len(page.events) < page.total
         return ListResult(page, domain.page_token(q, page.events[-1]) if more and page.events else "")
 
+    async def person_summary(self, workspace_id: str, req: SummaryInput) -> PersonSummary:
+        violations: list[FieldViolation] = []
+        person_id = _person(workspace_id, req.person_ref, req.id_type, violations)
+        _check_window(req.since_ns, req.until_ns, violations)
+        if violations:
+            raise ValidationError(*violations)
+        stats = await self._store.person_summary(workspace_id, person_id, _micros_ceil(req.since_ns),
+                                                 _micros_ceil(req.until_ns))
+        return PersonSummary(person_id, domain.by_last_seen(stats))
+
+    async def event_counts(self, workspace_id: str, req: CountsInput) -> EventCounts:
+        """Every bucket of the range: from the one holding ``since`` to the one
+        holding the instant before ``until``."""
+        violations: list[FieldViolation] = []
+        if req.event:
+            _check(violations, domain.check_name, "event", req.event)
+        interval_us = domain.INTERVALS.get(req.interval)
+        if interval_us is None:
+            violations.append(FieldViolation("interval", f"must be hour or day, got {req.interval[:64]!r}"))
+        _check_window(req.since_ns, req.until_ns, violations)
+        if violations:
+            raise ValidationError(*violations)
+        assert interval_us is not None
+        until_us = self._clock() if req.until_ns is None else _micros_ceil(req.until_ns)
+        since_us = until_us - domain.DEFAULT_COUNTS_RANGE_US if req.since_ns is None else req.since_ns // 1000
+        first, end = since_us // interval_us, -(-until_us // interval_us)
+        if end - first > domain.MAX_COUNT_BUCKETS:
+            raise ValidationError.of("since", f"the range must hold at most {domain.MAX_COUNT_BUCKETS} buckets"
+                                              f" of an {req.interval}, got {end - first}")
+        stored = await self._store.event_counts(workspace_id, req.event or None, interval_us,
+                                                first * interval_us, end * interval_us)
+        found = {b.start_us: b for b in stored}
+        buckets = [found.get(start) or CountBucket(start, 0, 0)
+                   for start in range(first * interval_us, end * interval_us, interval_us)]
+        return EventCounts(req.interval, buckets)
+
+    async def event_names(self, workspace_id: str, since_ns: int | None, until_ns: int | None) -> list[NameStats]:
+        """Whole UTC hours: from the one holding ``since`` to the one holding the instant before ``until``."""
+        violations: list[FieldViolation] = []
+        _check_window(since_ns, until_ns, violations)
+        if violations:
+            raise ValidationError(*violations)
+        hour = domain.HOUR_US
+        since_us = None if since_ns is None else since_ns // 1000 // hour * hour
+        until_us = None if until_ns is None else -(-_micros_ceil(until_ns) // hour) * hour
+        return domain.by_last_seen(await self._store.event_names(workspace_id, since_us, until_us))
+
     @staticmethod
     def list_query(workspace_id: str, req: ListInput) -> EventQuery:
         violations: list[FieldViolation] = []
-        id_type = req.id_type or "person_id"
-        person_id = ""
-        if id_type not in domain.ID_TYPES:
-            violations.append(FieldViolation("id_type", f"must be one of {', '.join(domain.ID_TYPES)}, got {req.id_type[:64]!r}"))
-        else:
-            try:
-                if id_type == "external_id":
-                    person_id = domain.person_id_for(workspace_id, domain.check_name("person_id", req.person_ref))
-                else:
-                    person_id = domain.parse_person_id("person_id", req.person_ref)
-            except ValidationError as exc:
-                violations.extend(exc.violations)
+        person_id = _person(workspace_id, req.person_ref, req.id_type, violations)
         limit = domain.DEFAULT_LIMIT if req.limit is None else req.limit
         if not 1 <= limit <= domain.MAX_LIMIT:
             violations.append(FieldViolation("limit", f"must be between 1 and {domain.MAX_LIMIT}, got {limit}"))
@@ -190,12 +267,8 @@ class EventsCore:
         if offset < 0:
             violations.append(FieldViolation("offset", f"must not be negative, got {offset}"))
         if req.event:
-            try:
-                domain.check_name("event", req.event)
-            except ValidationError as exc:
-                violations.extend(exc.violations)
-        if req.since_ns is not None and req.until_ns is not None and req.since_ns >= req.until_ns:
-            violations.append(FieldViolation("since", "must be before until"))
+            _check(violations, domain.check_name, "event", req.event)
+        _check_window(req.since_ns, req.until_ns, violations)
         if req.page_token and offset > 0:
             violations.append(FieldViolation("page_token", "cannot be combined with an offset: pass one or the other"))
         if violations:
@@ -217,6 +290,37 @@ class EventsCore:
         return q
 
 
+def _check(violations: list[FieldViolation], fn, *args):
+    """fn(*args), its violations collected."""
+    try:
+        return fn(*args)
+    except ValidationError as exc:
+        violations.extend(exc.violations)
+        return None
+
+
+def _person(workspace_id: str, person_ref: str, id_type: str, violations: list[FieldViolation]) -> str:
+    """The person_id a request names (by person_id or by external_id); "" when invalid."""
+    id_type = id_type or "person_id"
+    if id_type not in domain.ID_TYPES:
+        violations.append(
+            FieldViolation("id_type", f"must be one of {', '.join(domain.ID_TYPES)}, got {id_type[:64]!r}"))
+        return ""
+    if id_type == "external_id":
+        external_id = _check(violations, domain.check_name, "person_id", person_ref)
+        return "" if external_id is None else domain.person_id_for(workspace_id, external_id)
+    return _check(violations, domain.parse_person_id, "person_id", person_ref) or ""
+
+
+def _check_window(since_ns: int | None, until_ns: int | None, violations: list[FieldViolation]) -> None:
+    if since_ns is not None and until_ns is not None and since_ns >= until_ns:
+        violations.append(FieldViolation("since", "must be before until"))
+
+
+@overload
+def _micros_ceil(ns: int) -> int: ...
+@overload
+def _micros_ceil(ns: None) -> None: ...
 def _micros_ceil(ns: int | None) -> int | None:
     """Rounded up, so that `since` and `until` keep their meaning at the store's precision."""
     return None if ns is None else -(-ns // 1000)

@@ -14,9 +14,9 @@ from grpc_status import rpc_status
 from flameup.events.v1 import events_pb2, events_pb2_grpc
 from protoconv import struct_to_python
 from service import domain
-from service.auth import READ, WRITE, AuthError, Authenticator, Principal
-from service.domain import StoredEvent, ValidationError
-from service.events import EventsCore, ListInput, TrackInput
+from service.auth import READ, WRITE, Authenticator, AuthError, Principal
+from service.domain import NameStats, StoredEvent, ValidationError
+from service.events import CountsInput, EventsCore, ListInput, SummaryInput, TrackInput
 from service.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 # Every RPC of EventsService needs a key with this scope. An RPC missing here
 # is refused (fail closed); a test checks the table covers the proto.
-REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ}
+REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "GetPersonSummary": READ,
+                  "GetEventCounts": READ, "ListEventNames": READ}
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
@@ -160,6 +161,36 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in result.page.events],
                                                    total=result.page.total, next_page_token=result.next_page_token)
 
+    @_grpc_errors
+    async def GetPersonSummary(self, request: events_pb2.GetPersonSummaryRequest, context):
+        summary = await self._core.person_summary(_principal.get().workspace_id, SummaryInput(
+            person_ref=request.person_id, id_type=request.id_type,
+            since_ns=_nanos(request, "since"), until_ns=_nanos(request, "until")))
+        resp = events_pb2.GetPersonSummaryResponse(person_id=summary.person_id,
+                                                   total=sum(s.count for s in summary.events),
+                                                   events=[_name_summary(s) for s in summary.events])
+        if summary.events:
+            _set_micros(resp.first_seen, min(s.first_us for s in summary.events))
+            _set_micros(resp.last_seen, summary.events[0].last_us)
+        return resp
+
+    @_grpc_errors
+    async def GetEventCounts(self, request: events_pb2.GetEventCountsRequest, context):
+        counts = await self._core.event_counts(_principal.get().workspace_id, CountsInput(
+            event=request.event, interval=request.interval,
+            since_ns=_nanos(request, "since"), until_ns=_nanos(request, "until")))
+        resp = events_pb2.GetEventCountsResponse(interval=counts.interval, total=counts.total)
+        for b in counts.buckets:
+            bucket = resp.buckets.add(count=b.count, unique_persons=b.unique_persons)
+            _set_micros(bucket.start, b.start_us)
+        return resp
+
+    @_grpc_errors
+    async def ListEventNames(self, request: events_pb2.ListEventNamesRequest, context):
+        names = await self._core.event_names(_principal.get().workspace_id, _nanos(request, "since"),
+                                             _nanos(request, "until"))
+        return events_pb2.ListEventNamesResponse(events=[_name_summary(s) for s in names])
+
 
 def track_input(request: events_pb2.TrackRequest) -> TrackInput:
     parameters = struct_to_python(request.parameters) if request.HasField("parameters") else None
@@ -174,10 +205,22 @@ def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
         limit=request.limit if request.HasField("limit") else None,
         offset=request.offset if request.HasField("offset") else None,
         event=request.event,
-        since_ns=request.since.ToNanoseconds() if request.HasField("since") else None,
-        until_ns=request.until.ToNanoseconds() if request.HasField("until") else None,
+        since_ns=_nanos(request, "since"),
+        until_ns=_nanos(request, "until"),
         page_token=request.page_token,
     )
+
+
+def _nanos(request, field: str) -> int | None:
+    """A Timestamp field in nanoseconds since the epoch; None when unset."""
+    return getattr(request, field).ToNanoseconds() if request.HasField(field) else None
+
+
+def _name_summary(s: NameStats) -> events_pb2.EventNameSummary:
+    msg = events_pb2.EventNameSummary(event=s.event, count=s.count)
+    _set_micros(msg.first_seen, s.first_us)
+    _set_micros(msg.last_seen, s.last_us)
+    return msg
 
 
 def _event(e: StoredEvent) -> events_pb2.Event:

@@ -46,8 +46,9 @@ async def sqlite_store(tmp_path):
 
 @pytest.fixture
 async def sqlite_merging_store(tmp_path):
-    """A SqliteStore whose writer runs a timeline merge step of about two entries after every commit."""
-    store = SqliteStore(str(tmp_path / "events.db"), tuning=Tuning(merge_from_rows=1, merge_step_rows=2))
+    """A SqliteStore whose writer runs a timeline merge step of about two entries after every commit
+    and remembers at most three committed person rows of the aggregates (it forgets them often)."""
+    store = SqliteStore(str(tmp_path / "events.db"), tuning=Tuning(merge_from_rows=1, merge_step_rows=2, known_person_rows=3))
     await store.open()
     yield store
     await store.close()

@@ -254,6 +254,26 @@ async def test_a_write_that_may_have_failed_keeps_its_day_dirty(model):
         await store.wait_for_writebacks()
 
 
+async def test_person_summary_reads_the_index_and_two_rows_per_event_name(model):
+    """Once the counts are stored, a summary of the 100,000-event person is one read of
+    its index partition (one row per event key and day: no count) and a row read at
+    each end per event name, as for the 1,000-event person."""
+    store, heavy, light = model
+    for person in (light, heavy):
+        await store.person_summary(person.workspace_id, person.person_id, None, None)
+        await store.wait_for_writebacks()
+        store.stats.reset()
+        stats = await store.person_summary(person.workspace_id, person.person_id, None, None)
+        assert sorted((s.event, s.count, s.first_us, s.last_us) for s in stats) == sorted(
+            (name, len(mine), mine[-1].timestamp_us, mine[0].timestamp_us)
+            for name in NAMES if (mine := person.expected(event=name)))
+        days = len({bucket_of(e.timestamp_us) for e in person.events})
+        snapshot = store.stats.snapshot()
+        assert snapshot["counts"] == 0 and snapshot["event_rows"] == 2 * len(NAMES)
+        assert snapshot["statements"] <= 1 + -(-snapshot["index_rows"] // 2000) + 2 * len(NAMES)
+        assert snapshot["index_rows"] <= (days + 1) * (len(NAMES) + 1)
+
+
 async def test_a_batch_of_many_people_costs_a_few_requests(model):
     """TrackBatch's worst case, 100 events of 100 people: the small partitions
     share unlogged batches by replica (one node here, so all of them), so the
@@ -263,9 +283,13 @@ async def test_a_batch_of_many_people_costs_a_few_requests(model):
     people = [make_person(heavy.workspace_id, f"many-{i}", 1) for i in range(100)]
     store.stats.reset()
     await store.append([p.events[0] for p in people])
-    # two mark waves over 100 person_buckets partitions, one row wave over 200 partitions
-    per_wave = -(-100 // MAX_SHARED_BATCH_PARTITIONS)
-    assert store.stats.statements == 2 * per_wave + 2 * per_wave
+    # two mark waves over 100 person_buckets partitions and the workspace's two
+    # (hours, days); one row wave over 200 small partitions, and three larger ones,
+    # alone: the workspace's hour of events and its hour's and day's persons
+    marks = -(-(100 + 2) // MAX_SHARED_BATCH_PARTITIONS)
+    rows = -(-200 // MAX_SHARED_BATCH_PARTITIONS) + 3
+    assert store.stats.statements == 2 * marks + rows
+    assert store.stats.rows_written == 2 * 100 + 100 + 4 * 100
     for p in people:
         page = await store.list_events(p.query())
         assert page.total == 1 and page.events == p.events

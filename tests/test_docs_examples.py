@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,31 @@ def test_javascript_examples(service):
     results = json.loads(run_example(service, "node", "examples.mjs"))
     check_client_results(results)
     assert results["plan_upgraded"]["success"] and results["nps_submitted"]["success"]
+
+
+def test_campaign_and_analytics_examples(service):
+    """The README's abandoned-cart condition, by one summary call and by one filtered
+    list call, and its analytics calls (daily purchases and buyers, event names)."""
+    summary, purchases, counts, names = (
+        json.loads(line) for line in run_example(service, "bash", "aggregates.sh").splitlines())
+    by_name = {e["event"]: e for e in summary["events"]}
+    assert by_name["cart_updated"]["count"] == 1 and "purchase_completed" not in by_name
+    cart_at = datetime.fromisoformat(by_name["cart_updated"]["last_seen"])
+    assert datetime.now(timezone.utc) - cart_at > timedelta(hours=24)  # the campaign's condition holds
+    assert summary["total"] == 2 and summary["last_seen"] == by_name["cart_updated"]["last_seen"]
+    assert purchases["total"] == 0 and purchases["events"] == []
+    assert counts["interval"] == "day" and len(counts["buckets"]) in (30, 31)
+    assert all(set(b) == {"start", "count", "unique_persons"} for b in counts["buckets"])
+    assert counts["total"] == sum(b["count"] for b in counts["buckets"])
+    assert all(b["unique_persons"] <= b["count"] for b in counts["buckets"])
+    assert {"cart_updated", "logged_in"} <= {e["event"] for e in names["events"]}
+
+
+def test_readme_shows_the_campaign_and_analytics_examples():
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    script = (EXAMPLES / "aggregates.sh").read_text()
+    for line in script.splitlines():
+        if (line.startswith("curl -s ") or line.startswith("  -H")) and "harness" not in line:
+            as_in_readme = (line.replace("$BASE_URL", "http://127.0.0.1:8080").replace("$API_KEY", "$KEY")
+                            .replace("$EXTERNAL_ID", "user_123"))
+            assert as_in_readme in readme, as_in_readme

@@ -56,7 +56,8 @@ def within_the_rules_json_schema_cannot_state(ctx, case):
     well-formed timestamp or sent_at is a real time, and the timestamp, shifted
     by sent_at's clock error, is not before 1970 nor more than a day ahead;
     since < until; person_id is a UUID unless id_type is external_id; a page
-    token is one the service issued (none here). Only values the schema allows
+    token is one the service issued (none here); event counts span at most
+    1,000 buckets. Only values the schema allows
     are changed, so invalid requests stay invalid."""
     batch_sent_at = _real_sent_at(case.body) if case.path.endswith("/batch") else None
     for item in _items(case):
@@ -81,6 +82,14 @@ def within_the_rules_json_schema_cannot_state(ctx, case):
         query["since"], query["until"] = query["until"], query["since"]
         if since == until:
             del query["until"]
+    interval = query.get("interval")
+    interval_us = domain.INTERVALS.get(interval) if isinstance(interval, str) else None
+    if case.path == "/api/v1/events/counts" and interval_us and _datetime(query.get("since")) is not None:
+        # at most 1,000 buckets: without since the range is the 30 days before until
+        until_us = domain.now_us() if _datetime(query.get("until")) is None else domain.parse_timestamp(
+            "until", query["until"])
+        if -(-until_us // interval_us) - domain.parse_timestamp("since", query["since"]) // interval_us > 1000:
+            del query["since"]
     person_id = path.get("person_id")
     if isinstance(person_id, str) and query.get("id_type", "") in ("", "person_id"):
         try:

@@ -521,12 +521,15 @@ def test_path_parameters_set_dotted_fields():
 # Routes and OpenAPI, from the descriptors
 
 
-def test_routes_are_exactly_the_three_documented_paths():
+def test_routes_are_exactly_the_documented_paths():
     bindings = bindings_for([events_pb2.DESCRIPTOR])
     assert {(b.http_method, b.template, b.method.name, b.body) for b in bindings} == {
         ("POST", "/api/v1/track", "Track", "*"),
         ("POST", "/api/v1/track/batch", "TrackBatch", "*"),
         ("GET", "/api/v1/people/{person_id}/events", "ListPersonEvents", ""),
+        ("GET", "/api/v1/people/{person_id}/summary", "GetPersonSummary", ""),
+        ("GET", "/api/v1/events/counts", "GetEventCounts", ""),
+        ("GET", "/api/v1/events/names", "ListEventNames", ""),
     }
     listing = next(b for b in bindings if b.method.name == "ListPersonEvents")
     assert listing.grpc_path == "/flameup.events.v1.EventsService/ListPersonEvents"
@@ -537,6 +540,9 @@ def test_routes_are_exactly_the_three_documented_paths():
         "/api/v1/track",
         "/api/v1/track/batch",
         "/api/v1/people/{p0}/events",
+        "/api/v1/people/{p0}/summary",
+        "/api/v1/events/counts",
+        "/api/v1/events/names",
         "/healthz",
         "/openapi.json",
     }
@@ -810,7 +816,9 @@ def test_app_limits_the_body_to_one_mebibyte(client, stand_in):
 
 def test_app_serves_openapi(client):
     doc = client.get("/openapi.json").json()
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events"}
+    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
+                                 "/api/v1/people/{person_id}/summary", "/api/v1/events/counts",
+                                 "/api/v1/events/names"}
 
 
 def test_app_without_a_grpc_server():

@@ -329,3 +329,43 @@ def test_page_token_errors_name_the_field(api):
         api.list(uid(), id_type="external_id", page_token=first.next_page_token)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request(exc.value) == [("page_token", "belongs to another person's listing")]
+
+
+def test_aggregates_over_grpc(service, workspace):
+    stub, md = service.stub(), service.metadata(service.create_key(workspace))
+    user = uid()
+    stub.TrackBatch(pb.TrackBatchRequest(events=[
+        pb.TrackRequest(external_id=user, event=name, timestamp=f"2024-01-15T{hour:02d}:00:00Z")
+        for hour, name in [(9, "a"), (10, "b"), (11, "a")]]), metadata=md, timeout=10)
+    summary = stub.GetPersonSummary(pb.GetPersonSummaryRequest(person_id=user, id_type="external_id"),
+                                    metadata=md, timeout=10)
+    assert summary.person_id == person_id_for(workspace, user) and summary.total == 3
+    assert [(e.event, e.count) for e in summary.events] == [("a", 2), ("b", 1)]
+    assert summary.first_seen.ToJsonString() == "2024-01-15T09:00:00Z"
+    assert summary.events[0].last_seen.ToJsonString() == summary.last_seen.ToJsonString() == "2024-01-15T11:00:00Z"
+    nobody = stub.GetPersonSummary(pb.GetPersonSummaryRequest(person_id=str(uuid.uuid4())), metadata=md, timeout=10)
+    assert nobody.total == 0 and not nobody.HasField("first_seen") and not nobody.HasField("last_seen")
+    counts = stub.GetEventCounts(pb.GetEventCountsRequest(
+        interval="hour", since=timestamp_pb2.Timestamp(seconds=1705309200),  # 2024-01-15T09:00:00Z
+        until=timestamp_pb2.Timestamp(seconds=1705309200 + 3 * 3600)), metadata=md, timeout=10)
+    assert [(b.start.seconds - 1705309200, b.count, b.unique_persons) for b in counts.buckets] == [
+        (0, 1, 1), (3600, 1, 1), (7200, 1, 1)]
+    assert counts.total == 3 and counts.interval == "hour"
+    names = stub.ListEventNames(pb.ListEventNamesRequest(), metadata=md, timeout=10)
+    assert [(e.event, e.count) for e in names.events] == [("a", 2), ("b", 1)]
+
+
+@pytest.mark.parametrize("request_kw,field", [
+    ({"interval": ""}, "interval"),
+    ({"interval": "week"}, "interval"),
+    ({"interval": "day", "event": "a\x07b"}, "event"),
+    ({"interval": "hour", "since": timestamp_pb2.Timestamp(seconds=0),
+      "until": timestamp_pb2.Timestamp(seconds=3600 * 1001)}, "since"),
+    ({"interval": "day", "since": timestamp_pb2.Timestamp(seconds=200),
+      "until": timestamp_pb2.Timestamp(seconds=100)}, "since"),
+])
+def test_event_counts_validation(service, request_kw, field):
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub().GetEventCounts(pb.GetEventCountsRequest(**request_kw), metadata=service.metadata(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in [f for f, _ in bad_request(err.value)]

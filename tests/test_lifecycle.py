@@ -250,7 +250,7 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
     under the current schema with every event, total and event filter intact."""
     import sqlite3
 
-    from service.domain import new_event_id, now_us
+    from service.domain import DAY_US, NameStats, new_event_id, now_us
     from service.store.base import bucket_of
     from service.store.sqlite_engine import MIGRATIONS, SCHEMA_VERSION
 
@@ -280,6 +280,15 @@ async def test_a_version_1_sqlite_file_migrates_with_its_events(tmp_path):
         page = await store.list_events(EventQuery("ws_m", pid, limit=3, offset=2))
         assert page.total == 10 and [e.event_id for e in page.events] == ids[2:5]
         assert [e.parameters for e in page.events] == ['{"i":2}', '{"i":3}', '{"i":4}']
+        # the aggregates are built from the migrated rows
+        times = {name: [at - i for i in range(10) if ("a", "b")[i % 2] == name] for name in "ab"}
+        stats = sorted(await store.person_summary("ws_m", pid, None, None), key=lambda s: s.event)
+        assert stats == [NameStats(k, 5, min(v), max(v)) for k, v in sorted(times.items())]
+        assert sorted(await store.event_names("ws_m", None, None), key=lambda s: s.event) == stats
+        day = bucket_of(at) * DAY_US
+        assert [(b.count, b.unique_persons) for b in await store.event_counts("ws_m", None, DAY_US, day, day + DAY_US)] == [(10, 1)]
+        windowed = sorted(await store.person_summary("ws_m", pid, at - 4, at + 1), key=lambda s: s.event)
+        assert [(s.event, s.count) for s in windowed] == [("a", 3), ("b", 2)]
     finally:
         await store.close()
     conn = sqlite3.connect(path)

@@ -23,7 +23,9 @@ def test_document_is_valid_openapi_3(doc):
 
 
 def test_paths_parameters_bodies_and_errors(doc):
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events"}
+    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
+                                 "/api/v1/people/{person_id}/summary", "/api/v1/events/counts",
+                                 "/api/v1/events/names"}
     assert list(doc["paths"]["/api/v1/track/batch"]) == ["post"]
     batch = doc["paths"]["/api/v1/track/batch"]["post"]
     assert batch["operationId"] == "EventsService_TrackBatch"
@@ -47,6 +49,12 @@ def test_paths_parameters_bodies_and_errors(doc):
         ("page_token", "query"),
     }
     assert params[("since", "query")]["schema"] == {"type": "string", "format": "date-time"}
+    counts = doc["paths"]["/api/v1/events/counts"]["get"]
+    params = {(p["name"], p["in"]): p for p in counts["parameters"]}
+    assert set(params) == {("event", "query"), ("interval", "query"), ("since", "query"), ("until", "query")}
+    assert params[("interval", "query")]["schema"]["enum"] == ["hour", "day"]
+    summary = doc["paths"]["/api/v1/people/{person_id}/summary"]["get"]
+    assert {p["name"] for p in summary["parameters"]} == {"person_id", "id_type", "since", "until"}
     schemas = doc["components"]["schemas"]
     assert schemas["google.rpc.Status"]["required"] == ["code", "message", "details"]
 

@@ -258,7 +258,9 @@ def test_healthz_and_openapi(service):
     assert httpx.get(f"{service.http_url}/healthz").json()["status"] == "SERVING"
     doc = httpx.get(f"{service.http_url}/openapi.json").json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events"}
+    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
+                                 "/api/v1/people/{person_id}/summary", "/api/v1/events/counts",
+                                 "/api/v1/events/names"}
     assert set(doc["paths"]["/api/v1/people/{person_id}/events"]) == {"get"}
 
 
@@ -384,3 +386,50 @@ def test_page_tokens_walk_and_bad_ones_are_400(http):
                           ({"page_token": token, "offset": 3}, "offset")]:
         body = assert_status(http.get(path, params={"id_type": "external_id", **bad}), 400, 3, "page_token")
         assert fragment in body["message"]
+
+
+def test_person_summary_counts_and_names_over_rest(service, workspace):
+    key = service.create_key(workspace)
+    headers = {"Authorization": f"Bearer {key}"}
+    user = uid()
+    with httpx.Client(base_url=service.http_url, headers=headers, timeout=30) as http:
+        events = [{"external_id": user, "event": name, "timestamp": f"2024-01-15T{hour:02d}:30:00Z"}
+                  for hour, name in [(9, "cart_updated"), (10, "cart_updated"), (11, "purchase_completed")]]
+        assert http.post("/api/v1/track/batch", json={"events": events}).json()["success"] is True
+        summary = http.get(f"/api/v1/people/{user}/summary", params={"id_type": "external_id"}).json()
+        assert summary == {
+            "person_id": person_id_for(workspace, user), "total": 3,
+            "first_seen": "2024-01-15T09:30:00Z", "last_seen": "2024-01-15T11:30:00Z",
+            "events": [
+                {"event": "purchase_completed", "count": 1, "first_seen": "2024-01-15T11:30:00Z",
+                 "last_seen": "2024-01-15T11:30:00Z"},
+                {"event": "cart_updated", "count": 2, "first_seen": "2024-01-15T09:30:00Z",
+                 "last_seen": "2024-01-15T10:30:00Z"}]}
+        window = http.get(f"/api/v1/people/{user}/summary",
+                          params={"id_type": "external_id", "since": "2024-01-15T10:00:00Z"}).json()
+        assert window["total"] == 2 and [e["event"] for e in window["events"]] == ["purchase_completed",
+                                                                                    "cart_updated"]
+        nobody = http.get(f"/api/v1/people/{uid()}/summary", params={"id_type": "external_id"}).json()
+        assert nobody["total"] == 0 and nobody["events"] == []
+        assert nobody["first_seen"] is None and nobody["last_seen"] is None
+
+        counts = http.get("/api/v1/events/counts", params={
+            "event": "cart_updated", "interval": "hour", "since": "2024-01-15T08:00:00Z",
+            "until": "2024-01-15T12:00:00Z"}).json()
+        assert counts == {"interval": "hour", "total": 2, "buckets": [
+            {"start": f"2024-01-15T{h:02d}:00:00Z", "count": int(h in (9, 10)), "unique_persons": int(h in (9, 10))}
+            for h in range(8, 12)]}
+        days = http.get("/api/v1/events/counts", params={"interval": "day", "until": "2024-01-16T00:00:00Z"}).json()
+        assert len(days["buckets"]) == 30 and days["buckets"][-1] == {
+            "start": "2024-01-15T00:00:00Z", "count": 3, "unique_persons": 1}
+        names = http.get("/api/v1/events/names").json()
+        assert [(e["event"], e["count"]) for e in names["events"]] == [("purchase_completed", 1),
+                                                                        ("cart_updated", 2)]
+        assert_status(http.get("/api/v1/events/counts", params={"interval": "week"}), 400, 3, "interval")
+        assert_status(http.get("/api/v1/events/counts", params={"interval": "hour", "since": "2024-01-01T00:00:00Z",
+                                                                "until": "2024-03-01T00:00:00Z"}), 400, 3, "since")
+    write_only = service.create_key(workspace, scopes="events:write")
+    for path in (f"/api/v1/people/{user}/summary?id_type=external_id", "/api/v1/events/counts?interval=day",
+                 "/api/v1/events/names"):
+        resp = httpx.get(f"{service.http_url}{path}", headers={"Authorization": f"Bearer {write_only}"})
+        assert_status(resp, 403, 7)

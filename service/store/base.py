@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.domain import DAY_S, DEFAULT_DEDUP_WINDOW_DAYS, EventPage, EventQuery, Original, StoredEvent
+from service.domain import (
+    DAY_S,
+    DEFAULT_DEDUP_WINDOW_DAYS,
+    CountBucket,
+    EventPage,
+    EventQuery,
+    NameStats,
+    Original,
+    StoredEvent,
+)
 
 # Buckets group a person's timeline by UTC day. Cassandra partitions by them so
 # that no partition grows without bound; every store keeps exact per-bucket
@@ -92,6 +101,27 @@ class Store(abc.ABC):
         (``after`` does not narrow the count). With ``after``, the page starts
         after that (timestamp, event_id) and ``more`` says whether events
         follow it."""
+
+    # Aggregates: kept as events are written, so reads never count events ----
+
+    @abc.abstractmethod
+    async def person_summary(self, workspace_id: str, person_id: str, since_us: int | None,
+                             until_us: int | None) -> list[NameStats]:
+        """Per event name, the person's exact count and first and last time in
+        [since, until) (None: unbounded), in any order; names without events left out."""
+
+    @abc.abstractmethod
+    async def event_counts(self, workspace_id: str, event: str | None, interval_us: int, start_us: int,
+                           end_us: int) -> list[CountBucket]:
+        """The workspace's buckets of ``interval_us`` (HOUR_US or DAY_US) in
+        [start_us, end_us), both aligned to the interval, that hold events of
+        ``event`` (None: every event), in time order, with exact counts and
+        distinct persons."""
+
+    @abc.abstractmethod
+    async def event_names(self, workspace_id: str, since_us: int | None, until_us: int | None) -> list[NameStats]:
+        """Per event name of the workspace, its exact count and first and last
+        time in [since, until) (whole UTC hours; None: unbounded), in any order."""
 
     # Workspaces and keys ------------------------------------------------
 

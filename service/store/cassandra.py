@@ -104,7 +104,7 @@ from cassandra.policies import (
 from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
-from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
+from service.domain import HOUR_US, CountBucket, EventPage, EventQuery, NameStats, Original, StoredEvent, now_us
 from service.store.base import (
     BUCKET_US,
     ApiKeyRecord,
@@ -135,7 +135,6 @@ SPECULATE_AFTER = 1.0
 ALL_EVENTS = ""  # event_key of the counts over every event name
 SUMMARY_BUCKET = 2**62  # the whole-history row; sorts before every day (bucket DESC)
 MIN_BUCKET = -(2**62)
-HOUR_US = 3_600_000_000  # the grain of person_hours
 # How long a day stays dirty after a write that may have failed half way: longer
 # than any server write timeout plus the client timeout, after which no row of
 # that write can still land.
@@ -149,6 +148,7 @@ MAX_BATCH_BYTES = 256 * 1024  # rows of one partition go in unlogged batches up 
 MAX_SHARED_BATCH_BYTES = 5 * 1024
 MAX_SHARED_BATCH_PARTITIONS = 10
 MARK_BYTES = 80  # estimated size of one written_at mark, plus its event key
+WS_ROW_BYTES = 80  # estimated size of a workspace_events or workspace_persons row, plus its event name
 CONCURRENCY = 32  # requests in flight per store call
 
 _KEYSPACE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
@@ -247,6 +247,44 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY ((workspace_id, message_id))
 )"""
 
+# A workspace's aggregates (docs/aggregations.md). One row per event and hour, and
+# one per (bucket, event key, person), both idempotent: their counts are exact.
+# workspace_buckets holds those counts, trusted as person_buckets' are.
+CREATE_WORKSPACE_EVENTS = """
+CREATE TABLE IF NOT EXISTS workspace_events (
+    workspace_id text,
+    hour bigint,
+    event text,
+    ts bigint,
+    event_id text,
+    PRIMARY KEY ((workspace_id, hour), event, ts, event_id)
+)"""
+
+CREATE_WORKSPACE_PERSONS = """
+CREATE TABLE IF NOT EXISTS workspace_persons (
+    workspace_id text,
+    grain bigint,
+    bucket bigint,
+    event_key text,
+    person_id text,
+    PRIMARY KEY ((workspace_id, grain, bucket), event_key, person_id)
+)"""
+
+CREATE_WORKSPACE_BUCKETS = """
+CREATE TABLE IF NOT EXISTS workspace_buckets (
+    workspace_id text,
+    grain bigint,
+    bucket bigint,
+    event_key text,
+    n bigint,
+    u bigint,
+    first_ts bigint,
+    last_ts bigint,
+    counted_at bigint,
+    written_at bigint,
+    PRIMARY KEY ((workspace_id, grain), bucket, event_key)
+) WITH compaction = {'class': 'LeveledCompactionStrategy'}"""
+
 # Workspaces and keys are few: one partition each lists them in one read.
 CREATE_WORKSPACES = """
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -291,11 +329,13 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     )),
     (2, "hour counts of past days, for the edges of time windows", (CREATE_PERSON_HOURS,)),
     (3, "message_id claims, for idempotent ingest", (CREATE_DEDUP,)),
+    (4, "workspace aggregates: events and distinct persons per hour and day", (
+        CREATE_WORKSPACE_EVENTS, CREATE_WORKSPACE_PERSONS, CREATE_WORKSPACE_BUCKETS)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Tables holding data (what tests truncate between cases).
-DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "dedup", "workspaces",
-               "api_keys", "api_keys_by_hash")
+DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "dedup", "workspace_events",
+               "workspace_persons", "workspace_buckets", "workspaces", "api_keys", "api_keys_by_hash")
 
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
@@ -362,6 +402,44 @@ SELECT_BUCKET_RANGE = (
     " WHERE workspace_id = ? AND person_id = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
 )
 
+SELECT_PERSON_INDEX = (
+    "SELECT event_key, bucket, n, counted_at, written_at FROM person_buckets WHERE workspace_id = ? AND person_id = ?"
+)
+SELECT_FIRST_BY_NAME = (
+    "SELECT ts FROM events_by_name WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ?"
+    " AND ts >= ? AND ts < ? ORDER BY ts ASC LIMIT 1"
+)
+SELECT_LAST_BY_NAME = (
+    "SELECT ts FROM events_by_name WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ?"
+    " AND ts >= ? AND ts < ? LIMIT 1"
+)
+INSERT_WS_EVENT = "INSERT INTO workspace_events (workspace_id, hour, event, ts, event_id) VALUES (?, ?, ?, ?, ?)"
+INSERT_WS_PERSON = (
+    "INSERT INTO workspace_persons (workspace_id, grain, bucket, event_key, person_id) VALUES (?, ?, ?, ?, ?)"
+)
+MARK_WS_WRITTEN = (
+    "UPDATE workspace_buckets USING TIMESTAMP ? SET written_at = ?"
+    " WHERE workspace_id = ? AND grain = ? AND bucket = ? AND event_key = ?"
+)
+SAVE_WS_COUNT = (
+    "UPDATE workspace_buckets USING TIMESTAMP ? SET n = ?, u = ?, first_ts = ?, last_ts = ?, counted_at = ?"
+    " WHERE workspace_id = ? AND grain = ? AND bucket = ? AND event_key = ?"
+)
+SELECT_WS_BUCKETS = (
+    "SELECT bucket, event_key, n, u, first_ts, last_ts, counted_at, written_at FROM workspace_buckets"
+    " WHERE workspace_id = ? AND grain = ? AND bucket >= ? AND bucket < ?"
+)
+COUNT_WS_EVENTS = "SELECT COUNT(*) FROM workspace_events WHERE workspace_id = ? AND hour = ?"
+COUNT_WS_EVENTS_BY_NAME = "SELECT COUNT(*) FROM workspace_events WHERE workspace_id = ? AND hour = ? AND event = ?"
+SELECT_WS_FIRST = "SELECT ts FROM workspace_events WHERE workspace_id = ? AND hour = ? AND event = ? LIMIT 1"
+SELECT_WS_LAST = (
+    "SELECT ts FROM workspace_events WHERE workspace_id = ? AND hour = ? AND event = ?"
+    " ORDER BY event DESC, ts DESC LIMIT 1"
+)
+COUNT_WS_PERSONS = (
+    "SELECT COUNT(*) FROM workspace_persons WHERE workspace_id = ? AND grain = ? AND bucket = ? AND event_key = ?"
+)
+
 INSERT_WORKSPACE = "INSERT INTO workspaces (shard, workspace_id, created_at) VALUES (0, ?, ?) IF NOT EXISTS"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces WHERE shard = 0"
 SELECT_WORKSPACE = "SELECT workspace_id FROM workspaces WHERE shard = 0 AND workspace_id = ?"
@@ -397,7 +475,7 @@ class CassandraStats:
     hour_rows: int = 0  # person_hours rows fetched (a window's past edge days)
     counts: int = 0  # COUNT(*) of one bucket: a dirty day, or (part of) a window's edge day
     count_writebacks: int = 0  # recounts stored for the next reader
-    rows_written: int = 0  # event rows written (two per event: both tables)
+    rows_written: int = 0  # rows written: each event's two, its workspace hour's, its new persons of hour and day
 
     def reset(self) -> None:
         for f in fields(self):
@@ -678,6 +756,12 @@ class CassandraStore(Store):
             "mark_written": MARK_WRITTEN, "save_count": SAVE_COUNT,
             "select_hours": SELECT_HOURS, "save_hour_count": SAVE_HOUR_COUNT,
             "select_buckets": SELECT_BUCKETS, "select_bucket_range": SELECT_BUCKET_RANGE,
+            "select_person_index": SELECT_PERSON_INDEX, "select_first_by_name": SELECT_FIRST_BY_NAME,
+            "select_last_by_name": SELECT_LAST_BY_NAME, "insert_ws_event": INSERT_WS_EVENT,
+            "insert_ws_person": INSERT_WS_PERSON, "mark_ws_written": MARK_WS_WRITTEN, "save_ws_count": SAVE_WS_COUNT,
+            "select_ws_buckets": SELECT_WS_BUCKETS, "count_ws_events": COUNT_WS_EVENTS,
+            "count_ws_events_by_name": COUNT_WS_EVENTS_BY_NAME, "select_ws_first": SELECT_WS_FIRST,
+            "select_ws_last": SELECT_WS_LAST, "count_ws_persons": COUNT_WS_PERSONS,
             "select_workspaces": SELECT_WORKSPACES, "select_workspace": SELECT_WORKSPACE,
             "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
             "select_key": SELECT_KEY, "select_keys": SELECT_KEYS,
@@ -847,14 +931,27 @@ class CassandraStore(Store):
         if not events:
             return
         keys: dict[tuple[str, str], set[tuple[str, int]]] = {}
+        ws_keys: dict[str, set[tuple[int, int, str]]] = defaultdict(set)  # workspace -> (grain, bucket, event_key)
+        ws_persons: set[tuple[str, int, int, str, str]] = set()
         rows: dict[tuple, list[_Write]] = defaultdict(list)
         insert, insert_by_name = self._ps["insert_event"], self._ps["insert_event_by_name"]
+        insert_ws_event, insert_ws_person = self._ps["insert_ws_event"], self._ps["insert_ws_person"]
         for e in events:
             b = bucket_of(e.timestamp_us)
             person = (e.workspace_id, e.person_id)
             if (person_keys := keys.get(person)) is None:
                 person_keys = keys[person] = {(ALL_EVENTS, SUMMARY_BUCKET)}
             person_keys.update(((ALL_EVENTS, b), (e.event, b), (e.event, SUMMARY_BUCKET)))
+            hour = e.timestamp_us - e.timestamp_us % HOUR_US
+            rows[("workspace_events", e.workspace_id, hour)].append((insert_ws_event, (
+                e.workspace_id, hour, e.event, e.timestamp_us, e.event_id), WS_ROW_BYTES + len(e.event)))
+            for grain, bucket in ((HOUR_US, hour), (BUCKET_US, b * BUCKET_US)):
+                for key in (ALL_EVENTS, e.event):
+                    ws_keys[e.workspace_id].add((grain, bucket, key))
+                    if (person_row := (e.workspace_id, grain, bucket, key, e.person_id)) not in ws_persons:
+                        ws_persons.add(person_row)
+                        rows[("workspace_persons", e.workspace_id, grain, bucket)].append(
+                            (insert_ws_person, person_row, WS_ROW_BYTES + len(key)))
             size = len(e.parameters) + len(e.external_id) + len(e.event) + 96
             rows[(*person, "", b)].append((insert, (
                 e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event, e.external_id,
@@ -863,39 +960,48 @@ class CassandraStore(Store):
                 e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
                 e.parameters, e.created_at_us), size))
         # Shielded: a caller that gives up (a deadline) must not abandon the end marks.
-        work = asyncio.ensure_future(self._append(keys, list(rows.values())))
+        work = asyncio.ensure_future(self._append(keys, ws_keys, list(rows.values())))
         work.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
         await asyncio.shield(work)
 
     async def _append(self, keys: dict[tuple[str, str], set[tuple[str, int]]],
-                      rows: list[list[_Write]]) -> None:
+                      ws_keys: dict[str, set[tuple[int, int, str]]], rows: list[list[_Write]]) -> None:
         # 1. Dirty before any row can land, for long enough to outlive a failed write.
         w0 = now_us()
-        await self._write_partitions(self._marks(keys, stamp=w0, value=w0 + SETTLE_US))
+        await self._write_partitions(self._marks(keys, ws_keys, stamp=w0, value=w0 + SETTLE_US))
         try:
             # 2. The rows.
             await self._write_partitions(rows)
             self.stats.rows_written += sum(map(len, rows))
             # 3. Written: a count that starts from now on sees every row above.
             w1 = max(now_us(), w0 + 1)
-            await self._write_partitions(self._marks(keys, stamp=w1, value=w1))
+            await self._write_partitions(self._marks(keys, ws_keys, stamp=w1, value=w1))
         except BaseException:
             # Some rows may still land. Mark dirty again with a fresh stamp, so the end
             # mark of a concurrent write (stamped after w0) cannot hide them.
             again = now_us()
             try:
-                await self._write_partitions(self._marks(keys, stamp=again, value=again + SETTLE_US))
+                await self._write_partitions(self._marks(keys, ws_keys, stamp=again, value=again + SETTLE_US))
             except Exception:
                 pass  # unreachable too: step 1 still keeps these days dirty
             raise
 
-    def _marks(self, keys: dict[tuple[str, str], set[tuple[str, int]]], *,
+    def _marks(self, keys: dict[tuple[str, str], set[tuple[str, int]]],
+               ws_keys: dict[str, set[tuple[int, int, str]]] | None = None, *,
                stamp: int, value: int) -> list[list[_Write]]:
-        """The written_at marks of each person's days (one partition per person)."""
+        """The written_at marks of each person's days (one partition per person)
+        and of each workspace's hours and days (one partition per workspace and grain)."""
         ps = self._ps["mark_written"]
-        return [[(ps, (stamp, value, workspace_id, person_id, key, bucket), MARK_BYTES + len(key))
-                 for key, bucket in sorted(person_keys)]
-                for (workspace_id, person_id), person_keys in keys.items()]
+        marks = [[(ps, (stamp, value, workspace_id, person_id, key, bucket), MARK_BYTES + len(key))
+                  for key, bucket in sorted(person_keys)]
+                 for (workspace_id, person_id), person_keys in keys.items()]
+        ws_ps = self._ps["mark_ws_written"]
+        for workspace_id, buckets in (ws_keys or {}).items():
+            by_grain: dict[int, list[_Write]] = defaultdict(list)
+            for grain, bucket, key in sorted(buckets):
+                by_grain[grain].append((ws_ps, (stamp, value, workspace_id, grain, bucket, key), MARK_BYTES + len(key)))
+            marks.extend(by_grain.values())
+        return marks
 
     async def _mark(self, workspace_id: str, person_id: str, keys: set[tuple[str, int]], *,
                     stamp: int, value: int) -> None:
@@ -1128,17 +1234,20 @@ class CassandraStore(Store):
                     hour: int | None = None) -> None:
         """Store a count (of a day, or of one hour of it) for the next reader, in the
         background; one per bucket and hour at a time."""
+        if hour is None:
+            self._save_count((*pk, bucket, hour), "save_count", (started, n, started, *pk, bucket))
+        else:
+            self._save_count((*pk, bucket, hour), "save_hour_count", (started, n, started, *pk, bucket, hour))
+
+    def _save_count(self, key: tuple, statement: str, params: tuple) -> None:
+        """Run a count's write-back in the background, one per ``key`` at a time."""
         session = self._session
         if session is None:
             return
-        key = (*pk, bucket, hour)
         with self._writebacks_lock:
             if key in self._writebacks:
                 return
-            if hour is None:
-                bound = self._ps["save_count"].bind((started, n, started, *pk, bucket))
-            else:
-                bound = self._ps["save_hour_count"].bind((started, n, started, *pk, bucket, hour))
+            bound = self._ps[statement].bind(params)
             try:
                 future = session.execute_async(bound)
             except Exception:
@@ -1241,6 +1350,137 @@ class CassandraStore(Store):
         rows = await self._all(ps, params, fetch_size=min(limit, ROW_PAGE))
         self.stats.event_rows += len(rows)  # rows skipped for an offset too
         return _events(q, rows[skip:])
+
+    # Aggregates ----------------------------------------------------------------
+
+    async def person_summary(self, workspace_id: str, person_id: str, since_us: int | None,
+                             until_us: int | None) -> list[NameStats]:
+        """One read of the person's index partition; per event name, its count
+        from the whole-history row (no window, when clean) or its days (dirty and
+        edge days counted, as for ``total``), and the first and last time from
+        one row read at each end."""
+        self._require_session()
+        if since_us is not None and until_us is not None and until_us <= since_us:
+            return []
+        started = now_us()
+        rows = await self._all(self._ps["select_person_index"], (workspace_id, person_id), fetch_size=INDEX_PAGE)
+        self.stats.index_rows += len(rows)
+        by_name: dict[str, list[Any]] = defaultdict(list)
+        for r in rows:
+            if r.event_key != ALL_EVENTS:
+                by_name[r.event_key].append(r)
+        stats = await self._gather(self._name_summary((workspace_id, person_id, event), event_rows, since_us,
+                                                      until_us, started)
+                                   for event, event_rows in by_name.items())
+        return [s for s in stats if s is not None]
+
+    async def _name_summary(self, pk: tuple[str, str, str], rows: list[Any], since_us: int | None,
+                            until_us: int | None, started: int) -> NameStats | None:
+        lo = MIN_BUCKET if since_us is None else bucket_of(since_us)
+        hi = SUMMARY_BUCKET - 1 if until_us is None else bucket_of(until_us - 1)
+        summary = next((r for r in rows if r.bucket == SUMMARY_BUCKET), None)
+        days = [self._day(r, since_us, until_us) for r in rows if lo <= r.bucket <= hi]  # newest first
+        whole_history = since_us is None and until_us is None
+        if whole_history and summary is not None and _clean(summary):
+            n = summary.n
+        else:
+            await self._count_dirty(pk, days)
+            n = sum(d.n for d in days)
+            if whole_history and (summary is None or started >= (summary.written_at or 0)):
+                self._write_back(pk, SUMMARY_BUCKET, n, started)
+        if not n:
+            return None
+        last, first = await self._gather([self._end_ts(pk, days, "select_last_by_name"),
+                                          self._end_ts(pk, days[::-1], "select_first_by_name")])
+        if first is None or last is None:  # rows of a failed write counted, then gone: count again later
+            return None
+        return NameStats(pk[2], n, first, last)
+
+    async def _end_ts(self, pk: tuple[str, str, str], days: list[_Bucket], statement: str) -> int | None:
+        """The time of the first row that ``statement`` finds in the days, in their order."""
+        for d in days:
+            if d.n == 0:
+                continue
+            rows = await self._execute(statement, (*pk, d.bucket, d.start_us, d.end_us))
+            self.stats.event_rows += len(rows)
+            if rows:
+                return rows[0].ts
+        return None
+
+    async def event_counts(self, workspace_id: str, event: str | None, interval_us: int, start_us: int,
+                           end_us: int) -> list[CountBucket]:
+        self._require_session()
+        key = event or ALL_EVENTS
+        started = now_us()
+        rows = [r for r in await self._ws_buckets(workspace_id, interval_us, start_us, end_us) if r.event_key == key]
+        counts = await self._gather(self._ws_count(workspace_id, interval_us, r, started) for r in rows)
+        return [CountBucket(r.bucket, n, u) for r, (n, u, _, _) in zip(rows, counts, strict=True) if n]
+
+    async def event_names(self, workspace_id: str, since_us: int | None, until_us: int | None) -> list[NameStats]:
+        """The days inside the window and the hours of its partial edge days."""
+        self._require_session()
+        started = now_us()
+        lo = MIN_BUCKET if since_us is None else since_us
+        hi = SUMMARY_BUCKET if until_us is None else until_us
+        day_lo, day_hi = -(-lo // BUCKET_US) * BUCKET_US, hi // BUCKET_US * BUCKET_US
+        ranges = [(BUCKET_US, day_lo, day_hi), (HOUR_US, lo, day_lo), (HOUR_US, day_hi, hi)] if day_lo < day_hi \
+            else [(HOUR_US, lo, hi)]
+        ranges = [(grain, a, b) for grain, a, b in ranges if a < b]
+        row_lists = await self._gather(self._ws_buckets(workspace_id, grain, a, b) for grain, a, b in ranges)
+        named = [(grain, r) for (grain, _, _), rows in zip(ranges, row_lists, strict=True)
+                 for r in rows if r.event_key != ALL_EVENTS]
+        counts = await self._gather(self._ws_count(workspace_id, grain, r, started) for grain, r in named)
+        stats: dict[str, NameStats] = {}
+        for (_, r), (n, _, first, last) in zip(named, counts, strict=True):
+            if not n:
+                continue
+            have = stats.get(r.event_key)
+            stats[r.event_key] = NameStats(r.event_key, n, first, last) if have is None else NameStats(
+                r.event_key, have.count + n, min(have.first_us, first), max(have.last_us, last))
+        return list(stats.values())
+
+    async def _ws_buckets(self, workspace_id: str, grain: int, start_us: int, end_us: int) -> list[Any]:
+        rows = await self._all(self._ps["select_ws_buckets"], (workspace_id, grain, start_us, end_us),
+                               fetch_size=INDEX_PAGE)
+        self.stats.index_rows += len(rows)
+        return rows
+
+    async def _ws_count(self, workspace_id: str, grain: int, row: Any, started: int) -> tuple[int, int, int, int]:
+        """A workspace bucket's (n, distinct persons, first_ts, last_ts): as stored
+        when counted after the bucket's last write, else counted (an hour from its
+        rows, a day from its hours) and written back when the count started after
+        that write. ``started`` is a time before ``row`` was read."""
+        if _clean(row) and row.u is not None:
+            return row.n, row.u, row.first_ts or 0, row.last_ts or 0
+        key, bucket = row.event_key, row.bucket
+        persons = self._execute("count_ws_persons", (workspace_id, grain, bucket, key))
+        if grain == HOUR_US:
+            self.stats.counts += 1
+            if key == ALL_EVENTS:  # first and last are kept for event names only
+                n_rows, u_rows = await self._gather([self._execute("count_ws_events", (workspace_id, bucket)),
+                                                     persons])
+                first = last = 0
+            else:
+                n_rows, u_rows, first_rows, last_rows = await self._gather([
+                    self._execute("count_ws_events_by_name", (workspace_id, bucket, key)), persons,
+                    self._execute("select_ws_first", (workspace_id, bucket, key)),
+                    self._execute("select_ws_last", (workspace_id, bucket, key))])
+                first = first_rows[0].ts if first_rows else 0
+                last = last_rows[0].ts if last_rows else 0
+            n, u = n_rows[0][0], u_rows[0][0]
+        else:
+            hour_rows, u_rows = await self._gather([self._ws_buckets(workspace_id, HOUR_US, bucket, bucket + grain),
+                                                    persons])
+            hours = [r for r in hour_rows if r.event_key == key]
+            counted = [c for c in await self._gather(self._ws_count(workspace_id, HOUR_US, r, started) for r in hours)
+                       if c[0]]
+            n, u = sum(c[0] for c in counted), u_rows[0][0]
+            first = min((c[2] for c in counted), default=0)
+            last = max((c[3] for c in counted), default=0)
+        if started >= (row.written_at or 0):
+            self._save_count((workspace_id, grain, bucket, key), "save_ws_count",
+                             (started, n, u, first, last, started, workspace_id, grain, bucket, key))
+        return n, u, first, last
 
     # Workspaces and keys --------------------------------------------------------
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from service.domain import EventPage, EventQuery, Original, StoredEvent
+from service.domain import CountBucket, EventPage, EventQuery, NameStats, Original, StoredEvent
 from service.store import sqlite_engine as engine
 from service.store.base import ApiKeyRecord, Store, StoreUnavailable, dedup_window_seconds, settle
 from service.store.sqlite_engine import GroupCommitter, SqliteFile, Tuning
@@ -82,6 +82,18 @@ class _SqliteReads(Store):
 
     async def list_events(self, query: EventQuery) -> EventPage:
         return await self._run(lambda conn: engine.list_events(conn, query))
+
+    async def person_summary(self, workspace_id: str, person_id: str, since_us: int | None,
+                             until_us: int | None) -> list[NameStats]:
+        return await self._run(lambda conn: engine.person_summary(conn, workspace_id, person_id, since_us, until_us))
+
+    async def event_counts(self, workspace_id: str, event: str | None, interval_us: int, start_us: int,
+                           end_us: int) -> list[CountBucket]:
+        return await self._run(
+            lambda conn: engine.event_counts(conn, workspace_id, event, interval_us, start_us, end_us))
+
+    async def event_names(self, workspace_id: str, since_us: int | None, until_us: int | None) -> list[NameStats]:
+        return await self._run(lambda conn: engine.event_names(conn, workspace_id, since_us, until_us))
 
     async def ensure_workspace(self, workspace_id: str, created_at_us: int) -> bool:
         return await self._run(lambda conn: engine.ensure_workspace(conn, workspace_id, created_at_us))

@@ -65,12 +65,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.domain import EventPage, EventQuery, Original, StoredEvent, now_us
+from service.domain import HOUR_US, CountBucket, EventPage, EventQuery, NameStats, Original, StoredEvent, now_us
 from service.store.base import BUCKET_US, ApiKeyRecord, StoreUnavailable, dedup_window_seconds, split_window
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # The claims of message_ids: new ones are staged in the first, merged into the second.
 CLAIM_TABLES = ("new_claims", "claims")
 # Each version is a list of statements, applied in order in one transaction.
@@ -195,6 +195,75 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # cost each step about as many pages as the claims it moves.
         "CREATE INDEX claims_expiry ON claims (created_at)",
     ),
+    # Aggregates (docs/aggregations.md): the day counts gain the first and last time of
+    # their day, ``person_events`` sums a person's history per event name (both kept by
+    # the merge step, for timeline's entries), and a workspace's series (one per event
+    # name, '' for every event) count events and distinct persons per hour and day,
+    # kept by every group commit. Built here from the rows already stored.
+    6: (
+        "ALTER TABLE bucket_counts ADD COLUMN first_ts INTEGER",
+        "ALTER TABLE bucket_counts ADD COLUMN last_ts INTEGER",
+        f"""UPDATE bucket_counts SET (first_ts, last_ts) = (
+            SELECT min(t.ts), max(t.ts) FROM timeline AS t
+            WHERE t.person_key = bucket_counts.person_key
+              AND t.ts >= bucket_counts.bucket * {BUCKET_US} AND t.ts < (bucket_counts.bucket + 1) * {BUCKET_US}
+              AND (bucket_counts.event_key = '' OR t.event = bucket_counts.event_key))""",
+        """CREATE TABLE person_events (
+            person_key   INTEGER NOT NULL,
+            event        TEXT NOT NULL,
+            n            INTEGER NOT NULL,
+            first_ts     INTEGER NOT NULL,
+            last_ts      INTEGER NOT NULL,
+            PRIMARY KEY (person_key, event)
+        ) WITHOUT ROWID""",
+        """INSERT INTO person_events (person_key, event, n, first_ts, last_ts)
+            SELECT person_key, event, count(*), min(ts), max(ts) FROM timeline GROUP BY person_key, event""",
+        """CREATE TABLE series (
+            series_key   INTEGER PRIMARY KEY,
+            workspace_id TEXT NOT NULL,
+            event_key    TEXT NOT NULL,     -- '' = every event
+            UNIQUE (workspace_id, event_key)
+        )""",
+        # grain: HOUR_US, DAY_US, or 0 for the whole history (bucket 0, no person set)
+        """CREATE TABLE series_counts (
+            series_key   INTEGER NOT NULL,
+            grain        INTEGER NOT NULL,
+            bucket       INTEGER NOT NULL,  -- the bucket's first microsecond
+            n            INTEGER NOT NULL,
+            u            INTEGER NOT NULL,  -- distinct persons (rows of series_persons)
+            first_ts     INTEGER NOT NULL,
+            last_ts      INTEGER NOT NULL,
+            PRIMARY KEY (series_key, grain, bucket)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE series_persons (
+            series_key   INTEGER NOT NULL,
+            grain        INTEGER NOT NULL,
+            bucket       INTEGER NOT NULL,
+            person_key   INTEGER NOT NULL,
+            PRIMARY KEY (series_key, grain, bucket, person_key)
+        ) WITHOUT ROWID""",
+        """INSERT INTO series (workspace_id, event_key)
+            SELECT DISTINCT p.workspace_id, k.event_key FROM persons AS p
+            JOIN (SELECT DISTINCT person_key, event AS event_key FROM events
+                  UNION SELECT DISTINCT person_key, '' FROM events) AS k ON k.person_key = p.person_key""",
+        *(f"""INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key)
+            SELECT s.series_key, {grain}, e.ts - ((e.ts % {grain}) + {grain}) % {grain}, e.person_key
+            FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
+            JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)"""
+          for grain in (HOUR_US, BUCKET_US)),
+        *(f"""INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts)
+            SELECT s.series_key, {grain}, {bucket}, count(*), 0, min(e.ts), max(e.ts)
+            FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
+            JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)
+            GROUP BY 1, 2, 3""" for grain, bucket in (
+              (HOUR_US, f"e.ts - ((e.ts % {HOUR_US}) + {HOUR_US}) % {HOUR_US}"),
+              (BUCKET_US, f"e.ts - ((e.ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}"),
+              (0, "0"))),
+        """UPDATE series_counts SET u = (
+            SELECT count(*) FROM series_persons AS sp WHERE sp.series_key = series_counts.series_key
+              AND sp.grain = series_counts.grain AND sp.bucket = series_counts.bucket)
+            WHERE grain != 0""",
+    ),
 }
 
 # Multi-row statements: ROWS_PER_STATEMENT rows of values in one INSERT.
@@ -261,12 +330,21 @@ _BUCKET_SQL = f"(ts - ((ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}) / {BUCKE
 # Each moved entry counts once under its event name and once under '' (every event).
 # (WHERE true: SQLite's parser needs it between a SELECT and ON CONFLICT.)
 MERGE_COUNTS = (
-    "INSERT INTO bucket_counts (person_key, event_key, bucket, n)"
-    " SELECT person_key, event_key, bucket, count(*) FROM ("
-    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket FROM recent"
+    "INSERT INTO bucket_counts (person_key, event_key, bucket, n, first_ts, last_ts)"
+    " SELECT person_key, event_key, bucket, count(*), min(ts), max(ts) FROM ("
+    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket, ts FROM recent"
                          " WHERE person_key > ? AND person_key <= ?" for key in ("event", "''"))
     + ") WHERE true GROUP BY person_key, event_key, bucket"
-    " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n"
+    " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
+)
+# A person's whole history per event name, moved along with the entries.
+MERGE_PERSON_EVENTS = (
+    "INSERT INTO person_events (person_key, event, n, first_ts, last_ts)"
+    " SELECT person_key, event, count(*), min(ts), max(ts) FROM recent"
+    " WHERE person_key > ? AND person_key <= ? GROUP BY person_key, event"
+    " ON CONFLICT (person_key, event) DO UPDATE SET n = n + excluded.n,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
 )
 DROP_MERGED = "DELETE FROM recent WHERE person_key > ? AND person_key <= ?"
 # Reads merge both tables in timeline order (SQLite walks the two ranges side by
@@ -285,6 +363,44 @@ COUNT_ENTRIES = "SELECT count(*) FROM {table} WHERE person_key = :person{filters
 SUM_BUCKETS = (
     "SELECT coalesce(sum(n), 0) FROM bucket_counts"
     " WHERE person_key = ? AND event_key = ? AND bucket >= ? AND bucket <= ?"
+)
+# A workspace's aggregates, kept by every group commit (see GroupCommitter._aggregate).
+GRAINS = (HOUR_US, BUCKET_US)  # per hour and per day; grain 0 is the whole history
+WHOLE_HISTORY = 0
+INSERT_SERIES = "INSERT OR IGNORE INTO series (workspace_id, event_key) VALUES "
+SELECT_SERIES_KEYS = (  # the VALUES drive a join on the index, as for persons
+    "SELECT s.workspace_id, s.event_key, s.series_key FROM (VALUES {values}) AS v"
+    " JOIN series AS s ON s.workspace_id = v.column1 AND s.event_key = v.column2"
+)
+SELECT_SERIES_KEY = "SELECT series_key FROM series WHERE workspace_id = ? AND event_key = ?"
+# Only the rows really inserted come back: a person counts once per bucket, whoever commits.
+INSERT_SERIES_PERSONS = (
+    "INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key) VALUES {values}"
+    " RETURNING series_key, grain, bucket"
+)
+UPSERT_SERIES_COUNTS = (
+    "INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts) VALUES {values}"
+    " ON CONFLICT (series_key, grain, bucket) DO UPDATE SET n = n + excluded.n, u = u + excluded.u,"
+    " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
+)
+SELECT_SERIES_BUCKETS = (
+    "SELECT bucket, n, u FROM series_counts WHERE series_key = ? AND grain = ? AND bucket >= ? AND bucket < ?"
+    " ORDER BY bucket"
+)
+SELECT_NAMES = (
+    "SELECT s.event_key, c.n, c.first_ts, c.last_ts FROM series AS s JOIN series_counts AS c"
+    " ON c.series_key = s.series_key AND c.grain = ? AND c.bucket >= ? AND c.bucket < ?"
+    " WHERE s.workspace_id = ? AND s.event_key != ''"
+)
+# A person's summary: person_events covers timeline's entries, recent adds the rest.
+SELECT_PERSON_EVENTS = "SELECT event, n, first_ts, last_ts FROM person_events WHERE person_key = ?"
+SELECT_DAY_STATS = (
+    "SELECT event_key, n, first_ts, last_ts FROM bucket_counts"
+    " WHERE person_key = ? AND event_key != '' AND bucket >= ? AND bucket <= ?"
+)
+ENTRY_STATS = (
+    "SELECT event, count(*), min(ts), max(ts) FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ?"
+    " GROUP BY event"
 )
 INSERT_WORKSPACE = "INSERT OR IGNORE INTO workspaces (workspace_id, created_at) VALUES (?, ?)"
 SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
@@ -325,6 +441,9 @@ class Tuning:
     merge_from_rows: int = 50_000
     merge_step_rows: int = 2_000
     max_person_key_cache: int = 100_000
+    # series_persons rows the writer remembers as committed (about 60 bytes each): a
+    # person seen again in the same hour or day then costs no insert.
+    known_person_rows: int = 300_000
     # Expired dedup entries one commit deletes at most: more than a group inserts, so
     # the table shrinks back to the window's entries; bounded, so no commit stalls.
     dedup_cleanup_rows: int = 2000
@@ -504,6 +623,10 @@ class GroupCommitter:
         # (workspace_id, person_id) -> person_key, known committed; the entries in
         # ``recent`` (None: not counted yet) and the merge cursor.
         self._person_keys: dict[tuple[str, str], int] = {}
+        self._series_keys: dict[tuple[str, str], int] = {}  # (workspace_id, event_key) -> series_key
+        # series_persons rows known committed, by (series_key, grain, bucket): see _remember_persons
+        self._known_persons: dict[tuple[int, int, int], set[int]] = {}
+        self._known_person_rows = 0
         self._recent_rows: int | None = None
         self._merged_through = -1
         # The claims in ``new_claims`` (None: not counted yet) and where the next claims merge step starts.
@@ -579,9 +702,12 @@ class GroupCommitter:
         """
         conn = self._conn
         assert conn is not None  # commit_or_error checked
-        cached = self._person_keys
+        cached, series_cached = self._person_keys, self._series_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
+        missing_series = {k for e in events for k in ((e.workspace_id, e.event), (e.workspace_id, ""))
+                          if k not in series_cached}
         statements = None if missing else self._statements(events, cached)
+        aggregates = None if missing or missing_series else _aggregates(events, cached, series_cached)
         claims = any(e.message_id is not None for e in events)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -592,8 +718,9 @@ class GroupCommitter:
                 if any(results):
                     events = [e for e, original in zip(events, results, strict=True) if original is None]
                     missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
-                    statements = None
+                    statements = aggregates = None
             new_keys = self._assign_person_keys(conn, missing) if missing else {}
+            new_series = _assign_series_keys(conn, missing_series) if missing_series else {}
             (last_seq,) = conn.execute(MAX_SEQ).fetchone()
             for sql, values in statements or self._statements(events, {**cached, **new_keys}):
                 conn.execute(sql, values)
@@ -604,14 +731,20 @@ class GroupCommitter:
             conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
                                          self._tuning.dedup_cleanup_rows))
             conn.execute(STAGE_ENTRIES, (last_seq,))
+            written = _store_aggregates(conn, aggregates or _aggregates(events, {**cached, **new_keys},
+                                                                        {**series_cached, **new_series}),
+                                        self._known_persons)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if new_keys:  # only keys of a committed transaction may be remembered
-            if len(cached) + len(new_keys) > self._tuning.max_person_key_cache:
-                cached.clear()
-            cached.update(new_keys)
+        # only keys and rows of a committed transaction may be remembered
+        for known, new in ((cached, new_keys), (series_cached, new_series)):
+            if new:
+                if len(known) + len(new) > self._tuning.max_person_key_cache:
+                    known.clear()
+                known.update(new)
+        self._remember_persons(written)
         if self._recent_rows is not None:
             self._recent_rows += len(events)
         if claims_merge is not None:
@@ -690,6 +823,27 @@ class GroupCommitter:
             return None, _MIN_KEY
         return staged - moved, through + 1
 
+    def _remember_persons(self, written: dict[tuple[int, int, int], set[int]]) -> None:
+        """Keep the series_persons rows of committed groups, so that a person seen
+        again in a bucket costs no insert; at most known_person_rows of them."""
+        known = self._known_persons
+        added = sum(map(len, written.values()))
+        if self._known_person_rows + added > self._tuning.known_person_rows:
+            known.clear()
+            self._known_person_rows = 0
+        for key, persons in written.items():
+            if (have := known.get(key)) is None:
+                known[key] = set(persons)
+            else:
+                have |= persons
+        self._known_person_rows += added
+
+    def forget_persons(self) -> None:
+        """Drop the remembered series_persons rows: whatever deletes such rows
+        (a person's deletion, retention) calls this on the writer."""
+        self._known_persons.clear()
+        self._known_person_rows = 0
+
     def merge_if_due(self) -> None:
         """One merge step when ``recent`` has grown past merge_from_rows.
 
@@ -714,6 +868,7 @@ class GroupCommitter:
                 through = row[0] if row else _MAX_KEY
                 conn.execute(MERGE_ENTRIES, (after, through))
                 conn.execute(MERGE_COUNTS, (after, through) * 2)
+                conn.execute(MERGE_PERSON_EVENTS, (after, through))
                 moved = conn.execute(DROP_MERGED, (after, through)).rowcount
                 conn.execute("COMMIT")
             except BaseException:
@@ -758,6 +913,70 @@ class GroupCommitter:
                     SELECT_PERSON_KEYS.format(values=_values(len(chunk), 2)), flat):
                 found[(workspace_id, person_id)] = key
         return found
+
+
+def _assign_series_keys(conn: sqlite3.Connection, series: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The series_key of each (workspace, event_key), created when new."""
+    found: dict[tuple[str, str], int] = {}
+    for chunk in _chunks(sorted(series)):
+        flat = [v for k in chunk for v in k]
+        conn.execute(INSERT_SERIES + _values(len(chunk), 2), flat)
+        for workspace_id, event_key, key in conn.execute(SELECT_SERIES_KEYS.format(values=_values(len(chunk), 2)),
+                                                         flat):
+            found[(workspace_id, event_key)] = key
+    return found
+
+
+# (series_key, grain, bucket) -> [n, first_ts, last_ts, person keys (None for the whole history)]
+_Buckets = dict[tuple[int, int, int], list]
+
+
+def _aggregates(events: list[StoredEvent], person_keys: dict[tuple[str, str], int],
+                series_keys: dict[tuple[str, str], int]) -> _Buckets:
+    """What one group commit adds to its workspaces' series. One dictionary step
+    per event (its workspace, name and hour); the rest per group, with set
+    operations: a group commit's events share few hours."""
+    by_hour: dict[tuple[str, str, int], tuple[list[int], set[int]]] = {}
+    for e in events:
+        ts = e.timestamp_us
+        group = by_hour.get(key := (e.workspace_id, e.event, ts - ts % HOUR_US))
+        if group is None:
+            group = by_hour[key] = ([], set())
+        group[0].append(ts)
+        group[1].add(person_keys[(e.workspace_id, e.person_id)])
+    buckets: _Buckets = {}
+    for (workspace_id, event, hour), (times, persons) in by_hour.items():
+        n, first, last = len(times), min(times), max(times)
+        for series in (series_keys[(workspace_id, event)], series_keys[(workspace_id, "")]):
+            for grain, bucket in ((HOUR_US, hour), (BUCKET_US, hour - hour % BUCKET_US), (WHOLE_HISTORY, 0)):
+                b = buckets.get(key3 := (series, grain, bucket))
+                if b is None:
+                    buckets[key3] = [n, first, last, set(persons) if grain else None]
+                else:
+                    b[0] += n
+                    b[1], b[2] = min(b[1], first), max(b[2], last)
+                    if grain:
+                        b[3] |= persons
+    return buckets
+
+
+def _store_aggregates(conn: sqlite3.Connection, buckets: _Buckets,
+                      known: dict[tuple[int, int, int], set[int]]) -> dict[tuple[int, int, int], set[int]]:
+    """Insert the commit's person rows, then add its counts: ``u`` grows by the
+    person rows really inserted (a person already counted in a bucket is not
+    returned by the insert), inside the commit's transaction. ``known``: rows
+    committed earlier, which need no insert. Returns the rows it wrote or found."""
+    written = {key: fresh for key, b in buckets.items() if b[3] and (fresh := b[3] - known.get(key, set()))}
+    rows = sorted((*key, person) for key, fresh in written.items() for person in fresh)
+    new_persons: dict[tuple[int, int, int], int] = {}
+    for chunk in _chunks(rows):
+        for key in conn.execute(INSERT_SERIES_PERSONS.format(values=_values(len(chunk), 4)),
+                                [v for row in chunk for v in row]):
+            new_persons[key] = new_persons.get(key, 0) + 1
+    counts = sorted((*key, n, new_persons.get(key, 0), first, last) for key, (n, first, last, _) in buckets.items())
+    for chunk in _chunks(counts):
+        conn.execute(UPSERT_SERIES_COUNTS.format(values=_values(len(chunk), 7)), [v for row in chunk for v in row])
+    return written
 
 
 # Reads and small writes, on any connection ------------------------------------
@@ -808,6 +1027,88 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
         for event_id, external_id, event, parameters, ts, created_at in rows[:q.limit]
     ]
     return EventPage(events, total, more=len(rows) > q.limit)
+
+
+def _add_stats(into: dict[str, list[int]], rows) -> None:
+    """Sum (event, n, first_ts, last_ts) rows into event -> [n, first, last]."""
+    for event, n, first, last in rows:
+        if not n:
+            continue
+        have = into.get(event)
+        if have is None:
+            into[event] = [n, first, last]
+        else:
+            have[0] += n
+            have[1] = min(have[1], first)
+            have[2] = max(have[2], last)
+
+
+def _name_stats(stats: dict[str, list[int]]) -> list[NameStats]:
+    return [NameStats(event, n, first, last) for event, (n, first, last) in stats.items()]
+
+
+def person_summary(conn: sqlite3.Connection, workspace_id: str, person_id: str, since_us: int | None,
+                   until_us: int | None) -> list[NameStats]:
+    """Per event name: person_events (no window) or the window's whole days'
+    counts and its edges' entries, for timeline; the person's entries in recent
+    added; from one snapshot."""
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute(SELECT_PERSON_KEY, (workspace_id, person_id)).fetchone()
+        if row is None:
+            return []
+        person = row[0]
+        lo = _MIN_BUCKET if since_us is None else since_us
+        hi = _MAX_BUCKET if until_us is None else until_us
+        stats: dict[str, list[int]] = {}
+        if since_us is None and until_us is None:
+            _add_stats(stats, conn.execute(SELECT_PERSON_EVENTS, (person,)))
+        else:
+            first, last, edges = split_window(since_us, until_us)
+            if (first is None or last is None) or first <= last:
+                _add_stats(stats, conn.execute(SELECT_DAY_STATS, (
+                    person, _MIN_BUCKET if first is None else first, _MAX_BUCKET if last is None else last)))
+            for start, end in edges:
+                _add_stats(stats, conn.execute(ENTRY_STATS.format(table="timeline"), (person, start, end)))
+        _add_stats(stats, conn.execute(ENTRY_STATS.format(table="recent"), (person, lo, hi)))
+    finally:
+        conn.execute("COMMIT")
+    return _name_stats(stats)
+
+
+def event_counts(conn: sqlite3.Connection, workspace_id: str, event: str | None, interval_us: int, start_us: int,
+                 end_us: int) -> list[CountBucket]:
+    row = conn.execute(SELECT_SERIES_KEY, (workspace_id, event or "")).fetchone()
+    if row is None:
+        return []
+    return [CountBucket(bucket, n, u)
+            for bucket, n, u in conn.execute(SELECT_SERIES_BUCKETS, (row[0], interval_us, start_us, end_us))]
+
+
+def event_names(conn: sqlite3.Connection, workspace_id: str, since_us: int | None,
+                until_us: int | None) -> list[NameStats]:
+    """The whole-history rows, or the window's whole days plus the hours of its
+    partial edge days (the window is in whole hours)."""
+    stats: dict[str, list[int]] = {}
+    if since_us is None and until_us is None:
+        _add_stats(stats, conn.execute(SELECT_NAMES, (WHOLE_HISTORY, 0, 1, workspace_id)))
+        return _name_stats(stats)
+    lo = _MIN_BUCKET if since_us is None else since_us
+    hi = _MAX_BUCKET if until_us is None else until_us
+    day_lo, day_hi = -(-lo // BUCKET_US) * BUCKET_US, hi // BUCKET_US * BUCKET_US
+    conn.execute("BEGIN")
+    try:
+        if day_lo < day_hi:
+            _add_stats(stats, conn.execute(SELECT_NAMES, (BUCKET_US, day_lo, day_hi, workspace_id)))
+            hour_ranges = [(lo, day_lo), (day_hi, hi)]
+        else:
+            hour_ranges = [(lo, hi)]
+        for a, b in hour_ranges:
+            if a < b:
+                _add_stats(stats, conn.execute(SELECT_NAMES, (HOUR_US, a, b, workspace_id)))
+    finally:
+        conn.execute("COMMIT")
+    return _name_stats(stats)
 
 
 def ensure_workspace(conn: sqlite3.Connection, workspace_id: str, created_at_us: int) -> bool:

@@ -30,7 +30,7 @@ class EventsServiceStub:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents).
+    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames).
     """
 
     def __init__(self, channel):
@@ -54,6 +54,21 @@ class EventsServiceStub:
                 request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.SerializeToString,
                 response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.FromString,
                 _registered_method=True)
+        self.GetPersonSummary = channel.unary_unary(
+                '/flameup.events.v1.EventsService/GetPersonSummary',
+                request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.GetPersonSummaryRequest.SerializeToString,
+                response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.GetPersonSummaryResponse.FromString,
+                _registered_method=True)
+        self.GetEventCounts = channel.unary_unary(
+                '/flameup.events.v1.EventsService/GetEventCounts',
+                request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.GetEventCountsRequest.SerializeToString,
+                response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.GetEventCountsResponse.FromString,
+                _registered_method=True)
+        self.ListEventNames = channel.unary_unary(
+                '/flameup.events.v1.EventsService/ListEventNames',
+                request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesRequest.SerializeToString,
+                response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesResponse.FromString,
+                _registered_method=True)
 
 
 class EventsServiceServicer:
@@ -61,7 +76,7 @@ class EventsServiceServicer:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents).
+    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames).
     """
 
     def Track(self, request, context):
@@ -89,6 +104,30 @@ class EventsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPersonSummary(self, request, context):
+        """GetPersonSummary returns, for one person, every event name they did with
+        its exact count and the first and last time, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEventCounts(self, request, context):
+        """GetEventCounts returns how often an event (or any event) happened per
+        UTC hour or day, and by how many distinct persons, over a time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEventNames(self, request, context):
+        """ListEventNames returns the event names the workspace sent, most recently
+        seen first, each with its count and first and last time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +146,21 @@ def add_EventsServiceServicer_to_server(servicer, server):
                     request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.FromString,
                     response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.SerializeToString,
             ),
+            'GetPersonSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPersonSummary,
+                    request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.GetPersonSummaryRequest.FromString,
+                    response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.GetPersonSummaryResponse.SerializeToString,
+            ),
+            'GetEventCounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEventCounts,
+                    request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.GetEventCountsRequest.FromString,
+                    response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.GetEventCountsResponse.SerializeToString,
+            ),
+            'ListEventNames': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEventNames,
+                    request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesRequest.FromString,
+                    response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'flameup.events.v1.EventsService', rpc_method_handlers)
@@ -120,7 +174,7 @@ class EventsService:
     timeline back. Every call carries `authorization: Bearer <api key>`
     metadata; the key decides the workspace and the allowed scopes
     (`events:write` for Track and TrackBatch, `events:read` for
-    ListPersonEvents).
+    ListPersonEvents, GetPersonSummary, GetEventCounts and ListEventNames).
     """
 
     @staticmethod
@@ -194,6 +248,87 @@ class EventsService:
             '/flameup.events.v1.EventsService/ListPersonEvents',
             flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.SerializeToString,
             flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPersonSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flameup.events.v1.EventsService/GetPersonSummary',
+            flameup_dot_events_dot_v1_dot_events__pb2.GetPersonSummaryRequest.SerializeToString,
+            flameup_dot_events_dot_v1_dot_events__pb2.GetPersonSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEventCounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flameup.events.v1.EventsService/GetEventCounts',
+            flameup_dot_events_dot_v1_dot_events__pb2.GetEventCountsRequest.SerializeToString,
+            flameup_dot_events_dot_v1_dot_events__pb2.GetEventCountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEventNames(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flameup.events.v1.EventsService/ListEventNames',
+            flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesRequest.SerializeToString,
+            flameup_dot_events_dot_v1_dot_events__pb2.ListEventNamesResponse.FromString,
             options,
             channel_credentials,
             insecure,
