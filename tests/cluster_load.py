@@ -68,8 +68,10 @@ class Sent:
 
 @dataclass
 class Ledger:
-    """What the clients sent and what the service acknowledged."""
+    """What the clients sent and what the service acknowledged, in a workspace of its
+    own (so the workspace's event counts are the ledger's)."""
 
+    key: str  # an API key of the ledger's workspace (new_ledger makes both)
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     sent: dict[str, Sent] = field(default_factory=dict)  # message_id -> the event
     acked: dict[str, str] = field(default_factory=dict)  # message_id -> event_id
@@ -86,6 +88,19 @@ class Ledger:
 
     def acked_of(self, external_id: str) -> set[str]:
         return {self.acked[m] for m, s in self.sent.items() if s.external_id == external_id and m in self.acked}
+
+    def acked_sent(self) -> list[Sent]:
+        return [s for m, s in self.sent.items() if m in self.acked]
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.key}")]
+
+
+def new_ledger(svc: RunningService) -> Ledger:
+    """A ledger with a workspace of its own and a key for it."""
+    run = uuid.uuid4().hex[:8]
+    return Ledger(key=svc.create_key(f"ws_cl_{run}"), run=run)
 
 
 
@@ -139,7 +154,7 @@ async def ingest(services: list[RunningService], ledger: Ledger, stop: asyncio.E
     rng = random.Random(seed)
     channels = [grpc.aio.insecure_channel(s.grpc_target) for s in services]
     stubs = [events_pb2_grpc.EventsServiceStub(c) for c in channels]
-    metadata = services[0].metadata()
+    metadata = ledger.metadata
     try:
         while not stop.is_set():
             request = batch(ledger, rng)
@@ -212,7 +227,7 @@ async def verify(services: list[RunningService], ledger: Ledger) -> dict[str, in
     """Every acknowledged event stored once, nothing else stored, every total exact."""
     channel = grpc.aio.insecure_channel(services[0].grpc_target)
     stubs = [events_pb2_grpc.EventsServiceStub(channel)]
-    metadata = services[0].metadata()
+    metadata = ledger.metadata
     stored = lost = duplicated = 0
     try:
         for i in range(PEOPLE):
@@ -237,9 +252,46 @@ async def verify(services: list[RunningService], ledger: Ledger) -> dict[str, in
             want = sum(1 for m, s in ledger.sent.items()
                        if s.external_id == person and lo <= s.timestamp_us < hi and m in ledger.acked)
             assert reply.total == want, f"{person}, window: total {reply.total}, {want} acknowledged"
+            await _verify_summary(stubs, metadata, ledger, person)
+        await _verify_counts(stubs, metadata, ledger)
     finally:
         await channel.close()
     return {"stored": stored, "lost": lost, "duplicated": duplicated}
+
+
+def _us(ts) -> int:
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+async def _verify_summary(stubs: list, metadata, ledger: Ledger, person: str) -> None:
+    """The person's summary: total, and per event name count, first and last seen, exact."""
+    mine = [s for s in ledger.acked_sent() if s.external_id == person]
+    request = pb.GetPersonSummaryRequest(person_id=person, id_type="external_id")
+    reply = await call_with_retries(stubs, "GetPersonSummary", request, metadata)
+    assert reply.total == len(mine), f"{person}: summary total {reply.total}, {len(mine)} acknowledged"
+    got = {e.event: (e.count, _us(e.first_seen), _us(e.last_seen)) for e in reply.events}
+    want = {name: (len(ts), min(ts), max(ts))
+            for name in EVENT_NAMES if (ts := [s.timestamp_us for s in mine if s.event == name])}
+    assert got == want, f"{person}: summary {got}, acknowledged {want}"
+
+
+async def _verify_counts(stubs: list, metadata, ledger: Ledger) -> None:
+    """The workspace's daily event counts and distinct persons, every event and each name, exact."""
+    acked = ledger.acked_sent()
+    day = 86_400_000_000
+    since = datetime.fromtimestamp(min(s.timestamp_us for s in acked) // day * day / 1e6, UTC)
+    for name in ("", *EVENT_NAMES):
+        request = pb.GetEventCountsRequest(event=name, interval="day")
+        request.since.FromDatetime(since)
+        reply = await call_with_retries(stubs, "GetEventCounts", request, metadata)
+        mine = [s for s in acked if not name or s.event == name]
+        want = {}
+        for s in mine:
+            n, persons = want.get(s.timestamp_us // day, (0, set()))
+            want[s.timestamp_us // day] = (n + 1, persons | {s.external_id})
+        got = {_us(b.start) // day: (b.count, b.unique_persons) for b in reply.buckets if b.count}
+        assert got == {d: (n, len(p)) for d, (n, p) in want.items()}, f"event counts of {name or 'every event'}"
+        assert reply.total == len(mine)
 
 
 def fault_line(name: str, ledger: Ledger, verified: dict[str, int], **times: float) -> str:

@@ -37,6 +37,7 @@ from cluster_load import (
     Ledger,
     all_pages,
     fault_line,
+    new_ledger,
     start_pair,
     stop_pair,
     verify,
@@ -82,12 +83,13 @@ class Reads:
 
 
 async def _read(services: list[RunningService], ledger: Ledger, stop: asyncio.Event, reads: Reads) -> None:
-    """Reads while the fault happens: the newest page, an event filter, a time
-    window, and every page of a person (a full-partition read). Every acknowledged
-    event of the person must be counted by the plain total."""
+    """Reads while the fault happens: the newest page, an event filter, a time window,
+    the person's summary, the workspace's daily counts, and every page of a person (a
+    full-partition read). Every acknowledged event of the person must be counted by
+    the plain total and the summary."""
     channels = [grpc.aio.insecure_channel(s.grpc_target) for s in services]
     stubs = [events_pb2_grpc.EventsServiceStub(c) for c in channels]
-    metadata = services[0].metadata()
+    metadata = ledger.metadata
     now = datetime.now(UTC)
     window = {"since": now - timedelta(hours=36), "until": now - timedelta(hours=12)}
     try:
@@ -101,11 +103,13 @@ async def _read(services: list[RunningService], ledger: Ledger, stop: asyncio.Ev
                 "event": pb.ListPersonEventsRequest(person_id=person, id_type="external_id", limit=20,
                                                     event=EVENT_NAMES[i % len(EVENT_NAMES)]),
                 "window": window_request(person, **window),
+                "summary": pb.GetPersonSummaryRequest(person_id=person, id_type="external_id"),
+                "counts": pb.GetEventCountsRequest(interval="day"),
             }
             for kind, request in kinds.items():
                 reply = await _counted_read(stubs, request, metadata, reads, kind)
-                if kind == "newest" and reply.total < acked_before:
-                    reads.lower_bound_violations.append(f"{person}: total {reply.total} < {acked_before} acked")
+                if kind in ("newest", "summary") and reply.total < acked_before:
+                    reads.lower_bound_violations.append(f"{person} {kind}: total {reply.total} < {acked_before} acked")
             await all_pages(stubs, person, metadata,
                             lambda request: _counted_read(stubs, request, metadata, reads, "all_pages"))
     finally:
@@ -113,13 +117,17 @@ async def _read(services: list[RunningService], ledger: Ledger, stop: asyncio.Ev
             await c.close()
 
 
+READS = {pb.ListPersonEventsRequest: "ListPersonEvents", pb.GetPersonSummaryRequest: "GetPersonSummary",
+         pb.GetEventCountsRequest: "GetEventCounts"}
+
+
 async def _counted_read(stubs: list, request, metadata, reads: Reads, kind: str):
     attempt = 0
     while True:
         started = time.monotonic()
         try:
-            reply = await stubs[attempt % len(stubs)].ListPersonEvents(request, metadata=metadata,
-                                                                       timeout=CALL_DEADLINE)
+            method = getattr(stubs[attempt % len(stubs)], READS[type(request)])
+            reply = await method(request, metadata=metadata, timeout=CALL_DEADLINE)
         except grpc.aio.AioRpcError as exc:
             reads.slowest_s = max(reads.slowest_s, time.monotonic() - started)
             reads.failed[f"{kind} {exc.code().name}"] += 1
@@ -189,7 +197,7 @@ async def test_a_lost_cassandra_node_under_ingest_loses_nothing_and_stores_nothi
     cut off (its connections stay open and nothing answers, as behind a partition), then
     comes back."""
     cluster = whole_cluster
-    ledger, reads = Ledger(), Reads()
+    ledger, reads = new_ledger(instances[0]), Reads()
     # The store as the service opens it, to watch its driver find the node again.
     store = CassandraStore.from_url(cluster_url)
     await store.open()

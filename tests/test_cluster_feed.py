@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("service.feed", reason="the feed (service/feed) is not in this tree")
 
 import nats  # noqa: E402
-from cluster_load import Clients, Ledger, fault_line, start_pair, stop_pair, verify  # noqa: E402
+from cluster_load import Clients, Ledger, fault_line, new_ledger, start_pair, stop_pair, verify  # noqa: E402
 from cluster_support import NatsCluster, wait_for  # noqa: E402
 from feed_support import stream_ids  # noqa: E402
 from service_support import RunningService  # noqa: E402
@@ -140,7 +140,7 @@ async def test_the_feed_loses_nothing_when_the_streams_nats_leader_and_then_the_
     pair, stream = feed_pair
 
     # 1. SIGKILL of the nats-server leading the stream: the feed pauses for the election.
-    nats_ledger = Ledger()
+    nats_ledger = new_ledger(pair[0])
     async with Clients(pair, [nats_ledger]):
         await asyncio.sleep(WARMUP_S)
         leader, at_kill = await _stream_state(nats_cluster.urls, stream)
@@ -163,7 +163,7 @@ async def test_the_feed_loses_nothing_when_the_streams_nats_leader_and_then_the_
     assert sum(nats_ledger.failed_attempts.values()) == 0, "ingest must not notice NATS"
 
     # 2. SIGKILL of every process of the instance whose publisher holds the lease.
-    ledgers = [Ledger(), Ledger()]  # the clients of pair[0], of pair[1]
+    ledgers = [new_ledger(pair[0]), new_ledger(pair[0])]  # the clients of pair[0], of pair[1]
     async with Clients(pair, ledgers):
         await asyncio.sleep(WARMUP_S)
         await asyncio.to_thread(wait_for, lambda: _lease_owner(cluster_url, stream), 30)
