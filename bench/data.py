@@ -169,10 +169,11 @@ def person(size: int, *, workspace_id: str = WORKSPACE, days: int = 30) -> Perso
 
 def grpc_workload(workload: str) -> tuple[str, int, list[bytes]]:
     """(RPC method, events per call, prebuilt requests) of grpc_track / grpc_batch /
-    grpc_batch_msgid / grpc_batch_replay."""
+    grpc_batch_feed_off / grpc_batch_msgid / grpc_batch_replay."""
     if workload == "grpc_track":
         return "Track", 1, grpc_track_payloads(2_000)
-    return "TrackBatch", BATCH_SIZE, grpc_batch_payloads(200, message_ids=workload != "grpc_batch")
+    message_ids = workload in ("grpc_batch_msgid", "grpc_batch_replay")  # grpc_batch_feed_off: as grpc_batch
+    return "TrackBatch", BATCH_SIZE, grpc_batch_payloads(200, message_ids=message_ids)
 
 
 def rest_workload(workload: str) -> tuple[str, int, list[str]]:

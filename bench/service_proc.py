@@ -23,7 +23,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # The worker processes of `serve`, by the word in their command line.
-ROLES = ("grpc-worker", "sqlite-writer", "gateway")
+ROLES = ("grpc-worker", "sqlite-writer", "gateway", "feed-publisher", "nats-server")
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Service:
     key: str
     proc: subprocess.Popen
     output: list[str] = field(default_factory=list)
+    nats_url: str | None = None  # the feed's NATS, when the feed is on
 
     def tree(self) -> dict[int, str]:
         """pid -> role ("supervisor", or one of ROLES) of every live service process."""
@@ -48,12 +49,14 @@ class Service:
 
 
 def start(store_url: str, *, workers: int, gateway_workers: int, cpu_policy: str, worker_cpu_affinity: str,
-          log_level: str = "warning") -> Service:
+          log_level: str = "warning", nats_data_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> Service:
+    """``serve`` with its own nats-server on a free port (its data in ``nats_data_dir``)."""
     key = "bench_" + secrets.token_urlsafe(24)
-    env = {**os.environ, "FLAMEUP_BOOTSTRAP_KEY": key, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "FLAMEUP_BOOTSTRAP_KEY": key, "PYTHONUNBUFFERED": "1", "FLAMEUP_NATS_PORT": "0",
+           **({"FLAMEUP_NATS_DATA_DIR": nats_data_dir} if nats_data_dir else {})}
     cmd = [sys.executable, "-m", "service", "serve", "--store", store_url, "--grpc-port", "0", "--http-port", "0",
            "--workers", str(workers), "--gateway-workers", str(gateway_workers), "--cpu-policy", cpu_policy,
-           "--worker-cpu-affinity", worker_cpu_affinity, "--log-level", log_level]
+           "--worker-cpu-affinity", worker_cpu_affinity, "--log-level", log_level, *extra_args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     found: dict[str, str] = {}
@@ -62,12 +65,13 @@ def start(store_url: str, *, workers: int, gateway_workers: int, cpu_policy: str
     def read() -> None:
         for line in proc.stdout:
             output.append(line)
-            for name, pattern in (("grpc", r"gRPC listening on (\S+)"), ("http", r"REST listening on (\S+)")):
+            for name, pattern in (("grpc", r"gRPC listening on (\S+)"), ("http", r"REST listening on (\S+)"),
+                                  ("nats", r"Feed: NATS (\S+?)[,\s]"), ("feed_off", r"Feed: (off)")):
                 if m := re.search(pattern, line):
                     found[name] = m.group(1)
 
     threading.Thread(target=read, daemon=True).start()  # also keeps the pipe drained afterwards
-    while len(found) < 2:
+    while len(found) < 3:
         if proc.poll() is not None:
             time.sleep(0.2)
             raise RuntimeError(f"the service exited with {proc.returncode} during start:\n" + "".join(output[-40:]))
@@ -75,7 +79,7 @@ def start(store_url: str, *, workers: int, gateway_workers: int, cpu_policy: str
             proc.kill()
             raise RuntimeError("the service did not start in time:\n" + "".join(output[-40:]))
         time.sleep(0.05)
-    return Service(store_url, found["grpc"], found["http"], key, proc, output)
+    return Service(store_url, found["grpc"], found["http"], key, proc, output, found.get("nats"))
 
 
 def stop(svc: Service, timeout: float = 60.0) -> int:

@@ -42,6 +42,7 @@ Choices where grpc-gateway and the API contract leave room:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -58,7 +59,7 @@ from grpc_health.v1 import health_pb2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from gateway import transcode
@@ -136,6 +137,7 @@ class GatewayState(TypedDict):
 
     channels: list[grpc.aio.Channel]
     calls: Mapping[str, Iterator[grpc.aio.UnaryUnaryMultiCallable]]  # endless round-robin per method
+    stream_calls: Mapping[str, Iterator[grpc.aio.UnaryStreamMultiCallable]]  # server-streaming methods
     health_check: grpc.aio.UnaryUnaryMultiCallable
 
 
@@ -176,6 +178,13 @@ class ErrorRenderer:
     def __init__(self, codecs: CodecRegistry) -> None:
         self._codecs = codecs
 
+    def body(self, code: int, message: str, details: Iterable[Any] = ()) -> dict[str, Any]:
+        return {
+            "code": code,
+            "message": message,
+            "details": [self._codecs.any_to_json(detail) for detail in details],
+        }
+
     def response(
         self,
         code: int,
@@ -185,11 +194,7 @@ class ErrorRenderer:
         http_status: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> Response:
-        body = {
-            "code": code,
-            "message": message,
-            "details": [self._codecs.any_to_json(detail) for detail in details],
-        }
+        body = self.body(code, message, details)
         headers = dict(headers or {})
         if code == code_pb2.UNAUTHENTICATED:
             headers.setdefault("WWW-Authenticate", "Bearer")
@@ -237,6 +242,36 @@ class Operation:
         if binding.body and binding.body != "*":
             taken.add(binding.body.split(".")[0])
         self.query_skip = frozenset(key for name in taken for key in (name, self.request_codec.by_key[name].json_name))
+        self.streaming = binding.method.server_streaming
+        self.errors = ErrorRenderer(codecs)
+
+    async def _stream(self, request: Request[GatewayState], msg: Any, metadata: list[tuple[str, str]]) -> Response:
+        """A server-streaming call, as grpc-gateway transcodes one: newline-delimited
+        ``{"result": ...}`` objects, or Server-Sent Events when the client accepts them.
+
+        The response starts once the service sent its headers (it accepted the call);
+        an error before that is an ordinary error response. The call has no deadline.
+        """
+        sse = "text/event-stream" in request.headers.get("accept", "")
+        last_event_id = request.headers.get("last-event-id")
+        if sse and last_event_id and "after" in self.request_codec.by_key:
+            msg.after = last_event_id  # an EventSource reconnecting: resume after the last event it saw
+            if "since" in self.request_codec.by_key:
+                msg.ClearField("since")
+        call = next(request.state["stream_calls"][self.grpc_path])(msg, metadata=metadata)
+        try:
+            await call.initial_metadata()
+            if call.done():
+                await call.read()  # raises the call's error; an empty stream ends here
+        except BaseException:
+            call.cancel()
+            raise
+        frames = _SseFrames(self.response_codec, self.errors) if sse else _JsonLines(self.response_codec, self.errors)
+        return StreamingResponse(
+            _relay(call, frames),
+            media_type="text/event-stream" if sse else JSON,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def __call__(self, request: Request[GatewayState]) -> Response:
         scope = request.scope
@@ -284,6 +319,8 @@ class Operation:
             if text.isascii() and text.isprintable():
                 metadata.append(("x-request-id", text))
 
+        if self.streaming:
+            return await self._stream(request, msg, metadata)
         call = next(request.state["calls"][self.grpc_path])
         reply = await call(msg, timeout=self.timeout, metadata=metadata)
         if self.response_body:
@@ -314,6 +351,87 @@ class Operation:
             else:
                 message = f"request body is not valid JSON: {exc}"
             raise GatewayError(code_pb2.INVALID_ARGUMENT, message) from None
+
+
+SSE_HEARTBEAT_SECONDS = 10.0
+"""A comment line this often on an idle Server-Sent Events stream (keeps proxies from closing it)."""
+STREAM_BUFFER = 16
+"""Messages read ahead of a slow HTTP client; past that, gRPC flow control holds the service back."""
+
+
+class _JsonLines:
+    """grpc-gateway's server-streaming format: one JSON object per line."""
+
+    def __init__(self, codec: MessageCodec, errors: ErrorRenderer) -> None:
+        self.codec, self.errors = codec, errors
+
+    def opening(self) -> bytes:
+        return b""
+
+    def message(self, reply: Any) -> bytes:
+        return orjson.dumps({"result": self.codec.to_json(reply)}) + b"\n"
+
+    def error(self, status: status_pb2.Status) -> bytes:
+        return orjson.dumps({"error": self.errors.body(status.code, status.message, status.details)}) + b"\n"
+
+    heartbeat = opening
+
+
+class _SseFrames(_JsonLines):
+    """Server-Sent Events: ``id:`` the message's cursor, ``data:`` its event (or the whole message)."""
+
+    def opening(self) -> bytes:
+        return b": stream open\n\n"
+
+    def message(self, reply: Any) -> bytes:
+        out = self.codec.to_json(reply)
+        cursor = out.get("cursor", "")
+        data = out.get("event", out)
+        return b"id: " + cursor.encode() + b"\nevent: event\ndata: " + orjson.dumps(data) + b"\n\n"
+
+    def error(self, status: status_pb2.Status) -> bytes:
+        body = self.errors.body(status.code, status.message, status.details)
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+
+    def heartbeat(self) -> bytes:
+        return b": keep-alive\n\n"
+
+
+async def _relay(call: Any, frames: _JsonLines) -> AsyncIterator[bytes]:
+    """The call's messages as frames; an error as the last frame; the call ends with the response."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_BUFFER)
+    done = object()
+
+    async def read() -> None:
+        try:
+            async for reply in call:
+                await queue.put(reply)
+            await queue.put(done)
+        except grpc.aio.AioRpcError as exc:
+            await queue.put(exc)
+        except asyncio.CancelledError:
+            raise
+
+    reader = asyncio.create_task(read())
+    try:
+        if opening := frames.opening():
+            yield opening
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT_SECONDS)
+            except TimeoutError:
+                if beat := frames.heartbeat():
+                    yield beat
+                continue
+            if item is done:
+                return
+            if isinstance(item, grpc.aio.AioRpcError):
+                yield frames.error(status_from_rpc_error(item))
+                return
+            yield frames.message(item)
+    finally:
+        reader.cancel()
+        call.cancel()
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -387,20 +505,27 @@ def create_app(
         per_target = -(-max(1, channels) // len(targets))  # ceil: every target gets as many
         pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(per_target) for target in targets]
         try:
-            calls = {
-                binding.grpc_path: itertools.cycle(
-                    [
-                        _unary_unary(
-                            channel,
-                            binding.grpc_path,
-                            codecs.get(binding.method.input_type).cls,
-                            codecs.get(binding.method.output_type).cls,
-                        )
-                        for channel in pool
-                    ]
-                )
-                for binding in bindings
-            }
+
+            def round_robin(streaming: bool) -> dict[str, Iterator[Any]]:
+                """Each method's calls over every channel in turn (server-streaming ones, or the others)."""
+                make = _unary_stream if streaming else _unary_unary
+                return {
+                    b.grpc_path: itertools.cycle(
+                        [
+                            make(
+                                channel,
+                                b.grpc_path,
+                                codecs.get(b.method.input_type).cls,
+                                codecs.get(b.method.output_type).cls,
+                            )
+                            for channel in pool
+                        ]
+                    )
+                    for b in bindings
+                    if b.method.server_streaming == streaming
+                }
+
+            calls, stream_calls = round_robin(False), round_robin(True)
             health_check = _unary_unary(
                 pool[0], "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
             )
@@ -410,7 +535,7 @@ def create_app(
                 len(pool),
                 len(bindings),
             )
-            yield {"channels": pool, "calls": calls, "health_check": health_check}
+            yield {"channels": pool, "calls": calls, "stream_calls": stream_calls, "health_check": health_check}
         finally:
             for channel in pool:
                 await channel.close(grace=1.0)
@@ -484,3 +609,9 @@ def _unary_unary(channel: grpc.aio.Channel, path: str, request_cls: Any, respons
         return channel.unary_unary(
             path, request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString
         )
+
+
+def _unary_stream(channel: grpc.aio.Channel, path: str, request_cls: Any, response_cls: Any):
+    return channel.unary_stream(
+        path, request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString
+    )

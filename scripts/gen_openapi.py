@@ -189,11 +189,25 @@ class _Builder:
             schema = self._ref(method.input_type)
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         error = {"$ref": f"#/components/schemas/{STATUS}"}
-        op["responses"] = {
-            "200": {
+        if method.server_streaming:
+            # grpc-gateway's stream: one {"result": ...} or {"error": Status} object per line;
+            # with Accept: text/event-stream, Server-Sent Events (id: cursor, data: event).
+            line = {
+                "type": "object",
+                "title": f"Stream result of {method.output_type.full_name}",
+                "properties": {"result": self._ref(method.output_type), "error": error},
+            }
+            success = {
+                "description": "A successful response (streamed).",
+                "content": {"application/json": {"schema": line}, "text/event-stream": {"schema": {"type": "string"}}},
+            }
+        else:
+            success = {
                 "description": "A successful response.",
                 "content": {"application/json": {"schema": self._ref(method.output_type)}},
-            },
+            }
+        op["responses"] = {
+            "200": success,
             **{
                 status: {"description": text, "content": {"application/json": {"schema": error}}}
                 for status, text in _ERRORS.items()
@@ -256,6 +270,8 @@ class _Builder:
                 "type": "string", "enum": [v.name for v in field.enum_type.values]
             }
         if field.is_repeated:
+            if message is None:  # each item's own rules
+                item |= _scalar_constraints(rules.repeated.items)
             schema = {"type": "array", "items": item}
             if rules.repeated.HasField("min_items"):
                 schema["minItems"] = rules.repeated.min_items

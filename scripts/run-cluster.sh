@@ -8,8 +8,8 @@
 #   CLUSTER_STORE        store URL (default: the three nodes of scripts/cassandra-cluster.sh, keyspace flameup_events)
 #   CLUSTER_GRPC_PORTS   gRPC ports of the two instances (default "50051 50052")
 #   CLUSTER_HTTP_PORTS   REST ports (default "8080 8081")
-#   CLUSTER_NATS_URL     the feed's NATS (default: server 1 of scripts/nats-cluster.sh; the clients
-#                        learn the other servers from it); the feed's stream gets three replicas
+#   CLUSTER_NATS_URL     the feed's NATS (default: the three servers of scripts/nats-cluster.sh);
+#                        the feed's stream gets three replicas
 #   CLUSTER_SERVE_ARGS   more flags for both, e.g. "--workers 1 --gateway-workers 1"
 set -euo pipefail
 
@@ -20,7 +20,7 @@ read -r -a GRPC_PORTS <<< "${CLUSTER_GRPC_PORTS:-50051 50052}"
 read -r -a HTTP_PORTS <<< "${CLUSTER_HTTP_PORTS:-8080 8081}"
 read -r -a EXTRA <<< "${CLUSTER_SERVE_ARGS:-}"
 if "$PY" -m service serve --help | grep -q -- --nats-url; then  # a tree with the feed
-  EXTRA+=(--nats-url "${CLUSTER_NATS_URL:-nats://127.0.0.1:14222}" --feed-replicas 3)
+  EXTRA+=(--nats-url "${CLUSTER_NATS_URL:-nats://127.0.0.1:14222,nats://127.0.0.1:14223,nats://127.0.0.1:14224}" --feed-replicas 3)
 fi
 
 pids=()

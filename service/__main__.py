@@ -1,9 +1,12 @@
-"""Command line: `python -m service serve | migrate | grpc-worker | sqlite-writer | keys ... | workspaces list`.
+"""Command line: `python -m service serve | migrate | grpc-worker | sqlite-writer | feed-publisher | keys ... |
+workspaces list`.
 
 Every option of `serve` also reads an environment variable (FLAMEUP_STORE,
 FLAMEUP_HOST, FLAMEUP_GRPC_PORT, FLAMEUP_HTTP_PORT, FLAMEUP_WORKERS,
 FLAMEUP_GATEWAY_WORKERS, FLAMEUP_KEY_CACHE_SECONDS, FLAMEUP_CPU_POLICY,
-FLAMEUP_WORKER_CPU_AFFINITY, FLAMEUP_DEDUP_WINDOW_DAYS); a flag wins over the environment.
+FLAMEUP_WORKER_CPU_AFFINITY, FLAMEUP_DEDUP_WINDOW_DAYS, FLAMEUP_FEED, FLAMEUP_NATS_URL,
+FLAMEUP_NATS_PORT, FLAMEUP_NATS_DATA_DIR, FLAMEUP_FEED_STREAM, FLAMEUP_FEED_MAX_AGE,
+FLAMEUP_FEED_DUPLICATE_WINDOW, FLAMEUP_FEED_REPLICAS); a flag wins over the environment.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from procutil.cpu import (
 )
 from procutil.process import exit_with_parent, freeze_startup_heap
 from service.domain import DEFAULT_DEDUP_WINDOW_DAYS
+from service.feed.subjects import DEFAULT_DUPLICATE_WINDOW_S, DEFAULT_MAX_AGE_S, DEFAULT_STREAM, StreamSettings
 from service.store import DEFAULT_STORE_URL, open_store, with_dedup_window
 from service.supervisor import default_gateway_workers, default_workers, report_ready
 
@@ -47,6 +51,24 @@ def _log_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default=_env("FLAMEUP_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
+
+
+def _stream_args(p: argparse.ArgumentParser) -> None:
+    """The feed stream's settings (docs: README, Triggering campaigns)."""
+    p.add_argument("--feed-stream", default=_env("FLAMEUP_FEED_STREAM", DEFAULT_STREAM),
+                   help="JetStream stream of the feed (env FLAMEUP_FEED_STREAM; default %(default)s)")
+    p.add_argument("--feed-max-age", type=float, default=_env("FLAMEUP_FEED_MAX_AGE", float(DEFAULT_MAX_AGE_S)),
+                   help="seconds the stream keeps an event (env FLAMEUP_FEED_MAX_AGE; default 7 days)")
+    p.add_argument("--feed-duplicate-window", type=float,
+                   default=_env("FLAMEUP_FEED_DUPLICATE_WINDOW", float(DEFAULT_DUPLICATE_WINDOW_S)),
+                   help="seconds the stream drops a republished event id (env FLAMEUP_FEED_DUPLICATE_WINDOW;"
+                   " default 1 day)")
+    p.add_argument("--feed-replicas", type=int, default=_env("FLAMEUP_FEED_REPLICAS", 1),
+                   help="stream replicas on a NATS cluster (env FLAMEUP_FEED_REPLICAS; default 1)")
+
+
+def _stream_settings(args) -> StreamSettings:
+    return StreamSettings(args.feed_stream, args.feed_max_age, args.feed_duplicate_window, args.feed_replicas)
 
 
 def _serving() -> None:
@@ -107,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a message_id is remembered, in days (env FLAMEUP_DEDUP_WINDOW_DAYS;"
         " default %(default)g; a store URL's dedup_window_days wins)",
     )
+    serve.add_argument("--feed", choices=("on", "off"), default=_env("FLAMEUP_FEED", "on"),
+                       help="the real-time feed: publish every stored event to NATS JetStream and serve"
+                       " StreamEvents (env FLAMEUP_FEED; default on)")
+    serve.add_argument("--nats-url", default=_env("FLAMEUP_NATS_URL", ""),
+                       help="an existing NATS server or cluster (env FLAMEUP_NATS_URL); without it serve"
+                       " runs its own nats-server on the loopback")
+    serve.add_argument("--nats-port", type=int, default=_env("FLAMEUP_NATS_PORT", 4222),
+                       help="port of serve's own nats-server (env FLAMEUP_NATS_PORT; 0: any free port)")
+    serve.add_argument("--nats-data-dir", default=_env("FLAMEUP_NATS_DATA_DIR", ""),
+                       help="JetStream data of serve's own nats-server (env FLAMEUP_NATS_DATA_DIR;"
+                       " default: nats/ beside the SQLite file, else ./data/nats)")
+    _stream_args(serve)
     _log_arg(serve)
 
     migrate = sub.add_parser(
@@ -133,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also listen on this Unix socket (serve gives each worker one for the gateways)",
     )
+    worker.add_argument("--nats-url", default="", help="the feed's NATS (StreamEvents); none: the feed is off")
+    _stream_args(worker)
     worker.add_argument(
         "--cpu", type=int, default=None, help="run on this CPU only (serve gives worker i the i-th CPU)"
     )
@@ -144,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(writer)
     writer.add_argument("--socket", required=True, help="Unix socket the workers send appends to")
     _log_arg(writer)
+
+    publisher = sub.add_parser("feed-publisher", help="publish stored events to NATS JetStream (serve starts it)")
+    _store_arg(publisher)
+    publisher.add_argument("--nats-url", required=True)
+    _stream_args(publisher)
+    _log_arg(publisher)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -223,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         for env, value, choices in (
             ("FLAMEUP_CPU_POLICY", args.cpu_policy, CPU_POLICIES),
             ("FLAMEUP_WORKER_CPU_AFFINITY", args.worker_cpu_affinity, WORKER_CPU_AFFINITIES),
+            ("FLAMEUP_FEED", args.feed, ("on", "off")),
         ):
             if value not in choices:
                 build_parser().error(f"{env} must be one of {', '.join(choices)}, got {value!r}")
@@ -246,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level,
                 cpu_policy=args.cpu_policy,
                 worker_cpu_affinity=args.worker_cpu_affinity,
+                feed=args.feed == "on",
+                nats_url=args.nats_url or None,
+                nats_port=args.nats_port,
+                nats_data_dir=args.nats_data_dir or None,
+                stream=_stream_settings(args),
             )
         )
     if args.command == "migrate":
@@ -277,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     key_cache_seconds=args.key_cache_seconds,
                     unix_socket=args.unix_socket,
                     sqlite_writer=args.sqlite_writer,
+                    nats_url=args.nats_url or None,
+                    stream=_stream_settings(args),
                 ),
                 on_ready=_serving,
             )
@@ -287,6 +337,14 @@ def main(argv: list[str] | None = None) -> int:
 
         exit_with_parent()
         uvloop.run(serve_writer(args.store, args.socket, on_ready=_serving))
+        return 0
+    if args.command == "feed-publisher":
+        from service.feed.natsd import lower_priority
+        from service.feed.publisher import serve_publisher
+
+        lower_priority()
+        exit_with_parent()
+        uvloop.run(serve_publisher(args.store, args.nats_url, _stream_settings(args), on_ready=_serving))
         return 0
     if args.command == "keys":
         return asyncio.run(_keys(args))

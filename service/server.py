@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from flameup.events.v1 import events_pb2_grpc
 from service.auth import Authenticator
 from service.events import EventsCore
+from service.feed.consumer import Feed
+from service.feed.subjects import StreamSettings
 from service.servicer import SERVICE_NAME, AuthInterceptor, EventsServicer
 from service.store import open_store
 
@@ -35,6 +37,8 @@ class GrpcConfig:
     key_cache_seconds: float = 10.0
     unix_socket: str | None = None  # a second listener, this worker's own (the gateways call it)
     sqlite_writer: str | None = None  # the SQLite writer process's socket: appends go there (see open_store)
+    nats_url: str | None = None  # the feed's NATS (StreamEvents); None: the feed is off
+    stream: StreamSettings = StreamSettings()
 
 
 async def serve(
@@ -48,6 +52,9 @@ async def serve(
     """
     store = open_store(config.store_url, sqlite_writer=config.sqlite_writer)
     await store.open()
+    feed = Feed(config.nats_url, config.stream) if config.nats_url else None
+    if feed is not None:
+        await feed.start()  # connects in the background: StreamEvents is UNAVAILABLE until then
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(Authenticator(store, config.key_cache_seconds))],
@@ -56,7 +63,7 @@ async def serve(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(EventsCore(store)), server)
+    events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(EventsCore(store), feed), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -79,5 +86,7 @@ async def serve(
         log.info("gRPC worker shutting down")
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.grace_seconds)
+        if feed is not None:
+            await feed.close()
         await store.close()
         log.info("gRPC worker stopped")

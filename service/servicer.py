@@ -7,6 +7,7 @@ import functools
 import logging
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -15,8 +16,10 @@ from flameup.events.v1 import events_pb2, events_pb2_grpc
 from protoconv import struct_to_python
 from service import domain
 from service.auth import READ, WRITE, Authenticator, AuthError, Principal
-from service.domain import NameStats, StoredEvent, ValidationError
+from service.domain import NameStats, ValidationError
 from service.events import CountsInput, EventsCore, ListInput, SummaryInput, TrackInput
+from service.feed.consumer import CursorError, Feed, FeedUnavailable
+from service.messages import event_message, set_micros
 from service.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,9 @@ SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 # Every RPC of EventsService needs a key with this scope. An RPC missing here
 # is refused (fail closed); a test checks the table covers the proto.
 REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "GetPersonSummary": READ,
-                  "GetEventCounts": READ, "ListEventNames": READ}
+                  "GetEventCounts": READ, "ListEventNames": READ, "StreamEvents": READ}
+
+MAX_STREAM_EVENTS = 100
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
@@ -47,7 +52,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return checked
         handler = await continuation(handler_call_details)
         service, _, method = path.lstrip("/").partition("/")
-        if service != SERVICE_NAME or handler is None or handler.unary_unary is None:
+        if service != SERVICE_NAME or handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         checked = self._handlers[path] = self._checking(method, handler)
         return checked
@@ -55,7 +60,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _checking(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler with the key and scope checked before the servicer runs."""
         scope = REQUIRED_SCOPE.get(method)
-        inner, deserialize = handler.unary_unary, handler.request_deserializer
+        deserialize = handler.request_deserializer
 
         def tolerant_deserialize(data: bytes):
             # A message protobuf cannot decode (e.g. parameters nested past its
@@ -65,7 +70,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             except DecodeError as exc:
                 return _Undecodable(str(exc))
 
-        async def authenticated(request, context):
+        async def authenticate(request, context) -> None:
             if isinstance(request, _Undecodable):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -83,10 +88,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             except StoreUnavailable as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the API key now: {exc}")
             _principal.set(principal)
-            return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            authenticated,
+        def checked(inner):
+            async def authenticated(request, context):
+                await authenticate(request, context)
+                return await inner(request, context)
+
+            return authenticated
+
+        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
+        return make(
+            checked(handler.unary_stream or handler.unary_unary),
             request_deserializer=tolerant_deserialize,
             response_serializer=handler.response_serializer,
         )
@@ -120,21 +132,27 @@ def _grpc_errors(method):
     return wrapper
 
 
-def _bad_request(exc: ValidationError) -> status_pb2.Status:
+def _field_status(code: int, field: str, message: str) -> status_pb2.Status:
+    """A status with a BadRequest detail naming one field."""
+    return _bad_request(ValidationError(domain.FieldViolation(field, message)), code)
+
+
+def _bad_request(exc: ValidationError, code: int = code_pb2.INVALID_ARGUMENT) -> status_pb2.Status:
     detail = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.message)
             for v in exc.violations
         ]
     )
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc))
+    status = status_pb2.Status(code=code, message=str(exc))
     status.details.add().Pack(detail)
     return status
 
 
 class EventsServicer(events_pb2_grpc.EventsServiceServicer):
-    def __init__(self, core: EventsCore) -> None:
+    def __init__(self, core: EventsCore, feed: Feed | None = None) -> None:
         self._core = core
+        self._feed = feed  # None: the feed is off
 
     @_grpc_errors
     async def Track(self, request: events_pb2.TrackRequest, context) -> events_pb2.TrackResponse:
@@ -158,8 +176,32 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     @_grpc_errors
     async def ListPersonEvents(self, request: events_pb2.ListPersonEventsRequest, context):
         result = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
-        return events_pb2.ListPersonEventsResponse(events=[_event(e) for e in result.page.events],
+        return events_pb2.ListPersonEventsResponse(events=[event_message(e) for e in result.page.events],
                                                    total=result.page.total, next_page_token=result.next_page_token)
+
+    @_grpc_errors
+    async def StreamEvents(self, request: events_pb2.StreamEventsRequest, context) -> None:
+        """Checks the request, finds where to start, sends the headers (the call is accepted:
+        every event stored from now on is in it), then the events as they reach the stream."""
+        workspace_id = _principal.get().workspace_id
+        events = stream_filters(request)
+        feed = self._feed
+        if feed is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the real-time feed is off on this service")
+            return
+        try:
+            start = await feed.start_sequence(
+                workspace_id, request.after, request.since.ToJsonString() if request.HasField("since") else None)
+            await context.send_initial_metadata(())
+            async for message in feed.messages(workspace_id, events, start):
+                response = events_pb2.StreamEventsResponse(cursor=message.cursor)
+                json_format.Parse(message.body, response.event, ignore_unknown_fields=True)
+                await context.write(response)
+        except CursorError as exc:
+            code = code_pb2.OUT_OF_RANGE if exc.out_of_range else code_pb2.INVALID_ARGUMENT
+            await context.abort_with_status(rpc_status.to_status(_field_status(code, "after", str(exc))))
+        except FeedUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     @_grpc_errors
     async def GetPersonSummary(self, request: events_pb2.GetPersonSummaryRequest, context):
@@ -170,8 +212,8 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                                                    total=sum(s.count for s in summary.events),
                                                    events=[_name_summary(s) for s in summary.events])
         if summary.events:
-            _set_micros(resp.first_seen, min(s.first_us for s in summary.events))
-            _set_micros(resp.last_seen, summary.events[0].last_us)
+            set_micros(resp.first_seen, min(s.first_us for s in summary.events))
+            set_micros(resp.last_seen, summary.events[0].last_us)
         return resp
 
     @_grpc_errors
@@ -182,7 +224,7 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         resp = events_pb2.GetEventCountsResponse(interval=counts.interval, total=counts.total)
         for b in counts.buckets:
             bucket = resp.buckets.add(count=b.count, unique_persons=b.unique_persons)
-            _set_micros(bucket.start, b.start_us)
+            set_micros(bucket.start, b.start_us)
         return resp
 
     @_grpc_errors
@@ -211,6 +253,25 @@ def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:
     )
 
 
+def stream_filters(request: events_pb2.StreamEventsRequest) -> list[str]:
+    """The event names of a StreamEvents request, checked (ValidationError naming the field)."""
+    violations: list[domain.FieldViolation] = []
+    if request.after and request.HasField("since"):
+        violations.append(domain.FieldViolation("after", "give after or since, not both"))
+    if len(request.events) > MAX_STREAM_EVENTS:
+        violations.append(domain.FieldViolation("events", f"at most {MAX_STREAM_EVENTS} event names"))
+    if len(request.after) > 255:
+        violations.append(domain.FieldViolation("after", "not a cursor of this feed"))
+    for i, name in enumerate(request.events):
+        try:
+            domain.check_name(f"events[{i}]", name)
+        except ValidationError as exc:
+            violations.extend(exc.violations)
+    if violations:
+        raise ValidationError(*violations)
+    return list(request.events)
+
+
 def _nanos(request, field: str) -> int | None:
     """A Timestamp field in nanoseconds since the epoch; None when unset."""
     return getattr(request, field).ToNanoseconds() if request.HasField(field) else None
@@ -218,25 +279,6 @@ def _nanos(request, field: str) -> int | None:
 
 def _name_summary(s: NameStats) -> events_pb2.EventNameSummary:
     msg = events_pb2.EventNameSummary(event=s.event, count=s.count)
-    _set_micros(msg.first_seen, s.first_us)
-    _set_micros(msg.last_seen, s.last_us)
+    set_micros(msg.first_seen, s.first_us)
+    set_micros(msg.last_seen, s.last_us)
     return msg
-
-
-def _event(e: StoredEvent) -> events_pb2.Event:
-    msg = events_pb2.Event(
-        id=e.event_id,
-        workspace_id=e.workspace_id,
-        person_id=e.person_id,
-        external_id=e.external_id,
-        event=e.event,
-    )
-    msg.parameters.update(domain.parse_parameters(e.parameters))
-    _set_micros(msg.timestamp, e.timestamp_us)
-    _set_micros(msg.created_at, e.created_at_us)
-    return msg
-
-
-def _set_micros(ts, micros: int) -> None:
-    seconds, rest = divmod(micros, 1_000_000)
-    ts.seconds, ts.nanos = seconds, rest * 1000

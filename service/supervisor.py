@@ -11,13 +11,18 @@ gRPC worker does; they call the workers on those sockets, in equal shares. On a
 SQLite store it first starts the one process that commits appends
 (`python -m service sqlite-writer`, see service/store/sqlite_writer.py) on a
 Unix socket in a private directory and passes that socket to each gRPC worker
-(`--sqlite-writer`). It imports neither gRPC nor a store driver
-itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways first
-(they finish in-flight requests), then the gRPC workers (health NOT_SERVING,
-in-flight calls finish, the store commits and closes), then the SQLite writer
-(it commits what it holds). When a worker dies unexpectedly the supervisor
-stops the rest and exits non-zero, so a process manager can restart the whole
-unit. Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
+(`--sqlite-writer`). With the feed on (service/feed/) it first starts a
+nats-server (unless given a NATS URL) and, once the store is ready, the feed
+publisher (`python -m service feed-publisher`); the gRPC workers get the NATS
+URL for StreamEvents. It imports neither gRPC nor a store driver nor a NATS
+client itself, so it stays small. On SIGTERM or Ctrl-C it stops the gateways
+first (they finish in-flight requests), then the gRPC workers (health
+NOT_SERVING, in-flight calls finish, the store commits and closes), then the
+publisher, the SQLite writer (it commits what it holds) and nats-server. When
+a gRPC worker, gateway or the writer dies unexpectedly the supervisor stops the
+rest and exits non-zero, so a process manager can restart the whole unit; the
+publisher and nats-server are off the request path and are started again.
+Before it starts anything it sets its CPU policy (SCHED_BATCH unless told
 otherwise), which every process inherits, and it gives gRPC worker i the i-th
 CPU to keep to (see procutil.cpu).
 """
@@ -42,6 +47,8 @@ from urllib.parse import urlsplit
 
 from procutil.cpu import DEFAULT_CPU_POLICY, DEFAULT_WORKER_CPU_AFFINITY, set_cpu_policy, worker_cpus
 from procutil.process import PARENT_PID_ENV
+from service.feed import natsd
+from service.feed.subjects import StreamSettings
 
 log = logging.getLogger("flameup.supervisor")
 
@@ -80,6 +87,11 @@ class ServeConfig:
     log_level: str
     cpu_policy: str = DEFAULT_CPU_POLICY
     worker_cpu_affinity: str = DEFAULT_WORKER_CPU_AFFINITY
+    feed: bool = True
+    nats_url: str | None = None  # an existing NATS; None: run nats-server here
+    nats_port: int = 4222  # the local nats-server's (0: any free port)
+    nats_data_dir: str | None = None  # the local nats-server's JetStream data (None: beside the store)
+    stream: StreamSettings = StreamSettings()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -212,6 +224,8 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    nats_procs: list[subprocess.Popen] = []  # serve's own nats-server, when it runs one
+    feed_procs: list[subprocess.Popen] = []  # the publisher
     writer_procs: list[subprocess.Popen] = []
     grpc_procs: list[subprocess.Popen] = []
     http_procs: list[subprocess.Popen] = []
@@ -221,8 +235,25 @@ def serve(config: ServeConfig) -> int:
     worker_sockets = [os.path.join(run_dir, f"grpc-{i}.sock") for i in range(config.workers)]
     ready, ready_w = os.pipe()  # workers that must be serving before the next ones start write a byte here
     reporting = {**env, READY_FD_ENV: str(ready_w)}
+    feed_url = config.nats_url
+    feed_args: list[str] = []  # the workers' and the publisher's --nats-url and stream settings
+    nats_data_dir = config.nats_data_dir or natsd.default_data_dir(config.store_url)
+
+    def start_nats(port: int) -> str:
+        proc, url = natsd.start(natsd.nats_server_binary(), run_dir, port, nats_data_dir, natsd.DEFAULT_SYNC_INTERVAL)
+        nats_procs[:] = [proc]
+        return url
+
+    def start_publisher() -> None:
+        feed_procs[:] = [_spawn(["-m", "service", "feed-publisher", "--store", config.store_url, *feed_args,
+                                 "--log-level", config.log_level], env)]
+
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
+        if config.feed:
+            if feed_url is None:
+                feed_url = start_nats(config.nats_port)
+            feed_args = ["--nats-url", feed_url, *config.stream.as_args()]
         if urlsplit(config.store_url).scheme == "sqlite":
             socket_path = os.path.join(run_dir, "appends.sock")
             writer_procs.append(
@@ -244,6 +275,8 @@ def serve(config: ServeConfig) -> int:
             )
             _wait_ready(ready, 1, deadline, writer_procs)
             writer_args = ["--sqlite-writer", socket_path]
+        if config.feed:
+            start_publisher()
         grpc_procs += [
             _spawn(
                 [
@@ -253,6 +286,7 @@ def serve(config: ServeConfig) -> int:
                     "--store",
                     config.store_url,
                     *writer_args,
+                    *feed_args,
                     "--host",
                     config.host,
                     "--port",
@@ -294,10 +328,16 @@ def serve(config: ServeConfig) -> int:
             for _ in range(config.gateway_workers)
         ]
         _wait_healthy(config.host, http_port, deadline, writer_procs + grpc_procs + http_procs)
+        feed_line = (
+            f"  Feed: NATS {feed_url}{' (this instance runs it)' if nats_procs else ''}, stream"
+            f" {config.stream.name}, subjects flameup.events.<workspace_id>.<event token>\n"
+            if config.feed else "  Feed: off\n"
+        )
         print(
             f"Flameup Events is up (store {config.store_url})\n"
             f"  gRPC listening on {grpc_target} ({_processes(config.workers)})\n"
             f"  REST listening on http://{config.host}:{http_port} ({_processes(config.gateway_workers)})\n"
+            f"{feed_line}"
             f"  API key: {'FLAMEUP_BOOTSTRAP_KEY (workspace ws_default)' if config.bootstrap_key else 'none yet'};"
             f" create one with:\n"
             f"    .venv/bin/python -m service keys create --store '{config.store_url}'"
@@ -309,8 +349,18 @@ def serve(config: ServeConfig) -> int:
                 if p.poll() is not None:
                     log.error("worker pid %d exited with %s; stopping the service", p.pid, p.returncode)
                     return 1
+            # The feed's processes are off the request path: they start again, and the
+            # publisher goes on from the checkpoint in the store.
+            for p in nats_procs:
+                if p.poll() is not None and feed_url is not None:
+                    log.error("nats-server pid %d exited with %s; starting it again", p.pid, p.returncode)
+                    start_nats(urlsplit(feed_url).port or config.nats_port)
+            for p in feed_procs:
+                if p.poll() is not None:
+                    log.error("feed publisher pid %d exited with %s; starting it again", p.pid, p.returncode)
+                    start_publisher()
             time.sleep(0.2)
-        log.info("stopping: gateways first, then gRPC workers, then the store's writer")
+        log.info("stopping: gateways first, then gRPC workers, the feed publisher, the store's writer, nats-server")
         return 0
     except SystemExit as exc:
         log.error("%s", exc)
@@ -320,7 +370,9 @@ def serve(config: ServeConfig) -> int:
         os.close(ready_w)
         _stop(http_procs, STOP_TIMEOUT)
         _stop(grpc_procs, STOP_TIMEOUT)
+        _stop(feed_procs, STOP_TIMEOUT)
         _stop(writer_procs, STOP_TIMEOUT)
+        _stop(nats_procs, STOP_TIMEOUT)
         shutil.rmtree(run_dir, ignore_errors=True)
         grpc_sock.close()
         http_sock.close()

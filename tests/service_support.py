@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class RunningService:
     key: str  # FLAMEUP_BOOTSTRAP_KEY: workspace ws_default, both scopes
     proc: subprocess.Popen
     output: list[str] = field(default_factory=list)
+    nats_url: str | None = None  # the feed's NATS, when the feed is on
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -66,9 +68,14 @@ class RunningService:
 def start_service(store_url: str, *, workers: int = 1, gateway_workers: int = 1,
                   extra_env: dict[str, str] | None = None, grpc_port: int = 0, http_port: int = 0,
                   extra_args: tuple[str, ...] = ()) -> RunningService:
-    """``serve`` on ``store_url`` and the given ports (0: ephemeral ones), once it says it is up."""
+    """``serve`` on ``store_url`` and the given ports (0: ephemeral ones), once it says it is up.
+
+    Its own nats-server (the feed) takes a free port and, unless ``FLAMEUP_NATS_DATA_DIR``
+    or ``--nats-url`` says otherwise, a data directory of its own."""
     key = "test_" + secrets.token_urlsafe(24)
-    env = {**os.environ, "FLAMEUP_BOOTSTRAP_KEY": key, "FLAMEUP_KEY_CACHE_SECONDS": "0", **(extra_env or {})}
+    env = {**os.environ, "FLAMEUP_BOOTSTRAP_KEY": key, "FLAMEUP_KEY_CACHE_SECONDS": "0",
+           "FLAMEUP_NATS_PORT": "0", "FLAMEUP_NATS_DATA_DIR": tempfile.mkdtemp(prefix="flameup-test-nats-"),
+           **(extra_env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--store", store_url,
          "--grpc-port", str(grpc_port), "--http-port", str(http_port),
@@ -77,9 +84,9 @@ def start_service(store_url: str, *, workers: int = 1, gateway_workers: int = 1,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     output: list[str] = []
-    grpc_target = http_url = None
+    grpc_target = http_url = nats_url = None
     deadline = time.monotonic() + START_TIMEOUT
-    while grpc_target is None or http_url is None:
+    while True:  # up to the "API key:" line, the last of the start-up message
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError("service exited during start:\n" + "".join(output))
@@ -88,12 +95,16 @@ def start_service(store_url: str, *, workers: int = 1, gateway_workers: int = 1,
             grpc_target = m.group(1)
         if m := re.search(r"REST listening on (\S+)", line):
             http_url = m.group(1)
+        if m := re.search(r"Feed: NATS (\S+)", line):
+            nats_url = m.group(1).rstrip(",")
+        if "API key:" in line and grpc_target and http_url:
+            break
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("service did not start in time:\n" + "".join(output))
     # keep draining the output so the service never blocks on a full pipe
     threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
-    return RunningService(store_url, grpc_target, http_url, key, proc, output)
+    return RunningService(store_url, grpc_target, http_url, key, proc, output, nats_url)
 
 
 def stop_service(svc: RunningService, timeout: float = 30.0) -> int:

@@ -42,7 +42,7 @@ def feed_pair(cluster_url: str, nats_cluster: NatsCluster) -> Iterator[tuple[lis
     in the shared keyspace), three replicas."""
     stream = f"CLUSTER_{uuid.uuid4().hex[:8].upper()}"
     asyncio.run(_drop_streams(nats_cluster.urls))  # every stream takes all of the feed's subjects: one at a time
-    args = ("--nats-url", nats_cluster.urls[0], "--feed-replicas", "3", "--feed-stream", stream)
+    args = ("--nats-url", ",".join(nats_cluster.urls), "--feed-replicas", "3", "--feed-stream", stream)
     pair = start_pair(cluster_url, extra_args=args)
     yield pair, stream
     stop_pair(pair)

@@ -17,9 +17,13 @@ import pytest
 EXAMPLES = Path(__file__).parent / "docs_examples"
 
 
+def example_env(service) -> dict[str, str]:
+    return {**os.environ, "BASE_URL": service.http_url, "GRPC_TARGET": service.grpc_target, "API_KEY": service.key,
+            "EXTERNAL_ID": f"user_{uuid.uuid4().hex[:10]}", "NATS_URL": service.nats_url or ""}
+
+
 def run_example(service, *command: str) -> str:
-    env = {**os.environ, "BASE_URL": service.http_url, "GRPC_TARGET": service.grpc_target, "API_KEY": service.key,
-           "EXTERNAL_ID": f"user_{uuid.uuid4().hex[:10]}"}
+    env = example_env(service)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=EXAMPLES)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -108,3 +112,65 @@ def test_readme_shows_the_campaign_and_analytics_examples():
             as_in_readme = (line.replace("$BASE_URL", "http://127.0.0.1:8080").replace("$API_KEY", "$KEY")
                             .replace("$EXTERNAL_ID", "user_123"))
             assert as_in_readme in readme, as_in_readme
+
+
+# Triggering campaigns: the three feed consumers -----------------------------------------
+
+
+def _purchase(service) -> str:
+    """Track a purchase (the README's own curl example) and return its event id."""
+    track = json.loads(run_example(service, "bash", "examples.sh").splitlines()[0])
+    return track["event_id"]
+
+
+def _follow(service, tmp_path, command: list[str], ready: str) -> tuple[list[str], str]:
+    """Run a consumer, track a purchase once it says ``ready``; its lines up to the one with
+    that event's id (a purchase tracked just before may come first), and the event id."""
+    env = {**example_env(service), "WORK_DIR": str(tmp_path)}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=EXAMPLES)
+    lines: list[str] = []
+    tracked = ""
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if not tracked and ready in line:
+                tracked = _purchase(service)
+            elif tracked and tracked in line:
+                return lines, tracked
+        raise AssertionError(f"the consumer ended early: {lines} {proc.stderr.read()}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_grpc_feed_consumer_triggers_on_a_purchase_and_keeps_its_cursor(service, tmp_path):
+    lines, event_id = _follow(service, tmp_path, [sys.executable, "feed_grpc.py"], "listening")
+    assert lines[-1] == f"purchase_completed {event_id}"
+    assert (tmp_path / "campaigns.cursor").read_text()
+
+
+def test_sse_feed_consumer_with_curl(service, tmp_path):
+    lines, event_id = _follow(service, tmp_path, ["bash", "feed_sse.sh"], ": stream open")
+    assert lines[-3].startswith("id: ") and lines[-2] == "event: event"
+    event = json.loads(lines[-1].removeprefix("data: "))
+    assert event["id"] == event_id and event["event"] == "purchase_completed"
+
+
+def test_nats_durable_consumer(service):
+    event_id = _purchase(service)
+    out = run_example(service, sys.executable, "feed_nats.py").splitlines()
+    assert out and all(line.startswith("purchase_completed evt_") for line in out)
+    assert f"purchase_completed {event_id}" in out or len(out) == 100  # one fetch of the workspace's purchases
+
+
+def test_readme_shows_the_feed_consumers():
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    grpc_consumer = (EXAMPLES / "feed_grpc.py").read_text().replace("(TARGET)", '("127.0.0.1:50051")')
+    nats_consumer = (EXAMPLES / "feed_nats.py").read_text().replace("(NATS_URL)", '("nats://127.0.0.1:4222")')
+    sse = (EXAMPLES / "feed_sse.sh").read_text().replace("$BASE_URL", "http://127.0.0.1:8080")
+    for example in (grpc_consumer, nats_consumer, sse):
+        for line in example.splitlines():
+            quoted = line.startswith(('"""', "#")) or line.endswith('"""')
+            if line.strip() and "harness" not in line and not quoted:
+                assert line in readme, line

@@ -530,6 +530,7 @@ def test_routes_are_exactly_the_documented_paths():
         ("GET", "/api/v1/people/{person_id}/summary", "GetPersonSummary", ""),
         ("GET", "/api/v1/events/counts", "GetEventCounts", ""),
         ("GET", "/api/v1/events/names", "ListEventNames", ""),
+        ("GET", "/api/v1/events/stream", "StreamEvents", ""),
     }
     listing = next(b for b in bindings if b.method.name == "ListPersonEvents")
     assert listing.grpc_path == "/flameup.events.v1.EventsService/ListPersonEvents"
@@ -543,6 +544,7 @@ def test_routes_are_exactly_the_documented_paths():
         "/api/v1/people/{p0}/summary",
         "/api/v1/events/counts",
         "/api/v1/events/names",
+        "/api/v1/events/stream",
         "/healthz",
         "/openapi.json",
     }
@@ -816,9 +818,15 @@ def test_app_limits_the_body_to_one_mebibyte(client, stand_in):
 
 def test_app_serves_openapi(client):
     doc = client.get("/openapi.json").json()
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
-                                 "/api/v1/people/{person_id}/summary", "/api/v1/events/counts",
-                                 "/api/v1/events/names"}
+    assert set(doc["paths"]) == {
+        "/api/v1/track",
+        "/api/v1/track/batch",
+        "/api/v1/people/{person_id}/events",
+        "/api/v1/people/{person_id}/summary",
+        "/api/v1/events/counts",
+        "/api/v1/events/names",
+        "/api/v1/events/stream",
+    }
 
 
 def test_app_without_a_grpc_server():

@@ -258,9 +258,15 @@ def test_healthz_and_openapi(service):
     assert httpx.get(f"{service.http_url}/healthz").json()["status"] == "SERVING"
     doc = httpx.get(f"{service.http_url}/openapi.json").json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/api/v1/track", "/api/v1/track/batch", "/api/v1/people/{person_id}/events",
-                                 "/api/v1/people/{person_id}/summary", "/api/v1/events/counts",
-                                 "/api/v1/events/names"}
+    assert set(doc["paths"]) == {
+        "/api/v1/track",
+        "/api/v1/track/batch",
+        "/api/v1/people/{person_id}/events",
+        "/api/v1/people/{person_id}/summary",
+        "/api/v1/events/counts",
+        "/api/v1/events/names",
+        "/api/v1/events/stream",
+    }
     assert set(doc["paths"]["/api/v1/people/{person_id}/events"]) == {"get"}
 
 

@@ -70,6 +70,7 @@ import asyncio
 import logging
 import re
 import threading
+import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -317,6 +318,43 @@ CREATE TABLE IF NOT EXISTS api_keys_by_hash (
     revoked_at bigint
 )"""
 
+# The feed's outbox (service/feed/cassandra_outbox.py): every event once more, written
+# with its rows, in partitions of one minute of receive time per shard (a person's
+# events share a shard), ordered by event id (time-ordered). Rows expire after
+# OUTBOX_TTL_S, well after any publisher has read them.
+OUTBOX_SHARDS = 4
+OUTBOX_MINUTE_US = 60 * 1_000_000
+OUTBOX_TTL_S = 14 * 86_400
+CREATE_FEED_OUTBOX = f"""
+CREATE TABLE IF NOT EXISTS feed_outbox (
+    shard int,
+    minute bigint,
+    event_id text,
+    workspace_id text,
+    person_id text,
+    external_id text,
+    event text,
+    parameters text,
+    ts bigint,
+    created_at bigint,
+    PRIMARY KEY ((shard, minute), event_id)
+) WITH default_time_to_live = {OUTBOX_TTL_S}"""
+
+# The publisher's position per outbox shard, and the lease that elects one publisher.
+CREATE_FEED_CHECKPOINT = """
+CREATE TABLE IF NOT EXISTS feed_checkpoint (
+    name text,
+    shard int,
+    minute bigint,
+    event_id text,
+    PRIMARY KEY (name, shard)
+)"""
+CREATE_FEED_LEASE = """
+CREATE TABLE IF NOT EXISTS feed_lease (
+    name text PRIMARY KEY,
+    owner text
+)"""
+
 # (version, description, statements): applied in order, each statement idempotent.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "timelines, bucket counts, workspaces, api keys", (
@@ -331,11 +369,14 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (3, "message_id claims, for idempotent ingest", (CREATE_DEDUP,)),
     (4, "workspace aggregates: events and distinct persons per hour and day", (
         CREATE_WORKSPACE_EVENTS, CREATE_WORKSPACE_PERSONS, CREATE_WORKSPACE_BUCKETS)),
+    (5, "the feed's outbox, checkpoints and publisher lease",
+     (CREATE_FEED_OUTBOX, CREATE_FEED_CHECKPOINT, CREATE_FEED_LEASE)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Tables holding data (what tests truncate between cases).
 DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "dedup", "workspace_events",
-               "workspace_persons", "workspace_buckets", "workspaces", "api_keys", "api_keys_by_hash")
+               "workspace_persons", "workspace_buckets", "workspaces", "api_keys", "api_keys_by_hash",
+               "feed_outbox", "feed_checkpoint", "feed_lease")
 
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
@@ -347,6 +388,20 @@ INSERT_EVENT_BY_NAME = (
     " (workspace_id, person_id, event, bucket, ts, event_id, external_id, parameters, created_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+INSERT_OUTBOX = (
+    "INSERT INTO feed_outbox"
+    " (shard, minute, event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_OUTBOX = (
+    "SELECT event_id, workspace_id, person_id, external_id, event, parameters, ts, created_at FROM feed_outbox"
+    " WHERE shard = ? AND minute = ? AND event_id > ? AND event_id <= ? LIMIT ?"
+)
+SELECT_FEED_CHECKPOINTS = "SELECT shard, minute, event_id FROM feed_checkpoint WHERE name = ?"
+SAVE_FEED_CHECKPOINT = "UPDATE feed_checkpoint SET minute = ?, event_id = ? WHERE name = ? AND shard = ?"
+TAKE_FEED_LEASE = "INSERT INTO feed_lease (name, owner) VALUES (?, ?) IF NOT EXISTS USING TTL ?"
+RENEW_FEED_LEASE = "UPDATE feed_lease USING TTL ? SET owner = ? WHERE name = ? IF owner = ?"
+SELECT_FEED_LEASE = "SELECT owner FROM feed_lease WHERE name = ?"
 SELECT_EVENTS = (
     "SELECT ts, event_id, event, external_id, parameters, created_at FROM events_by_person"
     " WHERE workspace_id = ? AND person_id = ? AND bucket = ? AND ts >= ? AND ts < ? LIMIT ?"
@@ -766,13 +821,17 @@ class CassandraStore(Store):
             "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
             "select_key": SELECT_KEY, "select_keys": SELECT_KEYS,
             "revoke_key": REVOKE_KEY, "revoke_key_by_hash": REVOKE_KEY_BY_HASH,
+            "insert_outbox": INSERT_OUTBOX, "select_outbox": SELECT_OUTBOX,
+            "select_feed_checkpoints": SELECT_FEED_CHECKPOINTS, "save_feed_checkpoint": SAVE_FEED_CHECKPOINT,
+            "select_feed_lease": SELECT_FEED_LEASE,
         }
         # Lightweight transactions report whether *this* attempt applied: a retry
         # could see its own first attempt as "not applied". A claim is the exception:
         # _claim takes a claim holding its own event id as won, so the driver may
         # retry it and send it again to the next host (speculative execution).
         idempotent["claim_message"] = CLAIM_MESSAGE
-        not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY}
+        not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY,
+                          "take_feed_lease": TAKE_FEED_LEASE, "renew_feed_lease": RENEW_FEED_LEASE}
         for names, is_idempotent in ((idempotent, True), (not_idempotent, False)):
             for name, cql in names.items():
                 ps = session.prepare(cql)
@@ -936,6 +995,7 @@ class CassandraStore(Store):
         rows: dict[tuple, list[_Write]] = defaultdict(list)
         insert, insert_by_name = self._ps["insert_event"], self._ps["insert_event_by_name"]
         insert_ws_event, insert_ws_person = self._ps["insert_ws_event"], self._ps["insert_ws_person"]
+        insert_outbox = self._ps["insert_outbox"]
         for e in events:
             b = bucket_of(e.timestamp_us)
             person = (e.workspace_id, e.person_id)
@@ -959,6 +1019,10 @@ class CassandraStore(Store):
             rows[(*person, e.event, b)].append((insert_by_name, (
                 e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
                 e.parameters, e.created_at_us), size))
+            shard, minute = outbox_partition(e)
+            rows[("feed_outbox", shard, minute)].append((insert_outbox, (
+                shard, minute, e.event_id, e.workspace_id, e.person_id, e.external_id, e.event, e.parameters,
+                e.timestamp_us, e.created_at_us), size))
         # Shielded: a caller that gives up (a deadline) must not abandon the end marks.
         work = asyncio.ensure_future(self._append(keys, ws_keys, list(rows.values())))
         work.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
@@ -1049,6 +1113,36 @@ class CassandraStore(Store):
         for statement in statements:
             batch.add(statement)
         await self._page(batch)
+
+    # The feed's outbox (service/feed/cassandra_outbox.py) ------------------------
+
+    async def outbox_rows(self, shard: int, minute: int, after_id: str, through_id: str,
+                          limit: int) -> list[StoredEvent]:
+        """The outbox rows of one partition with after_id < event_id <= through_id, by event id."""
+        rows = await self._execute("select_outbox", (shard, minute, after_id, through_id, limit))
+        return [StoredEvent(r.event_id, r.workspace_id, r.person_id, r.external_id, r.event, r.parameters, r.ts,
+                            r.created_at) for r in rows]
+
+    async def feed_checkpoints(self, name: str) -> dict[int, tuple[int, str]]:
+        """shard -> (minute, event id) of the last position saved for the feed ``name``."""
+        return {r.shard: (r.minute, r.event_id) for r in await self._execute("select_feed_checkpoints", (name,))}
+
+    async def save_feed_checkpoints(self, name: str, positions: dict[int, tuple[int, str]]) -> None:
+        await self._gather(self._execute("save_feed_checkpoint", (minute, event_id, name, shard))
+                           for shard, (minute, event_id) in positions.items())
+
+    async def hold_feed_lease(self, name: str, owner: str, ttl_s: int, held: bool) -> bool:
+        """Take the lease (``held`` False) or renew it (True); True when ``owner`` holds it now."""
+        if held:
+            rows = await self._execute("renew_feed_lease", (ttl_s, owner, name, owner))
+        else:
+            rows = await self._execute("take_feed_lease", (name, owner, ttl_s))
+        return bool(rows) and bool(rows[0][0])
+
+    async def feed_lease_owner(self, name: str) -> str | None:
+        """Which publisher holds the feed's lease now (None: nobody)."""
+        rows = await self._execute("select_feed_lease", (name,))
+        return rows[0].owner if rows else None
 
     async def list_events(self, query: EventQuery) -> EventPage:
         self._require_session()
@@ -1528,6 +1622,11 @@ class CassandraStore(Store):
             self._execute("revoke_key", (revoked_at_us, key_id)),
         ])
         return True
+
+
+def outbox_partition(e: StoredEvent) -> tuple[int, int]:
+    """(shard, minute) of an event's outbox row: the shard from the person, the minute from its receipt."""
+    return zlib.crc32(f"{e.workspace_id}/{e.person_id}".encode()) % OUTBOX_SHARDS, e.created_at_us // OUTBOX_MINUTE_US
 
 
 def _clean(row: Any) -> bool:

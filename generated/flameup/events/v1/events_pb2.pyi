@@ -120,6 +120,24 @@ class Event(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     def __init__(self, id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., person_id: _Optional[str] = ..., external_id: _Optional[str] = ..., event: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class StreamEventsRequest(_message.Message):
+    __slots__ = ("events", "after", "since")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedScalarFieldContainer[str]
+    after: str
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, events: _Optional[_Iterable[str]] = ..., after: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class StreamEventsResponse(_message.Message):
+    __slots__ = ("event", "cursor")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    event: Event
+    cursor: str
+    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., cursor: _Optional[str] = ...) -> None: ...
+
 class GetPersonSummaryRequest(_message.Message):
     __slots__ = ("person_id", "id_type", "since", "until")
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]

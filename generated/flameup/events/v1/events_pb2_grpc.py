@@ -54,6 +54,11 @@ class EventsServiceStub:
                 request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.SerializeToString,
                 response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.FromString,
                 _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/flameup.events.v1.EventsService/StreamEvents',
+                request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.StreamEventsResponse.FromString,
+                _registered_method=True)
         self.GetPersonSummary = channel.unary_unary(
                 '/flameup.events.v1.EventsService/GetPersonSummary',
                 request_serializer=flameup_dot_events_dot_v1_dot_events__pb2.GetPersonSummaryRequest.SerializeToString,
@@ -104,6 +109,15 @@ class EventsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamEvents(self, request, context):
+        """The workspace's events as they are stored, from now, from a time, or after
+        a cursor a previous response gave. Over REST: newline-delimited
+        {"result": ...} objects, or Server-Sent Events with Accept: text/event-stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPersonSummary(self, request, context):
         """GetPersonSummary returns, for one person, every event name they did with
         its exact count and the first and last time, newest first.
@@ -145,6 +159,11 @@ def add_EventsServiceServicer_to_server(servicer, server):
                     servicer.ListPersonEvents,
                     request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.FromString,
                     response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=flameup_dot_events_dot_v1_dot_events__pb2.StreamEventsRequest.FromString,
+                    response_serializer=flameup_dot_events_dot_v1_dot_events__pb2.StreamEventsResponse.SerializeToString,
             ),
             'GetPersonSummary': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPersonSummary,
@@ -248,6 +267,33 @@ class EventsService:
             '/flameup.events.v1.EventsService/ListPersonEvents',
             flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsRequest.SerializeToString,
             flameup_dot_events_dot_v1_dot_events__pb2.ListPersonEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flameup.events.v1.EventsService/StreamEvents',
+            flameup_dot_events_dot_v1_dot_events__pb2.StreamEventsRequest.SerializeToString,
+            flameup_dot_events_dot_v1_dot_events__pb2.StreamEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
