@@ -142,6 +142,31 @@ cassandra-up: ## start a local single-node Cassandra on 127.0.0.1:9042 (data in 
 cassandra-down: ## stop the local Cassandra (data is kept; scripts/cassandra.sh down --wipe drops it)
 	scripts/cassandra.sh down
 
+# The local clusters: three Cassandra nodes on 127.0.0.1-3 (CQL :9142, data in
+# .cassandra-cluster/) and three NATS JetStream servers (:14222-14224, .nats-cluster/).
+.PHONY: cluster-up
+cluster-up: $(VENV)/.installed ## start 3 Cassandra nodes (127.0.0.1-3:9142) and 3 NATS JetStream servers (:14222-14224)
+	scripts/cassandra-cluster.sh up
+	scripts/nats-cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## stop the local clusters (data is kept; add WIPE=1 to drop it)
+	scripts/nats-cluster.sh down $(if $(WIPE),--wipe)
+	scripts/cassandra-cluster.sh down $(if $(WIPE),--wipe)
+
+.PHONY: run-cluster
+run-cluster: $(VENV)/.installed ## two serve instances over the local clusters (gRPC :50051/:50052, REST :8080/:8081)
+	scripts/run-cluster.sh
+
+# The cluster next to the single node, in one run: grpc_batch and list_person on
+# both, then grpc_batch while a cluster node is SIGKILLed. BENCH_QUICK=1 works too.
+.PHONY: bench-cluster
+bench-cluster: $(VENV)/.installed ## benchmark the 3-node cluster next to the single node, and p99 during a node kill
+	scripts/cassandra.sh up
+	scripts/cassandra-cluster.sh up
+	$(PY) -m bench.run --stores cassandra,cassandra_cluster --workloads grpc_batch,list_person,grpc_batch_node_kill \
+	  --out bench/out/cluster.json $(BENCH_ARGS)
+
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmark the real service next to the store's own limit (BENCH_QUICK=1: short run)
 	$(PY) -m bench.run $(BENCH_ARGS)

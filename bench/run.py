@@ -1,6 +1,6 @@
 """`make bench`: ingest and read speed of the real service, next to the store's own limit.
 
-    .venv/bin/python -m bench.run [--stores sqlite,cassandra] [--duration S] [--warmup S]
+    .venv/bin/python -m bench.run [--stores sqlite,cassandra,cassandra_cluster] [--duration S] [--warmup S]
                                   [--concurrency N | workload=N,...] [--out bench/results.json]
     BENCH_QUICK=1 .venv/bin/python -m bench.run     # every workload briefly (CI)
 
@@ -14,6 +14,11 @@ and writes a flat list of records {"store", "workload", "metric", "value",
 "unit"}. Exits non-zero when a workload failed to run (errors in responses,
 wrong totals, a service that would not start or stop cleanly); it asserts
 nothing about speed. See bench/README.md.
+
+`make bench-cluster` runs grpc_batch and list_person on the single node and on
+the local three-node cluster (replication factor 3, LOCAL_QUORUM) in one run,
+prints the cluster's numbers as ratios to the single node's, and runs
+grpc_batch_node_kill: grpc_batch on the cluster while one node is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -42,7 +47,15 @@ from bench import aggregates, data, feed, grpc_load, reads, rest_load, service_p
 from bench.metrics import Record, percentile  # noqa: E402
 from flameup.events.v1 import events_pb2 as pb  # noqa: E402
 from flameup.events.v1 import events_pb2_grpc  # noqa: E402
-from bench.stores import DEFAULT_CASSANDRA_URL, BenchStore, CassandraBench, RawResult, SqliteBench  # noqa: E402
+from bench.stores import (  # noqa: E402
+    CLUSTER_CASSANDRA_URL,
+    DEFAULT_CASSANDRA_URL,
+    BenchStore,
+    CassandraBench,
+    CassandraClusterBench,
+    RawResult,
+    SqliteBench,
+)
 from procutil.cpu import (  # noqa: E402
     CPU_POLICIES,
     DEFAULT_CPU_POLICY,
@@ -58,7 +71,12 @@ INGEST = ("grpc_track", "grpc_batch", "grpc_batch_limited", "grpc_batch_msgid", 
 # Run right after RAW_BRACKETS (grpc_batch with the feed on, as serve runs by default): the same
 # with --feed off, the feed's lag at half grpc_batch's rate, and the drain of a backlog.
 FEED = ("grpc_batch_feed_off", "feed_lag", "feed_drain")
-WORKLOADS = ("raw_store_insert", *INGEST, *FEED, "service_rss_mb", "list_person", "aggregates", "delete_person")
+# grpc_batch while a node of the cluster is SIGKILLed (cassandra_cluster only): its p99 is the cost of the fault.
+NODE_KILL = "grpc_batch_node_kill"
+WORKLOADS = ("raw_store_insert", *INGEST, *FEED, "service_rss_mb", "list_person", "aggregates", NODE_KILL,
+             "delete_person")
+STORES = ("sqlite", "cassandra", "cassandra_cluster")
+KILLED_NODE = 2  # of the cluster; killed a quarter into the window, started again after it
 # grpc_batch_limited sends grpc_batch's calls right after it, with a key of this workspace,
 # whose ingest limit is far above any load: what the limiter costs when it admits everything.
 LIMITED_WORKSPACE = "ws_bench_limited"
@@ -102,6 +120,7 @@ class Settings:
     quick: bool
     profile: Path | None
     cassandra_url: str
+    cluster_url: str
     persons: tuple[int, ...]
     read_calls: int
     raw_rows: dict[str, int]
@@ -137,7 +156,8 @@ class Run:
 def parse_args(argv: list[str] | None) -> Settings:
     quick_env = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stores", help="comma list of sqlite,cassandra (default: sqlite, plus cassandra when reachable)")
+    p.add_argument("--stores", help="comma list of sqlite,cassandra,cassandra_cluster (default: sqlite, plus "
+                                    "cassandra when reachable)")
     p.add_argument("--duration", type=float, help="measured seconds per ingest workload (default 15, quick 3)")
     p.add_argument("--warmup", type=float, help="warm-up seconds before each measured window (default 5, quick 1)")
     p.add_argument("--concurrency", default="",
@@ -161,6 +181,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--cassandra-url", default=DEFAULT_CASSANDRA_URL,
                    help="Cassandra to use; the keyspace part is replaced by fresh bench keyspaces "
                         f"(default {DEFAULT_CASSANDRA_URL})")
+    p.add_argument("--cluster-url", default=CLUSTER_CASSANDRA_URL,
+                   help="the cluster of cassandra_cluster, its keyspace replaced likewise "
+                        f"(default {CLUSTER_CASSANDRA_URL})")
     p.add_argument("--person-sizes", help="events of the list_person persons (default 100,10000,100000; quick 100,1000,10000)")
     p.add_argument("--read-calls", type=int, help="measured calls per list_person variant (default 200, quick 30)")
     p.add_argument("--baseline", type=Path,
@@ -182,17 +205,18 @@ def parse_args(argv: list[str] | None) -> Settings:
     if unknown := set(workloads) - set(WORKLOADS):
         p.error(f"--workloads: unknown {sorted(unknown)} (known: {', '.join(WORKLOADS)})")
     stores = [s.strip() for s in (a.stores or "sqlite,cassandra").split(",") if s.strip()]
-    if unknown := set(stores) - {"sqlite", "cassandra"}:
-        p.error(f"--stores: unknown {sorted(unknown)} (sqlite, cassandra)")
+    if unknown := set(stores) - set(STORES):
+        p.error(f"--stores: unknown {sorted(unknown)} ({', '.join(STORES)})")
     persons = tuple(int(x) for x in a.person_sizes.split(",")) if a.person_sizes else mode["persons"]
     return Settings(
         stores=stores, stores_explicit=a.stores is not None,
         duration=a.duration or mode["duration"], warmup=a.warmup if a.warmup is not None else mode["warmup"],
         concurrency=concurrency, clients=max(1, a.clients), workers=a.workers, gateway_workers=a.gateway_workers,
         cpu_policy=a.cpu_policy, worker_cpu_affinity=a.worker_cpu_affinity, workloads=workloads, out=a.out,
-        quick=a.quick, profile=a.profile, cassandra_url=a.cassandra_url,
+        quick=a.quick, profile=a.profile, cassandra_url=a.cassandra_url, cluster_url=a.cluster_url,
         persons=persons, read_calls=a.read_calls or mode["read_calls"],
-        raw_rows={"sqlite": mode["raw_rows"], "cassandra": mode["raw_rows_cassandra"]},
+        raw_rows={"sqlite": mode["raw_rows"], "cassandra": mode["raw_rows_cassandra"],
+                  "cassandra_cluster": mode["raw_rows_cassandra"]},
         baseline=a.baseline,
     )
 
@@ -282,15 +306,19 @@ def service_cli(url: str, *args: str) -> str:
 
 
 def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload: str, workdir: Path,
-                  acknowledged: list[int], msgid_calls: list[int], key: str | None = None) -> None:
+                  acknowledged: list[int], msgid_calls: list[int], key: str | None = None,
+                  fault: Fault | None = None) -> None:
     """``msgid_calls``: each client process's calls of grpc_batch_msgid (filled by that
     run), which grpc_batch_replay sends again. ``key``: another workspace's key than
-    the bench's own (its events are not the ingest check's)."""
+    the bench's own (its events are not the ingest check's). With a ``fault``, the
+    fault strikes a quarter into the measured window and is repaired after it (failed
+    calls are counted, not fatal)."""
     s, store = run.settings, bs.name
-    method, per_call, payloads = data.grpc_workload(workload)
+    like = INGEST_OF_FAULT.get(workload, workload)
+    method, per_call, payloads = data.grpc_workload(like)
     payloads_file = workdir / f"{workload}.pickle"
     payloads_file.write_bytes(pickle.dumps(payloads))
-    concurrency = s.concurrency[workload]
+    concurrency = s.concurrency[like]
     replay = workload == "grpc_batch_replay"
     if replay and len(msgid_calls) != s.clients:
         raise WorkloadFailed("grpc_batch_replay sends grpc_batch_msgid's batches again: run grpc_batch_msgid first")
@@ -302,12 +330,18 @@ def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
             for k in range(s.clients)]
     clients = grpc_load.Clients(jobs)
     clients.start()
-    window = Window(run, svc, f"{store}-{workload}", s.duration, bs.server_pids())
+    # A killed node takes its CPU counters with it: no store CPU for a fault's window.
+    window = Window(run, svc, f"{store}-{workload}", s.duration, bs.server_pids() if fault is None else [])
     time.sleep(max(0.0, clients.measure_at - time.monotonic()))
     window.begin()
+    if fault is not None:
+        time.sleep(s.duration / 4)
+        fault.strike()
     time.sleep(max(0.0, clients.end_at - time.monotonic()))
     window.end()
     results = clients.results()
+    if fault is not None:
+        fault.repair()
     if workload == "grpc_batch_msgid":
         msgid_calls[:] = [r.sequence for r in results]
     if not replay and key is None:  # a replay's events are duplicates: acknowledged, but stored once before
@@ -319,7 +353,10 @@ def grpc_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
                    latencies_sorted=latencies, concurrency=concurrency * s.clients,
                    client_cpu_s=sum(r.cpu_s for r in results), server_cpu_s=window.cpu_s)
     store_cpu_record(run, store, workload, window, s.duration)
-    if errors:
+    if errors and fault is not None:
+        first = next(r.first_error for r in results if r.first_error)
+        print(f"{workload}: {errors} calls failed during the fault; first: {first}", flush=True)
+    elif errors:
         first = next(r.first_error for r in results if r.first_error)
         raise WorkloadFailed(f"{errors} failed calls; first: {first}")
     if not latencies:
@@ -429,6 +466,33 @@ def rest_workload(run: Run, bs: BenchStore, svc: service_proc.Service, workload:
                              f"{result.socket_errors} socket errors; first bad response: {result.first_bad}")
     if result.requests == 0:
         raise WorkloadFailed("no request completed")
+
+
+INGEST_OF_FAULT = {NODE_KILL: "grpc_batch"}  # a fault workload sends what this ingest workload sends
+
+
+@dataclass
+class Fault:
+    """Something done to the store in the middle of a measured window, and undone after it."""
+
+    strike: Callable[[], None]
+    repair: Callable[[], None]
+
+
+def node_kill(run: Run, bs: CassandraClusterBench, n: int) -> Fault:
+    started: list[float] = []
+
+    def strike() -> None:
+        bs.node("kill", n)
+        started.append(time.monotonic())
+        print(f"{NODE_KILL}: SIGKILLed node {n}", flush=True)
+
+    def repair() -> None:
+        bs.node("start", n)
+        run.add(bs.name, NODE_KILL, "node_down_s", round(time.monotonic() - started[0], 1), "s")
+        print(f"{NODE_KILL}: node {n} is back after {time.monotonic() - started[0]:.0f} s", flush=True)
+
+    return Fault(strike, repair)
 
 
 # One store --------------------------------------------------------------------
@@ -635,6 +699,11 @@ def run_store(run: Run, bs: BenchStore, wrk: str | None) -> None:
                 + aggregates.measure_counts(svc.grpc_target, small_key, "small", counts_end, s.read_calls,
                                             small_rows)))
 
+        if NODE_KILL in wanted and isinstance(bs, CassandraClusterBench):
+            with tempfile.TemporaryDirectory(prefix="flameup-bench-load-") as workdir:
+                fault = node_kill(run, bs, KILLED_NODE)
+                run.attempt(store, NODE_KILL, lambda: grpc_workload(run, bs, svc, NODE_KILL, Path(workdir),
+                                                                    acknowledged, [], fault=fault))
         if "delete_person" in wanted:  # last: it deletes the biggest list_person person
             if persons:
                 with tempfile.TemporaryDirectory(prefix="flameup-bench-delete-") as workdir:
@@ -808,6 +877,33 @@ def print_table(run: Run) -> None:
               f"ratio {measured / target:5.2f}  {'met' if met else 'MISSED'}")
 
 
+def cluster_ratios(run: Run) -> None:
+    """The cluster's numbers over the single node's of the same run (the cost of replication
+    factor 3 and quorum when the three nodes share one machine), and p99 during a node kill."""
+    recs = run.records
+    if not any(r.store == "cassandra_cluster" for r in recs):
+        return
+    pairs = [("grpc_batch", "events_per_s"), ("grpc_batch", "p99_ms")]
+    pairs += sorted({(r.workload, "p50_ms") for r in recs if r.workload.startswith("list_person_")})
+    print("\nThe cluster (3 nodes on this machine, RF 3, LOCAL_QUORUM) next to the single node; "
+          "ratio = cluster / single")
+    for workload, metric in pairs:
+        single = _value(recs, "cassandra", workload, metric)
+        cluster = _value(recs, "cassandra_cluster", workload, metric)
+        if single and cluster is not None:
+            run.add("cassandra_cluster", "cluster_over_single", f"{workload}_{metric}", round(cluster / single, 2),
+                    "ratio")
+            print(f"  {workload:26} {metric:13} single {single:>10,.2f}  cluster {cluster:>10,.2f}  "
+                  f"ratio {cluster / single:5.2f}")
+    steady, killed = (_value(recs, "cassandra_cluster", w, "p99_ms") for w in ("grpc_batch", NODE_KILL))
+    if steady and killed is not None:
+        run.add("cassandra_cluster", "cluster_over_single", "node_kill_p99_over_steady", round(killed / steady, 2),
+                "ratio")
+        errors = _value(recs, "cassandra_cluster", NODE_KILL, "errors")
+        print(f"  {NODE_KILL:26} p99_ms        steady {steady:>10,.2f}  killed {killed:>10,.2f}  "
+              f"ratio {killed / steady:5.2f}  ({errors} failed calls)")
+
+
 def meta_records(run: Run) -> None:
     s = run.settings
     try:
@@ -879,17 +975,19 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sqlite":
             stores.append(SqliteBench())
             continue
-        reason = CassandraBench.unavailable_reason(s.cassandra_url)
+        kind, url = ((CassandraBench, s.cassandra_url) if name == "cassandra"
+                     else (CassandraClusterBench, s.cluster_url))
+        reason = kind.unavailable_reason(url)
         if reason is None:
-            stores.append(CassandraBench(s.cassandra_url))
+            stores.append(kind(url))
         elif s.stores_explicit:
-            message = f"cassandra: SKIPPED, {reason}"
+            message = f"{name}: SKIPPED, {reason}"
             print(message, flush=True)
             run.notes.append(message)
             if os.environ.get("CI") == "true":  # a store asked for in CI must run, never silently pass
                 run.failures.append(message)
         else:
-            print(f"cassandra: not benchmarked ({reason})", flush=True)
+            print(f"{name}: not benchmarked ({reason})", flush=True)
 
     meta_records(run)
     for bs in stores:
@@ -899,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
             bs.cleanup()
 
     print_table(run)
+    cluster_ratios(run)
     s.out.parent.mkdir(parents=True, exist_ok=True)
     s.out.write_text(json.dumps([r.as_dict() for r in run.records], indent=1) + "\n")
     print(f"\nwrote {s.out} ({len(run.records)} records) in {time.monotonic() - started:.0f} s")

@@ -15,10 +15,12 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from bench.service_proc import all_pids, cmdline, cpu_seconds
@@ -176,8 +178,9 @@ class CassandraBench(BenchStore):
         return urlunsplit(self.base._replace(path=f"/{keyspace}"))
 
     def server_pids(self) -> list[int]:
-        """The local Cassandra JVM(s), to report the store's own CPU use."""
-        return [pid for pid in all_pids() if "CassandraDaemon" in cmdline(pid)]
+        """The local Cassandra JVM (not the cluster's nodes), to report the store's own CPU use."""
+        return [pid for pid in all_pids()
+                if "CassandraDaemon" in (line := cmdline(pid)) and str(CLUSTER_DIR) not in line]
 
     def service_url(self) -> str:
         return self._url(f"bench_{self.run_id}_svc{len(self._keyspaces)}")
@@ -251,3 +254,37 @@ class CassandraBench(BenchStore):
             print(f"note: could not drop the bench keyspaces {self._keyspaces}: {exc}")
         finally:
             cluster.shutdown()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_SCRIPT = ROOT / "scripts" / "cassandra-cluster.sh"
+CLUSTER_DIR = Path(os.environ.get("CASS_CLUSTER_DIR", ROOT / ".cassandra-cluster"))
+CLUSTER_CASSANDRA_URL = ("cassandra://127.0.0.1,127.0.0.2,127.0.0.3:9142/?protocol_version=3&local_dc=datacenter1"
+                         "&replication=datacenter1:3&consistency=LOCAL_QUORUM")
+
+
+class CassandraClusterBench(CassandraBench):
+    """Fresh keyspaces with replication factor 3 on the local three-node cluster
+    (scripts/cassandra-cluster.sh), written and read at LOCAL_QUORUM; a node can be
+    killed and started again."""
+
+    name = "cassandra_cluster"
+
+    def __init__(self, base_url: str = CLUSTER_CASSANDRA_URL) -> None:
+        super().__init__(base_url)
+
+    @staticmethod
+    def unavailable_reason(base_url: str = CLUSTER_CASSANDRA_URL) -> str | None:
+        reason = CassandraBench.unavailable_reason(base_url)
+        return reason and reason.replace("scripts/cassandra.sh up", "scripts/cassandra-cluster.sh up")
+
+    def server_pids(self) -> list[int]:
+        """The cluster's three JVMs."""
+        return [pid for pid in all_pids()
+                if "CassandraDaemon" in (line := cmdline(pid)) and str(CLUSTER_DIR) in line]
+
+    def node(self, action: str, n: int) -> None:
+        """``kill`` (SIGKILL) or ``start`` node n of the cluster."""
+        done = subprocess.run([str(CLUSTER_SCRIPT), action, str(n)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"cassandra-cluster.sh {action} {n} failed: {done.stdout}{done.stderr}")

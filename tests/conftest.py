@@ -31,7 +31,7 @@ from service.store.sqlite import SqliteStore
 from service.store.sqlite_engine import Tuning
 from service.store.sqlite_writer import serve_writer
 
-pytest_plugins = ["cassandra_support", "service_support"]
+pytest_plugins = ["cassandra_support", "service_support", "cluster_support"]
 
 BACKENDS = ["sqlite", "sqlite_merging", "sqlite_writer", "cassandra"]
 

@@ -53,7 +53,7 @@ async def connect(url: str, name: str) -> nats.NATS:
     while True:
         try:
             return await nats.connect(
-                url,
+                [u.strip() for u in url.split(",") if u.strip()],  # one server or several, comma separated
                 name=name,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,

@@ -18,7 +18,9 @@ URL parts (all optional except a host):
   store creates the keyspace; an existing keyspace is never altered.
 - ``connect_timeout`` / ``request_timeout``: seconds (default 3 / 5). While the
   cluster is down requests fail at once (no live host) or within
-  request_timeout (a node that hangs), as StoreUnavailable.
+  request_timeout (a node that hangs), as StoreUnavailable. In a cluster, an
+  idempotent request whose coordinator has not answered within SPECULATE_AFTER
+  (1 s) is also sent to the next host, so one hung node fails nothing.
 - ``dedup_window_days``: how long a message_id is remembered (default 7; the
   claims' TTL).
 
@@ -94,6 +96,7 @@ from cassandra.cluster import (
 )
 from cassandra.connection import ConnectionException
 from cassandra.policies import (
+    ConstantSpeculativeExecutionPolicy,
     DCAwareRoundRobinPolicy,
     ExponentialReconnectionPolicy,
     RetryPolicy,
@@ -137,6 +140,9 @@ DDL_TIMEOUT = 60.0
 # The reconnection delay grows from 0.5 s to this, so the store finds a node
 # that came back within a couple of seconds, with no restart.
 MAX_RECONNECT_DELAY = 2.0
+# Seconds without an answer before an idempotent request is also sent to the next host
+# (well above a healthy statement's latency, well below request_timeout).
+SPECULATE_AFTER = 1.0
 
 ALL_EVENTS = ""  # event_key of the counts over every event name
 SUMMARY_BUCKET = 2**62  # the whole-history row; sorts before every day (bucket DESC)
@@ -772,6 +778,11 @@ class CassandraStore(Store):
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=s.local_dc)),
             retry_policy=RetryPolicy(),
+            # A node that stops answering with its connections open (a partition, a stall)
+            # is only marked down by gossip and heartbeats, many seconds later: meanwhile an
+            # idempotent request it coordinates is sent once more to the next host after
+            # SPECULATE_AFTER, instead of failing after request_timeout.
+            speculative_execution_policy=ConstantSpeculativeExecutionPolicy(SPECULATE_AFTER, 1),
             consistency_level=self._cl,
             serial_consistency_level=self._serial_cl,
             request_timeout=s.request_timeout,
@@ -879,9 +890,12 @@ class CassandraStore(Store):
             "select_feed_lease": SELECT_FEED_LEASE,
         }
         # Lightweight transactions report whether *this* attempt applied: a retry
-        # could see its own first attempt as "not applied".
+        # could see its own first attempt as "not applied". A claim is the exception:
+        # _claim takes a claim holding its own event id as won, so the driver may
+        # retry it and send it again to the next host (speculative execution).
+        idempotent["claim_message"] = CLAIM_MESSAGE
         not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY,
-                          "claim_message": CLAIM_MESSAGE, "drop_claim": DROP_CLAIM,
+                          "drop_claim": DROP_CLAIM,
                           "take_feed_lease": TAKE_FEED_LEASE, "renew_feed_lease": RENEW_FEED_LEASE}
         for names, is_idempotent in ((idempotent, True), (not_idempotent, False)):
             for name, cql in names.items():
