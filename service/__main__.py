@@ -82,16 +82,29 @@ def _retention_arg(p: argparse.ArgumentParser) -> None:
 
 def _stream_args(p: argparse.ArgumentParser) -> None:
     """The feed stream's settings (docs: README, Triggering campaigns)."""
-    p.add_argument("--feed-stream", default=_env("FLAMEUP_FEED_STREAM", DEFAULT_STREAM),
-                   help="JetStream stream of the feed (env FLAMEUP_FEED_STREAM; default %(default)s)")
-    p.add_argument("--feed-max-age", type=float, default=_env("FLAMEUP_FEED_MAX_AGE", float(DEFAULT_MAX_AGE_S)),
-                   help="seconds the stream keeps an event (env FLAMEUP_FEED_MAX_AGE; default 7 days)")
-    p.add_argument("--feed-duplicate-window", type=float,
-                   default=_env("FLAMEUP_FEED_DUPLICATE_WINDOW", float(DEFAULT_DUPLICATE_WINDOW_S)),
-                   help="seconds the stream drops a republished event id (env FLAMEUP_FEED_DUPLICATE_WINDOW;"
-                   " default 1 day)")
-    p.add_argument("--feed-replicas", type=int, default=_env("FLAMEUP_FEED_REPLICAS", 1),
-                   help="stream replicas on a NATS cluster (env FLAMEUP_FEED_REPLICAS; default 1)")
+    p.add_argument(
+        "--feed-stream",
+        default=_env("FLAMEUP_FEED_STREAM", DEFAULT_STREAM),
+        help="JetStream stream of the feed (env FLAMEUP_FEED_STREAM; default %(default)s)",
+    )
+    p.add_argument(
+        "--feed-max-age",
+        type=float,
+        default=_env("FLAMEUP_FEED_MAX_AGE", float(DEFAULT_MAX_AGE_S)),
+        help="seconds the stream keeps an event (env FLAMEUP_FEED_MAX_AGE; default 7 days)",
+    )
+    p.add_argument(
+        "--feed-duplicate-window",
+        type=float,
+        default=_env("FLAMEUP_FEED_DUPLICATE_WINDOW", float(DEFAULT_DUPLICATE_WINDOW_S)),
+        help="seconds the stream drops a republished event id (env FLAMEUP_FEED_DUPLICATE_WINDOW; default 1 day)",
+    )
+    p.add_argument(
+        "--feed-replicas",
+        type=int,
+        default=_env("FLAMEUP_FEED_REPLICAS", 1),
+        help="stream replicas on a NATS cluster (env FLAMEUP_FEED_REPLICAS; default 1)",
+    )
 
 
 def _stream_settings(args) -> StreamSettings:
@@ -157,17 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
         " default %(default)g; a store URL's dedup_window_days wins)",
     )
     _retention_arg(serve)
-    serve.add_argument("--feed", choices=("on", "off"), default=_env("FLAMEUP_FEED", "on"),
-                       help="the real-time feed: publish every stored event to NATS JetStream and serve"
-                       " StreamEvents (env FLAMEUP_FEED; default on)")
-    serve.add_argument("--nats-url", default=_env("FLAMEUP_NATS_URL", ""),
-                       help="an existing NATS server or cluster (env FLAMEUP_NATS_URL); without it serve"
-                       " runs its own nats-server on the loopback")
-    serve.add_argument("--nats-port", type=int, default=_env("FLAMEUP_NATS_PORT", 4222),
-                       help="port of serve's own nats-server (env FLAMEUP_NATS_PORT; 0: any free port)")
-    serve.add_argument("--nats-data-dir", default=_env("FLAMEUP_NATS_DATA_DIR", ""),
-                       help="JetStream data of serve's own nats-server (env FLAMEUP_NATS_DATA_DIR;"
-                       " default: nats/ beside the SQLite file, else ./data/nats)")
+    serve.add_argument(
+        "--feed",
+        choices=("on", "off"),
+        default=_env("FLAMEUP_FEED", "on"),
+        help="the real-time feed: publish every stored event to NATS JetStream and serve"
+        " StreamEvents (env FLAMEUP_FEED; default on)",
+    )
+    serve.add_argument(
+        "--nats-url",
+        default=_env("FLAMEUP_NATS_URL", ""),
+        help="an existing NATS server or cluster (env FLAMEUP_NATS_URL); without it serve"
+        " runs its own nats-server on the loopback",
+    )
+    serve.add_argument(
+        "--nats-port",
+        type=int,
+        default=_env("FLAMEUP_NATS_PORT", 4222),
+        help="port of serve's own nats-server (env FLAMEUP_NATS_PORT; 0: any free port)",
+    )
+    serve.add_argument(
+        "--nats-data-dir",
+        default=_env("FLAMEUP_NATS_DATA_DIR", ""),
+        help="JetStream data of serve's own nats-server (env FLAMEUP_NATS_DATA_DIR;"
+        " default: nats/ beside the SQLite file, else ./data/nats)",
+    )
     _stream_args(serve)
     _log_arg(serve)
 

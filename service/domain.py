@@ -17,7 +17,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -173,7 +173,8 @@ def check_name(field: str, value: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=16_384)  # active users repeat; uncached, uuid5 (SHA-1, UUID objects) is several % of a worker
+# Active users repeat; uncached, uuid5 (SHA-1, UUID objects) is several % of a worker.
+@functools.lru_cache(maxsize=16_384)
 def person_id_for(workspace_id: str, external_id: str) -> str:
     return str(uuid.uuid5(PERSON_NAMESPACE, f"{workspace_id}\n{external_id}"))
 
@@ -181,9 +182,7 @@ def person_id_for(workspace_id: str, external_id: str) -> str:
 def parse_person_id(field: str, value: str) -> str:
     """The canonical (lowercase) form of a person UUID."""
     if not _UUID.fullmatch(value):
-        raise ValidationError.of(
-            field, "must be a UUID (pass id_type=external_id to look a person up by your own id)"
-        )
+        raise ValidationError.of(field, "must be a UUID (pass id_type=external_id to look a person up by your own id)")
     return value.lower()
 
 
@@ -192,7 +191,7 @@ _id_seq = 0
 
 
 def new_event_id(at_us: int) -> str:
-    """"evt_" + 32 hex digits: 48 bits of milliseconds, then 80 random bits.
+    """ "evt_" + 32 hex digits: 48 bits of milliseconds, then 80 random bits.
 
     Like UUIDv7, ids sort by the time the service received the event. Within one
     process and one millisecond a counter in the top random bits keeps them
@@ -218,13 +217,15 @@ def parse_timestamp(field: str, value: str) -> int:
     """An RFC 3339 date-time to microseconds since the epoch (UTC)."""
     m = _RFC3339.fullmatch(value)
     if not m:
-        raise ValidationError.of(field, f"must be an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got {value[:64]!r}")
+        raise ValidationError.of(
+            field, f"must be an RFC 3339 timestamp such as 2024-01-15T10:30:00Z, got {value[:64]!r}"
+        )
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     frac, zulu, sign, off_h, off_m = m.group(7), m.group(8), m.group(9), m.group(10), m.group(11)
     # RFC 3339 allows a leap second (:60); it maps onto the next second.
     leap = second == 60
     try:
-        local = datetime(year, month, day, hour, minute, 59 if leap else second, tzinfo=timezone.utc)
+        local = datetime(year, month, day, hour, minute, 59 if leap else second, tzinfo=UTC)
     except ValueError:
         raise ValidationError.of(field, f"is not a valid date-time: {value[:64]!r}") from None
     offset = 0
@@ -253,7 +254,7 @@ def check_event_time(field: str, ts_us: int, received_us: int) -> int:
 def format_timestamp(ts_us: int) -> str:
     """Microseconds to RFC 3339 in UTC with a Z (fraction only when non-zero)."""
     seconds, micros = divmod(ts_us, 1_000_000)
-    base = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    base = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{base}.{micros:06d}Z" if micros else f"{base}Z"
 
 
@@ -271,9 +272,7 @@ def canonical_parameters(field: str, value: Any) -> str:
     normalized = _normalize(field, value, 1)
     text = orjson.dumps(normalized)
     if len(text) > MAX_PARAMETERS_BYTES:
-        raise ValidationError.of(
-            field, f"must be at most {MAX_PARAMETERS_BYTES} bytes serialized, got {len(text)}"
-        )
+        raise ValidationError.of(field, f"must be at most {MAX_PARAMETERS_BYTES} bytes serialized, got {len(text)}")
     return text.decode()
 
 
@@ -323,8 +322,13 @@ def _checksum(payload: bytes) -> bytes:
 
 def page_token(q: EventQuery, last: StoredEvent) -> str:
     """The token that continues the listing ``q`` after its event ``last``."""
-    payload = _TOKEN.pack(_TOKEN_VERSION, uuid.UUID(q.person_id).bytes, _filters_digest(q), last.timestamp_us,
-                          bytes.fromhex(last.event_id[4:]))
+    payload = _TOKEN.pack(
+        _TOKEN_VERSION,
+        uuid.UUID(q.person_id).bytes,
+        _filters_digest(q),
+        last.timestamp_us,
+        bytes.fromhex(last.event_id[4:]),
+    )
     return base64.urlsafe_b64encode(payload + _checksum(payload)).rstrip(b"=").decode()
 
 
@@ -340,7 +344,7 @@ def parse_page_token(field: str, token: str, q: EventQuery) -> tuple[int, str]:
         raw = b""
     if len(raw) != _TOKEN.size + _CHECKSUM_BYTES:
         raise ValidationError.of(field, "is not a page token of this service; pass next_page_token unchanged")
-    payload, checksum = raw[:_TOKEN.size], raw[_TOKEN.size:]
+    payload, checksum = raw[: _TOKEN.size], raw[_TOKEN.size :]
     if _checksum(payload) != checksum:
         raise ValidationError.of(field, "is damaged or was edited; pass next_page_token unchanged")
     version, person, digest, ts_us, event_id = _TOKEN.unpack(payload)
@@ -350,5 +354,6 @@ def parse_page_token(field: str, token: str, q: EventQuery) -> tuple[int, str]:
         raise ValidationError.of(field, "belongs to another person's listing")
     if digest != _filters_digest(q):
         raise ValidationError.of(
-            field, "was issued for other filters (event, since, until); use the same ones, or start again without it")
+            field, "was issued for other filters (event, since, until); use the same ones, or start again without it"
+        )
     return ts_us, "evt_" + event_id.hex()

@@ -122,8 +122,9 @@ class EventsCore:
         self._clock = clock
         self._retention_days = retention_days
 
-    def prepare(self, workspace_id: str, item: TrackInput, received_us: int, prefix: str = "",
-                skew_us: int = 0) -> StoredEvent:
+    def prepare(
+        self, workspace_id: str, item: TrackInput, received_us: int, prefix: str = "", skew_us: int = 0
+    ) -> StoredEvent:
         """Validate one event and turn it into the row every store keeps.
 
         Collects every violation, each named by its field path under ``prefix``.
@@ -150,8 +151,13 @@ class EventsCore:
             if parsed is not None and skew_us is not None:
                 ts_us = check(domain.check_event_time, field, parsed + skew_us, received_us)
             if ts_us is not None and self._retention_days is not None:
-                ts_us = check(_check_retained, field, ts_us, retention_cutoff(received_us, self._retention_days),
-                              self._retention_days)
+                ts_us = check(
+                    _check_retained,
+                    field,
+                    ts_us,
+                    retention_cutoff(received_us, self._retention_days),
+                    self._retention_days,
+                )
         message_id = check(domain.check_name, f"{prefix}message_id", item.message_id) if item.message_id else None
         parameters = check(domain.canonical_parameters, f"{prefix}parameters", item.parameters)
         if violations:
@@ -268,14 +274,20 @@ class EventsCore:
         since_us = until_us - domain.DEFAULT_COUNTS_RANGE_US if req.since_ns is None else req.since_ns // 1000
         first, end = since_us // interval_us, -(-until_us // interval_us)
         if end - first > domain.MAX_COUNT_BUCKETS:
-            raise ValidationError.of("since", f"the range must hold at most {domain.MAX_COUNT_BUCKETS} buckets"
-                                              f" of an {req.interval}, got {end - first}")
-        stored = await self._store.event_counts(workspace_id, req.event or None, interval_us,
-                                                first * interval_us, end * interval_us)
+            raise ValidationError.of(
+                "since",
+                f"the range must hold at most {domain.MAX_COUNT_BUCKETS} buckets"
+                f" of an {req.interval}, got {end - first}",
+            )
+        stored = await self._store.event_counts(
+            workspace_id, req.event or None, interval_us, first * interval_us, end * interval_us
+        )
         kept_from = self._retained(None)  # buckets before the retention count nothing, even before removal
         found = {b.start_us: b for b in stored if kept_from is None or b.start_us >= kept_from}
-        buckets = [found.get(start) or CountBucket(start, 0, 0)
-                   for start in range(first * interval_us, end * interval_us, interval_us)]
+        buckets = [
+            found.get(start) or CountBucket(start, 0, 0)
+            for start in range(first * interval_us, end * interval_us, interval_us)
+        ]
         return EventCounts(req.interval, buckets)
 
     async def event_names(self, workspace_id: str, since_ns: int | None, until_ns: int | None) -> list[NameStats]:
@@ -355,7 +367,8 @@ def _person(workspace_id: str, person_ref: str, id_type: str, violations: list[F
     id_type = id_type or "person_id"
     if id_type not in domain.ID_TYPES:
         violations.append(
-            FieldViolation("id_type", f"must be one of {', '.join(domain.ID_TYPES)}, got {id_type[:64]!r}"))
+            FieldViolation("id_type", f"must be one of {', '.join(domain.ID_TYPES)}, got {id_type[:64]!r}")
+        )
         return ""
     if id_type == "external_id":
         external_id = _check(violations, domain.check_name, "person_id", person_ref)

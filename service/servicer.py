@@ -32,8 +32,16 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 # Every RPC of EventsService needs a key with this scope. An RPC missing here
 # is refused (fail closed); a test checks the table covers the proto.
-REQUIRED_SCOPE = {"Track": WRITE, "TrackBatch": WRITE, "ListPersonEvents": READ, "GetPersonSummary": READ,
-                  "GetEventCounts": READ, "ListEventNames": READ, "StreamEvents": READ, "DeletePerson": DELETE_PEOPLE}
+REQUIRED_SCOPE = {
+    "Track": WRITE,
+    "TrackBatch": WRITE,
+    "ListPersonEvents": READ,
+    "GetPersonSummary": READ,
+    "GetEventCounts": READ,
+    "ListEventNames": READ,
+    "StreamEvents": READ,
+    "DeletePerson": DELETE_PEOPLE,
+}
 # The RPCs a workspace's ingest limit applies to, and how many events a request brings.
 EVENTS_IN = {"Track": lambda request: 1, "TrackBatch": lambda request: len(request.events)}
 
@@ -91,6 +99,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 )
             if scope is None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"no scope grants {method}")
+                return
             try:
                 authorization = _metadata(context.invocation_metadata(), "authorization")
                 principal = await self._authenticator.authenticate(authorization, scope)
@@ -205,8 +214,9 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     async def Track(self, request: events_pb2.TrackRequest, context) -> events_pb2.TrackResponse:
         result = await self._core.track(_principal.get().workspace_id, track_input(request))
         (metrics.DUPLICATES if result.duplicate else metrics.EVENTS_STORED).inc()
-        return events_pb2.TrackResponse(success=True, event_id=result.event_id, person_id=result.person_id,
-                                        duplicate=result.duplicate)
+        return events_pb2.TrackResponse(
+            success=True, event_id=result.event_id, person_id=result.person_id, duplicate=result.duplicate
+        )
 
     @_grpc_errors
     async def TrackBatch(self, request: events_pb2.TrackBatchRequest, context) -> events_pb2.TrackBatchResponse:
@@ -224,8 +234,11 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     @_grpc_errors
     async def ListPersonEvents(self, request: events_pb2.ListPersonEventsRequest, context):
         result = await self._core.list_person_events(_principal.get().workspace_id, list_input(request))
-        return events_pb2.ListPersonEventsResponse(events=[event_message(e) for e in result.page.events],
-                                                   total=result.page.total, next_page_token=result.next_page_token)
+        return events_pb2.ListPersonEventsResponse(
+            events=[event_message(e) for e in result.page.events],
+            total=result.page.total,
+            next_page_token=result.next_page_token,
+        )
 
     @_grpc_errors
     async def StreamEvents(self, request: events_pb2.StreamEventsRequest, context) -> None:
@@ -239,7 +252,8 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
             return
         try:
             start = await feed.start_sequence(
-                workspace_id, request.after, request.since.ToJsonString() if request.HasField("since") else None)
+                workspace_id, request.after, request.since.ToJsonString() if request.HasField("since") else None
+            )
             await context.send_initial_metadata(())
             async for message in feed.messages(workspace_id, events, start):
                 response = events_pb2.StreamEventsResponse(cursor=message.cursor)
@@ -253,12 +267,20 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def GetPersonSummary(self, request: events_pb2.GetPersonSummaryRequest, context):
-        summary = await self._core.person_summary(_principal.get().workspace_id, SummaryInput(
-            person_ref=request.person_id, id_type=request.id_type,
-            since_ns=_nanos(request, "since"), until_ns=_nanos(request, "until")))
-        resp = events_pb2.GetPersonSummaryResponse(person_id=summary.person_id,
-                                                   total=sum(s.count for s in summary.events),
-                                                   events=[_name_summary(s) for s in summary.events])
+        summary = await self._core.person_summary(
+            _principal.get().workspace_id,
+            SummaryInput(
+                person_ref=request.person_id,
+                id_type=request.id_type,
+                since_ns=_nanos(request, "since"),
+                until_ns=_nanos(request, "until"),
+            ),
+        )
+        resp = events_pb2.GetPersonSummaryResponse(
+            person_id=summary.person_id,
+            total=sum(s.count for s in summary.events),
+            events=[_name_summary(s) for s in summary.events],
+        )
         if summary.events:
             set_micros(resp.first_seen, min(s.first_us for s in summary.events))
             set_micros(resp.last_seen, summary.events[0].last_us)
@@ -266,9 +288,15 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def GetEventCounts(self, request: events_pb2.GetEventCountsRequest, context):
-        counts = await self._core.event_counts(_principal.get().workspace_id, CountsInput(
-            event=request.event, interval=request.interval,
-            since_ns=_nanos(request, "since"), until_ns=_nanos(request, "until")))
+        counts = await self._core.event_counts(
+            _principal.get().workspace_id,
+            CountsInput(
+                event=request.event,
+                interval=request.interval,
+                since_ns=_nanos(request, "since"),
+                until_ns=_nanos(request, "until"),
+            ),
+        )
         resp = events_pb2.GetEventCountsResponse(interval=counts.interval, total=counts.total)
         for b in counts.buckets:
             bucket = resp.buckets.add(count=b.count, unique_persons=b.unique_persons)
@@ -277,23 +305,27 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
     @_grpc_errors
     async def ListEventNames(self, request: events_pb2.ListEventNamesRequest, context):
-        names = await self._core.event_names(_principal.get().workspace_id, _nanos(request, "since"),
-                                             _nanos(request, "until"))
+        names = await self._core.event_names(
+            _principal.get().workspace_id, _nanos(request, "since"), _nanos(request, "until")
+        )
         return events_pb2.ListEventNamesResponse(events=[_name_summary(s) for s in names])
 
     @_grpc_errors
     async def DeletePerson(self, request: events_pb2.DeletePersonRequest, context):
         principal = _principal.get()
-        person_id, deleted = await self._core.delete_person(principal.workspace_id,
-                                                            PersonRef(request.person_id, request.id_type))
+        person_id, deleted = await self._core.delete_person(
+            principal.workspace_id, PersonRef(request.person_id, request.id_type)
+        )
         metrics.PEOPLE_DELETED.inc()
         metrics.EVENTS_DELETED.inc(deleted)
         if self._feed is not None:  # consumers of the feed forget the person too
             try:
                 await self._feed.publish_deletion(principal.workspace_id, person_id, deleted)
             except FeedUnavailable as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"the person's events are deleted, but {exc}; repeat the call to send the notice")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the person's events are deleted, but {exc}; repeat the call to send the notice",
+                )
         log.info(
             "deleted a person of %s (%d events) at the request of key %s",
             principal.workspace_id,
@@ -305,8 +337,9 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
 
 def track_input(request: events_pb2.TrackRequest) -> TrackInput:
     parameters = struct_to_python(request.parameters) if request.HasField("parameters") else None
-    return TrackInput(request.external_id, request.event, parameters, request.timestamp, request.message_id,
-                      request.sent_at)
+    return TrackInput(
+        request.external_id, request.event, parameters, request.timestamp, request.message_id, request.sent_at
+    )
 
 
 def list_input(request: events_pb2.ListPersonEventsRequest) -> ListInput:

@@ -263,8 +263,21 @@ def serve(config: ServeConfig) -> int:
         return url
 
     def start_publisher() -> None:
-        feed_procs[:] = [_spawn(["-m", "service", "feed-publisher", "--store", config.store_url, *feed_args,
-                                 "--log-level", config.log_level], env)]
+        feed_procs[:] = [
+            _spawn(
+                [
+                    "-m",
+                    "service",
+                    "feed-publisher",
+                    "--store",
+                    config.store_url,
+                    *feed_args,
+                    "--log-level",
+                    config.log_level,
+                ],
+                env,
+            )
+        ]
 
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -350,7 +363,8 @@ def serve(config: ServeConfig) -> int:
         feed_line = (
             f"  Feed: NATS {feed_url}{' (this instance runs it)' if nats_procs else ''}, stream"
             f" {config.stream.name}, subjects flameup.events.<workspace_id>.<event token>\n"
-            if config.feed else "  Feed: off\n"
+            if config.feed
+            else "  Feed: off\n"
         )
         print(
             f"Flameup Events is up (store {config.store_url})\n"

@@ -133,14 +133,16 @@ class Store(abc.ABC):
     # Aggregates: kept as events are written, so reads never count events ----
 
     @abc.abstractmethod
-    async def person_summary(self, workspace_id: str, person_id: str, since_us: int | None,
-                             until_us: int | None) -> list[NameStats]:
+    async def person_summary(
+        self, workspace_id: str, person_id: str, since_us: int | None, until_us: int | None
+    ) -> list[NameStats]:
         """Per event name, the person's exact count and first and last time in
         [since, until) (None: unbounded), in any order; names without events left out."""
 
     @abc.abstractmethod
-    async def event_counts(self, workspace_id: str, event: str | None, interval_us: int, start_us: int,
-                           end_us: int) -> list[CountBucket]:
+    async def event_counts(
+        self, workspace_id: str, event: str | None, interval_us: int, start_us: int, end_us: int
+    ) -> list[CountBucket]:
         """The workspace's buckets of ``interval_us`` (HOUR_US or DAY_US) in
         [start_us, end_us), both aligned to the interval, that hold events of
         ``event`` (None: every event), in time order, with exact counts and

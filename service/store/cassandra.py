@@ -74,7 +74,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cassandra import (
@@ -388,28 +388,53 @@ CREATE TABLE IF NOT EXISTS workspace_limits (
 
 # (version, description, statements): applied in order, each statement idempotent.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (1, "timelines, bucket counts, workspaces, api keys", (
-        CREATE_EVENTS_BY_PERSON,
-        CREATE_EVENTS_BY_NAME,
-        CREATE_PERSON_BUCKETS,
-        CREATE_WORKSPACES,
-        CREATE_API_KEYS,
-        CREATE_API_KEYS_BY_HASH,
-    )),
+    (
+        1,
+        "timelines, bucket counts, workspaces, api keys",
+        (
+            CREATE_EVENTS_BY_PERSON,
+            CREATE_EVENTS_BY_NAME,
+            CREATE_PERSON_BUCKETS,
+            CREATE_WORKSPACES,
+            CREATE_API_KEYS,
+            CREATE_API_KEYS_BY_HASH,
+        ),
+    ),
     (2, "hour counts of past days, for the edges of time windows", (CREATE_PERSON_HOURS,)),
     (3, "message_id claims, for idempotent ingest", (CREATE_DEDUP,)),
-    (4, "workspace aggregates: events and distinct persons per hour and day", (
-        CREATE_WORKSPACE_EVENTS, CREATE_WORKSPACE_PERSONS, CREATE_WORKSPACE_BUCKETS)),
-    (5, "the feed's outbox, checkpoints and publisher lease",
-     (CREATE_FEED_OUTBOX, CREATE_FEED_CHECKPOINT, CREATE_FEED_LEASE)),
+    (
+        4,
+        "workspace aggregates: events and distinct persons per hour and day",
+        (CREATE_WORKSPACE_EVENTS, CREATE_WORKSPACE_PERSONS, CREATE_WORKSPACE_BUCKETS),
+    ),
+    (
+        5,
+        "the feed's outbox, checkpoints and publisher lease",
+        (CREATE_FEED_OUTBOX, CREATE_FEED_CHECKPOINT, CREATE_FEED_LEASE),
+    ),
     (6, "ingest limits per workspace", (CREATE_WORKSPACE_LIMITS,)),
     (7, "the claims of each person, for deleting a person", (CREATE_DEDUP_BY_PERSON,)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Tables holding data (what tests truncate between cases).
-DATA_TABLES = ("events_by_person", "events_by_name", "person_buckets", "person_hours", "dedup", "dedup_by_person",
-               "workspace_events", "workspace_persons", "workspace_buckets", "workspaces", "api_keys",
-               "api_keys_by_hash", "workspace_limits", "feed_outbox", "feed_checkpoint", "feed_lease")
+DATA_TABLES = (
+    "events_by_person",
+    "events_by_name",
+    "person_buckets",
+    "person_hours",
+    "dedup",
+    "dedup_by_person",
+    "workspace_events",
+    "workspace_persons",
+    "workspace_buckets",
+    "workspaces",
+    "api_keys",
+    "api_keys_by_hash",
+    "workspace_limits",
+    "feed_outbox",
+    "feed_checkpoint",
+    "feed_lease",
+)
 
 INSERT_EVENT = (
     "INSERT INTO events_by_person"
@@ -492,8 +517,7 @@ SELECT_BUCKET_RANGE = (
 # Deleting a person: every (event_key, day) of the index names the partitions to drop.
 DELETE_DAY = "DELETE FROM events_by_person USING TIMESTAMP ? WHERE workspace_id = ? AND person_id = ? AND bucket = ?"
 DELETE_DAY_BY_NAME = (
-    "DELETE FROM events_by_name USING TIMESTAMP ?"
-    " WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ?"
+    "DELETE FROM events_by_name USING TIMESTAMP ? WHERE workspace_id = ? AND person_id = ? AND event = ? AND bucket = ?"
 )
 DELETE_HOURS = (
     "DELETE FROM person_hours USING TIMESTAMP ?"
@@ -572,8 +596,15 @@ REVOKE_KEY_BY_HASH = "UPDATE api_keys_by_hash SET revoked_at = ? WHERE key_hash 
 
 # Driver errors that mean "not reachable now, retry later".
 _UNAVAILABLE = (
-    NoHostAvailable, OperationTimedOut, Unavailable, Timeout, CoordinationFailure, ConnectionException,
-    OverloadedErrorMessage, IsBootstrappingErrorMessage, OSError,
+    NoHostAvailable,
+    OperationTimedOut,
+    Unavailable,
+    Timeout,
+    CoordinationFailure,
+    ConnectionException,
+    OverloadedErrorMessage,
+    IsBootstrappingErrorMessage,
+    OSError,
 )
 
 
@@ -682,8 +713,16 @@ def parse_url(url: str) -> _Settings:
     settings.username, settings.password = username, password
 
     params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    known = {"consistency", "protocol_version", "local_dc", "replication_factor", "replication",
-             "connect_timeout", "request_timeout", "dedup_window_days"}
+    known = {
+        "consistency",
+        "protocol_version",
+        "local_dc",
+        "replication_factor",
+        "replication",
+        "connect_timeout",
+        "request_timeout",
+        "dedup_window_days",
+    }
     if unknown := set(params) - known:
         raise ValueError(f"unknown cassandra URL parameter(s) {sorted(unknown)}; known: {sorted(known)}")
     if "consistency" in params:
@@ -697,18 +736,19 @@ def parse_url(url: str) -> _Settings:
             raise ValueError(f"bad local_dc {dc!r}")
         settings.local_dc = dc
     if "replication_factor" in params and "replication" in params:
-        raise ValueError("give replication_factor (SimpleStrategy) or replication=dc:n,..."
-                         " (NetworkTopologyStrategy), not both")
+        raise ValueError(
+            "give replication_factor (SimpleStrategy) or replication=dc:n,... (NetworkTopologyStrategy), not both"
+        )
     if "replication_factor" in params:
         rf = _positive_int("replication_factor", params["replication_factor"])
         settings.replication["replication_factor"] = str(rf)
     if "replication" in params:
         settings.replication = {"class": "NetworkTopologyStrategy"}
         for item in params["replication"].split(","):
-            dc, _, rf = item.partition(":")
+            dc, _, factor = item.partition(":")
             if not _DC_NAME.fullmatch(dc):
                 raise ValueError(f"bad datacenter {dc!r} in replication={params['replication']!r}")
-            settings.replication[dc] = str(_positive_int(f"replication factor of {dc}", rf))
+            settings.replication[dc] = str(_positive_int(f"replication factor of {dc}", factor))
     if "dedup_window_days" in params:
         settings.dedup_window_s = dedup_window_seconds(params["dedup_window_days"])
     for name in ("connect_timeout", "request_timeout"):
@@ -756,8 +796,9 @@ class CassandraStore(Store):
         self._session: Session | None = None
         self._ps: dict[str, PreparedStatement] = {}
         self._cl = ConsistencyLevel.name_to_value[settings.consistency]
-        self._serial_cl = (ConsistencyLevel.LOCAL_SERIAL if settings.consistency.startswith("LOCAL_")
-                           else ConsistencyLevel.SERIAL)
+        self._serial_cl = (
+            ConsistencyLevel.LOCAL_SERIAL if settings.consistency.startswith("LOCAL_") else ConsistencyLevel.SERIAL
+        )
         # Background count write-backs, one per bucket at a time (driver futures,
         # not asyncio tasks: they must outlive the event loop of the call that
         # started them, e.g. under asyncio.run in tests and CLIs).
@@ -825,14 +866,17 @@ class CassandraStore(Store):
             cluster.shutdown()
             raise
         self._cluster, self._session = cluster, session
-        log.info("cassandra store open: keyspace %s on %s (consistency %s)",
-                 self.keyspace, ",".join(s.hosts), s.consistency)
+        log.info(
+            "cassandra store open: keyspace %s on %s (consistency %s)", self.keyspace, ",".join(s.hosts), s.consistency
+        )
 
     def _create_keyspace(self, session: Session) -> None:
         # DDL takes no bind markers: the keyspace name and the replication map
         # are validated by parse_url before they reach this text.
-        session.execute(CREATE_KEYSPACE.format(
-            keyspace=self.keyspace, replication=_replication_cql(self.settings.replication)), timeout=DDL_TIMEOUT)
+        session.execute(
+            CREATE_KEYSPACE.format(keyspace=self.keyspace, replication=_replication_cql(self.settings.replication)),
+            timeout=DDL_TIMEOUT,
+        )
         self._await_schema_agreement(session.cluster)
 
     def _migrate(self, session: Session, cluster: Cluster) -> None:
@@ -842,8 +886,12 @@ class CassandraStore(Store):
         select.consistency_level = self._cl
         applied = {row.version for row in session.execute(select, (SCHEMA_SCOPE,))}
         if applied and max(applied) > SCHEMA_VERSION:
-            log.warning("keyspace %s has schema version %d, newer than this code (%d)",
-                        self.keyspace, max(applied), SCHEMA_VERSION)
+            log.warning(
+                "keyspace %s has schema version %d, newer than this code (%d)",
+                self.keyspace,
+                max(applied),
+                SCHEMA_VERSION,
+            )
         insert = session.prepare(INSERT_SCHEMA_VERSION)
         insert.consistency_level = self._cl
         for version, description, statements in MIGRATIONS:
@@ -862,31 +910,57 @@ class CassandraStore(Store):
 
     def _prepare(self, session: Session) -> None:
         idempotent = {
-            "insert_event": INSERT_EVENT, "insert_event_by_name": INSERT_EVENT_BY_NAME,
-            "select_events": SELECT_EVENTS, "select_events_by_name": SELECT_EVENTS_BY_NAME,
-            "select_events_at": SELECT_EVENTS_AT, "select_events_by_name_at": SELECT_EVENTS_BY_NAME_AT,
-            "count_events": COUNT_EVENTS, "count_events_by_name": COUNT_EVENTS_BY_NAME,
-            "mark_written": MARK_WRITTEN, "save_count": SAVE_COUNT,
-            "select_hours": SELECT_HOURS, "save_hour_count": SAVE_HOUR_COUNT,
-            "select_buckets": SELECT_BUCKETS, "select_bucket_range": SELECT_BUCKET_RANGE,
-            "select_person_index": SELECT_PERSON_INDEX, "select_first_by_name": SELECT_FIRST_BY_NAME,
-            "select_last_by_name": SELECT_LAST_BY_NAME, "insert_ws_event": INSERT_WS_EVENT,
-            "insert_ws_person": INSERT_WS_PERSON, "mark_ws_written": MARK_WS_WRITTEN, "save_ws_count": SAVE_WS_COUNT,
-            "select_ws_buckets": SELECT_WS_BUCKETS, "count_ws_events": COUNT_WS_EVENTS,
-            "count_ws_events_by_name": COUNT_WS_EVENTS_BY_NAME, "select_ws_first": SELECT_WS_FIRST,
-            "select_ws_last": SELECT_WS_LAST, "count_ws_persons": COUNT_WS_PERSONS,
-            "select_workspaces": SELECT_WORKSPACES, "select_workspace": SELECT_WORKSPACE,
-            "delete_day": DELETE_DAY, "select_day_rows": SELECT_DAY_ROWS, "drop_outbox_row": DROP_OUTBOX_ROW,
-            "delete_day_by_name": DELETE_DAY_BY_NAME, "delete_hours": DELETE_HOURS, "delete_index": DELETE_INDEX,
-            "index_claim": INDEX_CLAIM, "select_person_claims": SELECT_PERSON_CLAIMS,
+            "insert_event": INSERT_EVENT,
+            "insert_event_by_name": INSERT_EVENT_BY_NAME,
+            "select_events": SELECT_EVENTS,
+            "select_events_by_name": SELECT_EVENTS_BY_NAME,
+            "select_events_at": SELECT_EVENTS_AT,
+            "select_events_by_name_at": SELECT_EVENTS_BY_NAME_AT,
+            "count_events": COUNT_EVENTS,
+            "count_events_by_name": COUNT_EVENTS_BY_NAME,
+            "mark_written": MARK_WRITTEN,
+            "save_count": SAVE_COUNT,
+            "select_hours": SELECT_HOURS,
+            "save_hour_count": SAVE_HOUR_COUNT,
+            "select_buckets": SELECT_BUCKETS,
+            "select_bucket_range": SELECT_BUCKET_RANGE,
+            "select_person_index": SELECT_PERSON_INDEX,
+            "select_first_by_name": SELECT_FIRST_BY_NAME,
+            "select_last_by_name": SELECT_LAST_BY_NAME,
+            "insert_ws_event": INSERT_WS_EVENT,
+            "insert_ws_person": INSERT_WS_PERSON,
+            "mark_ws_written": MARK_WS_WRITTEN,
+            "save_ws_count": SAVE_WS_COUNT,
+            "select_ws_buckets": SELECT_WS_BUCKETS,
+            "count_ws_events": COUNT_WS_EVENTS,
+            "count_ws_events_by_name": COUNT_WS_EVENTS_BY_NAME,
+            "select_ws_first": SELECT_WS_FIRST,
+            "select_ws_last": SELECT_WS_LAST,
+            "count_ws_persons": COUNT_WS_PERSONS,
+            "select_workspaces": SELECT_WORKSPACES,
+            "select_workspace": SELECT_WORKSPACE,
+            "delete_day": DELETE_DAY,
+            "select_day_rows": SELECT_DAY_ROWS,
+            "drop_outbox_row": DROP_OUTBOX_ROW,
+            "delete_day_by_name": DELETE_DAY_BY_NAME,
+            "delete_hours": DELETE_HOURS,
+            "delete_index": DELETE_INDEX,
+            "index_claim": INDEX_CLAIM,
+            "select_person_claims": SELECT_PERSON_CLAIMS,
             "drop_person_claims": DROP_PERSON_CLAIMS,
-            "set_rate_limit": SET_RATE_LIMIT, "delete_rate_limit": DELETE_RATE_LIMIT,
+            "set_rate_limit": SET_RATE_LIMIT,
+            "delete_rate_limit": DELETE_RATE_LIMIT,
             "select_rate_limit": SELECT_RATE_LIMIT,
-            "insert_key_by_hash": INSERT_KEY_BY_HASH, "select_key_by_hash": SELECT_KEY_BY_HASH,
-            "select_key": SELECT_KEY, "select_keys": SELECT_KEYS,
-            "revoke_key": REVOKE_KEY, "revoke_key_by_hash": REVOKE_KEY_BY_HASH,
-            "insert_outbox": INSERT_OUTBOX, "select_outbox": SELECT_OUTBOX,
-            "select_feed_checkpoints": SELECT_FEED_CHECKPOINTS, "save_feed_checkpoint": SAVE_FEED_CHECKPOINT,
+            "insert_key_by_hash": INSERT_KEY_BY_HASH,
+            "select_key_by_hash": SELECT_KEY_BY_HASH,
+            "select_key": SELECT_KEY,
+            "select_keys": SELECT_KEYS,
+            "revoke_key": REVOKE_KEY,
+            "revoke_key_by_hash": REVOKE_KEY_BY_HASH,
+            "insert_outbox": INSERT_OUTBOX,
+            "select_outbox": SELECT_OUTBOX,
+            "select_feed_checkpoints": SELECT_FEED_CHECKPOINTS,
+            "save_feed_checkpoint": SAVE_FEED_CHECKPOINT,
             "select_feed_lease": SELECT_FEED_LEASE,
         }
         # Lightweight transactions report whether *this* attempt applied: a retry
@@ -894,9 +968,13 @@ class CassandraStore(Store):
         # _claim takes a claim holding its own event id as won, so the driver may
         # retry it and send it again to the next host (speculative execution).
         idempotent["claim_message"] = CLAIM_MESSAGE
-        not_idempotent = {"insert_workspace": INSERT_WORKSPACE, "insert_key": INSERT_KEY,
-                          "drop_claim": DROP_CLAIM,
-                          "take_feed_lease": TAKE_FEED_LEASE, "renew_feed_lease": RENEW_FEED_LEASE}
+        not_idempotent = {
+            "insert_workspace": INSERT_WORKSPACE,
+            "insert_key": INSERT_KEY,
+            "drop_claim": DROP_CLAIM,
+            "take_feed_lease": TAKE_FEED_LEASE,
+            "renew_feed_lease": RENEW_FEED_LEASE,
+        }
         for names, is_idempotent in ((idempotent, True), (not_idempotent, False)):
             for name, cql in names.items():
                 ps = session.prepare(cql)
@@ -936,8 +1014,14 @@ class CassandraStore(Store):
             raise StoreUnavailable("the cassandra store is not open")
         return self._session
 
-    async def _page(self, statement: Any, params: Sequence[Any] | None = None, *,
-                    fetch_size: int | None = None, paging_state: bytes | None = None) -> tuple[list, bytes | None]:
+    async def _page(
+        self,
+        statement: Any,
+        params: Sequence[Any] | None = None,
+        *,
+        fetch_size: int | None = None,
+        paging_state: bytes | None = None,
+    ) -> tuple[list, bytes | None]:
         """One page of a statement's result, awaited without blocking the loop.
 
         The driver completes requests on its own I/O thread; the callback only
@@ -1028,8 +1112,9 @@ class CassandraStore(Store):
             firsts = [events[indexes[0]] for indexes in claims.values()]
             # Indexed by person before they are claimed: a claim is never out of a deletion's reach.
             index = self._ps["index_claim"]
-            await self._write_partitions([
-                [(index, (e.workspace_id, e.person_id, e.message_id, self._claim_ttl(e)), MARK_BYTES)] for e in firsts])
+            await self._write_partitions(
+                [[(index, (e.workspace_id, e.person_id, e.message_id, self._claim_ttl(e)), MARK_BYTES)] for e in firsts]
+            )
             originals = await self._gather(self._claim(e) for e in firsts)
             for e, original, indexes in zip(firsts, originals, claims.values(), strict=True):
                 writes[original.event_id] = original
@@ -1041,16 +1126,36 @@ class CassandraStore(Store):
     async def _claim(self, e: StoredEvent) -> StoredEvent:
         """Claim e's message_id (a lightweight transaction): e when it won, else
         the event that holds the claim."""
-        rows = await self._execute("claim_message", (
-            e.workspace_id, e.message_id, e.event_id, e.person_id, e.external_id, e.event, e.parameters,
-            e.timestamp_us, e.created_at_us, self._claim_ttl(e)))
+        rows = await self._execute(
+            "claim_message",
+            (
+                e.workspace_id,
+                e.message_id,
+                e.event_id,
+                e.person_id,
+                e.external_id,
+                e.event,
+                e.parameters,
+                e.timestamp_us,
+                e.created_at_us,
+                self._claim_ttl(e),
+            ),
+        )
         row = rows[0]
         # A retried claim may find its own first attempt (same event_id): then it won.
         if row[0] or row.event_id == e.event_id:
             return e
-        return StoredEvent(event_id=row.event_id, workspace_id=e.workspace_id, person_id=row.person_id,
-                           external_id=row.external_id, event=row.event, parameters=row.parameters,
-                           timestamp_us=row.ts, created_at_us=row.created_at, message_id=e.message_id)
+        return StoredEvent(
+            event_id=row.event_id,
+            workspace_id=e.workspace_id,
+            person_id=row.person_id,
+            external_id=row.external_id,
+            event=row.event,
+            parameters=row.parameters,
+            timestamp_us=row.ts,
+            created_at_us=row.created_at,
+            message_id=e.message_id,
+        )
 
     def _claim_ttl(self, e: StoredEvent) -> int:
         """A claim lasts the window from the time the event was received."""
@@ -1074,34 +1179,89 @@ class CassandraStore(Store):
                 person_keys = keys[person] = {(ALL_EVENTS, SUMMARY_BUCKET)}
             person_keys.update(((ALL_EVENTS, b), (e.event, b), (e.event, SUMMARY_BUCKET)))
             hour = e.timestamp_us - e.timestamp_us % HOUR_US
-            rows[("workspace_events", e.workspace_id, hour)].append((insert_ws_event, (
-                e.workspace_id, hour, e.event, e.timestamp_us, e.event_id), WS_ROW_BYTES + len(e.event)))
+            rows[("workspace_events", e.workspace_id, hour)].append(
+                (
+                    insert_ws_event,
+                    (e.workspace_id, hour, e.event, e.timestamp_us, e.event_id),
+                    WS_ROW_BYTES + len(e.event),
+                )
+            )
             for grain, bucket in ((HOUR_US, hour), (BUCKET_US, b * BUCKET_US)):
                 for key in (ALL_EVENTS, e.event):
                     ws_keys[e.workspace_id].add((grain, bucket, key))
                     if (person_row := (e.workspace_id, grain, bucket, key, e.person_id)) not in ws_persons:
                         ws_persons.add(person_row)
                         rows[("workspace_persons", e.workspace_id, grain, bucket)].append(
-                            (insert_ws_person, person_row, WS_ROW_BYTES + len(key)))
+                            (insert_ws_person, person_row, WS_ROW_BYTES + len(key))
+                        )
             size = len(e.parameters) + len(e.external_id) + len(e.event) + 96
             ttl = self._ttl(b)
-            rows[(*person, "", b)].append((insert, (
-                e.workspace_id, e.person_id, b, e.timestamp_us, e.event_id, e.event, e.external_id,
-                e.parameters, e.created_at_us, ttl), size))
-            rows[(*person, e.event, b)].append((insert_by_name, (
-                e.workspace_id, e.person_id, e.event, b, e.timestamp_us, e.event_id, e.external_id,
-                e.parameters, e.created_at_us, ttl), size))
+            rows[(*person, "", b)].append(
+                (
+                    insert,
+                    (
+                        e.workspace_id,
+                        e.person_id,
+                        b,
+                        e.timestamp_us,
+                        e.event_id,
+                        e.event,
+                        e.external_id,
+                        e.parameters,
+                        e.created_at_us,
+                        ttl,
+                    ),
+                    size,
+                )
+            )
+            rows[(*person, e.event, b)].append(
+                (
+                    insert_by_name,
+                    (
+                        e.workspace_id,
+                        e.person_id,
+                        e.event,
+                        b,
+                        e.timestamp_us,
+                        e.event_id,
+                        e.external_id,
+                        e.parameters,
+                        e.created_at_us,
+                        ttl,
+                    ),
+                    size,
+                )
+            )
             shard, minute = outbox_partition(e)
-            rows[("feed_outbox", shard, minute)].append((insert_outbox, (
-                shard, minute, e.event_id, e.workspace_id, e.person_id, e.external_id, e.event, e.parameters,
-                e.timestamp_us, e.created_at_us), size))
+            rows[("feed_outbox", shard, minute)].append(
+                (
+                    insert_outbox,
+                    (
+                        shard,
+                        minute,
+                        e.event_id,
+                        e.workspace_id,
+                        e.person_id,
+                        e.external_id,
+                        e.event,
+                        e.parameters,
+                        e.timestamp_us,
+                        e.created_at_us,
+                    ),
+                    size,
+                )
+            )
         # Shielded: a caller that gives up (a deadline) must not abandon the end marks.
         work = asyncio.ensure_future(self._append(keys, ws_keys, list(rows.values())))
         work.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
         await asyncio.shield(work)
 
-    async def _append(self, keys: dict[tuple[str, str], set[tuple[str, int]]],
-                      ws_keys: dict[str, set[tuple[int, int, str]]], rows: list[list[_Write]]) -> None:
+    async def _append(
+        self,
+        keys: dict[tuple[str, str], set[tuple[str, int]]],
+        ws_keys: dict[str, set[tuple[int, int, str]]],
+        rows: list[list[_Write]],
+    ) -> None:
         # 1. Dirty before any row can land, for long enough to outlive a failed write.
         w0 = now_us()
         await self._write_partitions(self._marks(keys, ws_keys, stamp=w0, value=w0 + SETTLE_US))
@@ -1122,16 +1282,24 @@ class CassandraStore(Store):
                 pass  # unreachable too: step 1 still keeps these days dirty
             raise
 
-    def _marks(self, keys: dict[tuple[str, str], set[tuple[str, int]]],
-               ws_keys: dict[str, set[tuple[int, int, str]]] | None = None, *,
-               stamp: int, value: int) -> list[list[_Write]]:
+    def _marks(
+        self,
+        keys: dict[tuple[str, str], set[tuple[str, int]]],
+        ws_keys: dict[str, set[tuple[int, int, str]]] | None = None,
+        *,
+        stamp: int,
+        value: int,
+    ) -> list[list[_Write]]:
         """The written_at marks of each person's days (one partition per person)
         and of each workspace's hours and days (one partition per workspace and grain)."""
         ps = self._ps["mark_written"]
-        marks = [[(ps, (stamp, self._ttl(bucket), value, workspace_id, person_id, key, bucket),
-                   MARK_BYTES + len(key))
-                  for key, bucket in sorted(person_keys)]
-                 for (workspace_id, person_id), person_keys in keys.items()]
+        marks = [
+            [
+                (ps, (stamp, self._ttl(bucket), value, workspace_id, person_id, key, bucket), MARK_BYTES + len(key))
+                for key, bucket in sorted(person_keys)
+            ]
+            for (workspace_id, person_id), person_keys in keys.items()
+        ]
         ws_ps = self._ps["mark_ws_written"]
         for workspace_id, buckets in (ws_keys or {}).items():
             by_grain: dict[int, list[_Write]] = defaultdict(list)
@@ -1150,8 +1318,9 @@ class CassandraStore(Store):
             bucket = bucket_of(now_us())
         return max(1, -(-(retention_expiry(bucket, days) - now_us()) // 1_000_000))
 
-    async def _mark(self, workspace_id: str, person_id: str, keys: set[tuple[str, int]], *,
-                    stamp: int, value: int) -> None:
+    async def _mark(
+        self, workspace_id: str, person_id: str, keys: set[tuple[str, int]], *, stamp: int, value: int
+    ) -> None:
         await self._write_partitions(self._marks({(workspace_id, person_id): keys}, stamp=stamp, value=value))
 
     async def _write_partitions(self, partitions: list[list[_Write]]) -> None:
@@ -1171,11 +1340,14 @@ class CassandraStore(Store):
             bound = [ps.bind(params) for ps, params, _ in partition]
             size = sum(item[2] for item in partition)
             if size > MAX_SHARED_BATCH_BYTES:
-                requests.extend([b for b, _ in chunk] for chunk in _chunks(list(zip(bound, partition))))
+                requests.extend([b for b, _ in chunk] for chunk in _chunks(list(zip(bound, partition, strict=True))))
                 continue
             routing_key = bound[0].routing_key  # None without table metadata: then one group for all
-            replicas = frozenset(metadata.get_replicas(self.keyspace, routing_key)
-                                 if metadata is not None and routing_key is not None else ())
+            replicas = frozenset(
+                metadata.get_replicas(self.keyspace, routing_key)
+                if metadata is not None and routing_key is not None
+                else ()
+            )
             batch = open_batches.get(replicas)
             if batch is None or not batch.fits(size):
                 batch = open_batches[replicas] = _SharedBatch()
@@ -1199,20 +1371,27 @@ class CassandraStore(Store):
 
     # The feed's outbox (service/feed/cassandra_outbox.py) ------------------------
 
-    async def outbox_rows(self, shard: int, minute: int, after_id: str, through_id: str,
-                          limit: int) -> list[StoredEvent]:
+    async def outbox_rows(
+        self, shard: int, minute: int, after_id: str, through_id: str, limit: int
+    ) -> list[StoredEvent]:
         """The outbox rows of one partition with after_id < event_id <= through_id, by event id."""
         rows = await self._execute("select_outbox", (shard, minute, after_id, through_id, limit))
-        return [StoredEvent(r.event_id, r.workspace_id, r.person_id, r.external_id, r.event, r.parameters, r.ts,
-                            r.created_at) for r in rows]
+        return [
+            StoredEvent(
+                r.event_id, r.workspace_id, r.person_id, r.external_id, r.event, r.parameters, r.ts, r.created_at
+            )
+            for r in rows
+        ]
 
     async def feed_checkpoints(self, name: str) -> dict[int, tuple[int, str]]:
         """shard -> (minute, event id) of the last position saved for the feed ``name``."""
         return {r.shard: (r.minute, r.event_id) for r in await self._execute("select_feed_checkpoints", (name,))}
 
     async def save_feed_checkpoints(self, name: str, positions: dict[int, tuple[int, str]]) -> None:
-        await self._gather(self._execute("save_feed_checkpoint", (minute, event_id, name, shard))
-                           for shard, (minute, event_id) in positions.items())
+        await self._gather(
+            self._execute("save_feed_checkpoint", (minute, event_id, name, shard))
+            for shard, (minute, event_id) in positions.items()
+        )
 
     async def hold_feed_lease(self, name: str, owner: str, ttl_s: int, held: bool) -> bool:
         """Take the lease (``held`` False) or renew it (True); True when ``owner`` holds it now."""
@@ -1280,13 +1459,14 @@ class CassandraStore(Store):
             self.stats.index_rows += len(rows)
             days.extend(self._day(r, None, None) for r in rows)
         await self._count_dirty(pk, days)
-        total = sum(d.n for d in days)  # type: ignore[misc]
+        total = sum(d.n for d in days)
         if summary is None or started >= (summary.written_at or 0):
             self._write_back(pk, SUMMARY_BUCKET, total, started)
         return total, days
 
-    async def _window(self, q: EventQuery, pk: tuple[str, str, str]
-                      ) -> tuple[int, list[_Bucket], tuple[_Bucket, list[StoredEvent]] | None]:
+    async def _window(
+        self, q: EventQuery, pk: tuple[str, str, str]
+    ) -> tuple[int, list[_Bucket], tuple[_Bucket, list[StoredEvent]] | None]:
         """The days of a since/until window with exact counts, and, without an
         offset, the newest day's page, read while the edge and dirty days are
         counted (it does not depend on the counts): one round trip less."""
@@ -1295,22 +1475,29 @@ class CassandraStore(Store):
         hi = SUMMARY_BUCKET - 1 if until_us is None else bucket_of(until_us - 1)
         # The past days the window cuts: their hour counts are read alongside the index.
         today = bucket_of(now_us())
-        edges = sorted({day for day, edge in ((lo, since_us), (hi, until_us))
-                        if edge is not None and edge % BUCKET_US and day < today})
-        rows, *edge_hours = await self._gather([
-            self._all(self._ps["select_bucket_range"], (*pk, lo, hi), fetch_size=INDEX_PAGE),
-            *(self._hours(pk, day) for day in edges),
-        ])
+        edges = sorted(
+            {
+                day
+                for day, edge in ((lo, since_us), (hi, until_us))
+                if edge is not None and edge % BUCKET_US and day < today
+            }
+        )
+        rows, *edge_hours = await self._gather(
+            [
+                self._all(self._ps["select_bucket_range"], (*pk, lo, hi), fetch_size=INDEX_PAGE),
+                *(self._hours(pk, day) for day in edges),
+            ]
+        )
         self.stats.index_rows += len(rows)
-        hours = dict(zip(edges, edge_hours))
+        hours = cast(dict[int, dict[int, tuple[int, int]]], dict(zip(edges, edge_hours, strict=True)))
         days = [self._day(r, since_us, until_us, hours.get(r.bucket)) for r in rows]
         if days and q.offset == 0 and q.after is None:
             _, newest_page = await self._gather([self._count_dirty(pk, days), self._read_day(q, days[0], 0, q.limit)])
-            prefetched = (days[0], newest_page)
+            prefetched = (days[0], cast(list[StoredEvent], newest_page))
         else:
             await self._count_dirty(pk, days)
             prefetched = None
-        return sum(d.n for d in days), days, prefetched  # type: ignore[misc]
+        return sum(d.n or 0 for d in days), days, prefetched
 
     async def _hours(self, pk: tuple[str, str, str], bucket: int) -> dict[int, tuple[int, int]]:
         """The stored hour counts of a day: hour -> (n, counted_at), trusted or not."""
@@ -1319,8 +1506,9 @@ class CassandraStore(Store):
         return {r.hour: (r.n, r.counted_at) for r in rows if r.n is not None and r.counted_at is not None}
 
     @staticmethod
-    def _day(row: Any, since_us: int | None, until_us: int | None,
-             hours: dict[int, tuple[int, int]] | None = None) -> _Bucket:
+    def _day(
+        row: Any, since_us: int | None, until_us: int | None, hours: dict[int, tuple[int, int]] | None = None
+    ) -> _Bucket:
         start, end = row.bucket * BUCKET_US, (row.bucket + 1) * BUCKET_US
         whole = (since_us is None or since_us <= start) and (until_us is None or until_us >= end)
         if not whole:
@@ -1328,11 +1516,20 @@ class CassandraStore(Store):
             end = end if until_us is None else min(end, until_us)
         clean = _clean(row)
         n = row.n if whole and clean else None
-        return _Bucket(row.bucket, n, row.written_at or 0, start, end, whole, None if whole or not clean else row.n,
-                       None if whole else hours)
+        return _Bucket(
+            row.bucket,
+            n,
+            row.written_at or 0,
+            start,
+            end,
+            whole,
+            None if whole or not clean else row.n,
+            None if whole else hours,
+        )
 
-    async def _count_dirty(self, pk: tuple[str, str, str], days: list[_Bucket], *,
-                           until_covered: int | None = None) -> None:
+    async def _count_dirty(
+        self, pk: tuple[str, str, str], days: list[_Bucket], *, until_covered: int | None = None
+    ) -> None:
         """Give every day that lacks a trusted count (dirty, or cut by the window)
         its exact count; with ``until_covered``, only the newest days needed to
         cover that many rows."""
@@ -1349,7 +1546,7 @@ class CassandraStore(Store):
             if not todo:
                 return
             counts = await self._gather(self._count(pk, d) for d in todo)
-            for d, (n, started) in zip(todo, counts):
+            for d, (n, started) in zip(todo, counts, strict=True):
                 d.n = n
                 if d.whole and started >= d.written_at:
                     self._write_back(pk, d.bucket, n, started)
@@ -1368,8 +1565,7 @@ class CassandraStore(Store):
             return d.day_n - sum(excluded), started
         return await self._count_part(pk, d, d.start_us, d.end_us, started), started
 
-    async def _count_part(self, pk: tuple[str, str, str], d: _Bucket, start_us: int, end_us: int,
-                          started: int) -> int:
+    async def _count_part(self, pk: tuple[str, str, str], d: _Bucket, start_us: int, end_us: int, started: int) -> int:
         """The exact count of [start_us, end_us) within day ``d``. On a past edge day
         that is not dirty, whole hours come from their stored counts where trusted
         (or are counted and stored), and only the cut hours at either end are
@@ -1377,8 +1573,11 @@ class CassandraStore(Store):
         first, last = -(-start_us // HOUR_US), end_us // HOUR_US  # the whole hours inside: [first, last)
         if d.hours is None or d.written_at > started or first >= last:
             return await self._count_range(pk, d.bucket, start_us, end_us)
-        counts = [self._count_range(pk, d.bucket, a, b)
-                  for a, b in ((start_us, first * HOUR_US), (last * HOUR_US, end_us)) if a < b]
+        counts = [
+            self._count_range(pk, d.bucket, a, b)
+            for a, b in ((start_us, first * HOUR_US), (last * HOUR_US, end_us))
+            if a < b
+        ]
         known = 0
         midnight = d.bucket * (BUCKET_US // HOUR_US)  # in hours since the epoch
         for hour in range(first - midnight, last - midnight):
@@ -1403,19 +1602,22 @@ class CassandraStore(Store):
         if event_key == ALL_EVENTS:
             rows = await self._execute("count_events", (workspace_id, person_id, bucket, start_us, end_us))
         else:
-            rows = await self._execute("count_events_by_name",
-                                       (workspace_id, person_id, event_key, bucket, start_us, end_us))
+            rows = await self._execute(
+                "count_events_by_name", (workspace_id, person_id, event_key, bucket, start_us, end_us)
+            )
         return rows[0][0]
 
-    def _write_back(self, pk: tuple[str, str, str], bucket: int, n: int, started: int, *,
-                    hour: int | None = None) -> None:
+    def _write_back(
+        self, pk: tuple[str, str, str], bucket: int, n: int, started: int, *, hour: int | None = None
+    ) -> None:
         """Store a count (of a day, or of one hour of it) for the next reader, in the
         background; one per bucket and hour at a time."""
         if hour is None:
             self._save_count((*pk, bucket, hour), "save_count", (started, self._ttl(bucket), n, started, *pk, bucket))
         else:
-            self._save_count((*pk, bucket, hour), "save_hour_count",
-                             (started, self._ttl(bucket), n, started, *pk, bucket, hour))
+            self._save_count(
+                (*pk, bucket, hour), "save_hour_count", (started, self._ttl(bucket), n, started, *pk, bucket, hour)
+            )
 
     def _save_count(self, key: tuple, statement: str, params: tuple) -> None:
         """Run a count's write-back in the background, one per ``key`` at a time."""
@@ -1445,8 +1647,13 @@ class CassandraStore(Store):
 
         future.add_callbacks(forget, failed)
 
-    async def _read_page(self, q: EventQuery, days: list[_Bucket], total: int,
-                         prefetched: tuple[_Bucket, list[StoredEvent]] | None = None) -> list[StoredEvent]:
+    async def _read_page(
+        self,
+        q: EventQuery,
+        days: list[_Bucket],
+        total: int,
+        prefetched: tuple[_Bucket, list[StoredEvent]] | None = None,
+    ) -> list[StoredEvent]:
         """Skip whole days by their counts, then read just the rows of the page
         (a day whose first rows were already read is not read again)."""
         skip, remaining = q.offset, min(q.limit, max(total - q.offset, 0))
@@ -1473,8 +1680,9 @@ class CassandraStore(Store):
         return [e for page in pages for e in page]
 
     async def _read_day(self, q: EventQuery, d: _Bucket, skip: int, take: int) -> list[StoredEvent]:
-        return await self._read_rows(q, "select_events", "select_events_by_name", (d.bucket, d.start_us, d.end_us),
-                                     skip + take, skip=skip)
+        return await self._read_rows(
+            q, "select_events", "select_events_by_name", (d.bucket, d.start_us, d.end_us), skip + take, skip=skip
+        )
 
     async def _total(self, q: EventQuery, pk: tuple[str, str, str]) -> int:
         """The exact count of the listing's events (a cursor page reads no days for it)."""
@@ -1506,19 +1714,30 @@ class CassandraStore(Store):
                 start = start if q.since_us is None else max(start, q.since_us)
                 end = end if q.until_us is None else min(end, q.until_us)
                 if start <= after_ts < end:
-                    out += await self._read_rows(q, "select_events_at", "select_events_by_name_at",
-                                                 (r.bucket, after_ts, after_id), want - len(out))
+                    out += await self._read_rows(
+                        q,
+                        "select_events_at",
+                        "select_events_by_name_at",
+                        (r.bucket, after_ts, after_id),
+                        want - len(out),
+                    )
                 if len(out) < want and start < min(end, after_ts):
-                    out += await self._read_rows(q, "select_events", "select_events_by_name",
-                                                 (r.bucket, start, min(end, after_ts)), want - len(out))
+                    out += await self._read_rows(
+                        q,
+                        "select_events",
+                        "select_events_by_name",
+                        (r.bucket, start, min(end, after_ts)),
+                        want - len(out),
+                    )
                 if len(out) >= want:
-                    return out[:q.limit], True
+                    return out[: q.limit], True
             if state is None:
                 return out, False
             rows, state = await self._page(ps, (*pk, lo, hi), fetch_size=INDEX_PAGE, paging_state=state)
 
-    async def _read_rows(self, q: EventQuery, all_events: str, by_name: str, where: tuple,
-                         limit: int, *, skip: int = 0) -> list[StoredEvent]:
+    async def _read_rows(
+        self, q: EventQuery, all_events: str, by_name: str, where: tuple, limit: int, *, skip: int = 0
+    ) -> list[StoredEvent]:
         """Up to ``limit`` rows of one day's partition (``where``: the statement's
         values after the partition's person and event), the first ``skip`` dropped."""
         if q.event is None:
@@ -1531,8 +1750,9 @@ class CassandraStore(Store):
 
     # Aggregates ----------------------------------------------------------------
 
-    async def person_summary(self, workspace_id: str, person_id: str, since_us: int | None,
-                             until_us: int | None) -> list[NameStats]:
+    async def person_summary(
+        self, workspace_id: str, person_id: str, since_us: int | None, until_us: int | None
+    ) -> list[NameStats]:
         """One read of the person's index partition; per event name, its count
         from the whole-history row (no window, when clean) or its days (dirty and
         edge days counted, as for ``total``), and the first and last time from
@@ -1547,13 +1767,15 @@ class CassandraStore(Store):
         for r in rows:
             if r.event_key != ALL_EVENTS:
                 by_name[r.event_key].append(r)
-        stats = await self._gather(self._name_summary((workspace_id, person_id, event), event_rows, since_us,
-                                                      until_us, started)
-                                   for event, event_rows in by_name.items())
+        stats = await self._gather(
+            self._name_summary((workspace_id, person_id, event), event_rows, since_us, until_us, started)
+            for event, event_rows in by_name.items()
+        )
         return [s for s in stats if s is not None]
 
-    async def _name_summary(self, pk: tuple[str, str, str], rows: list[Any], since_us: int | None,
-                            until_us: int | None, started: int) -> NameStats | None:
+    async def _name_summary(
+        self, pk: tuple[str, str, str], rows: list[Any], since_us: int | None, until_us: int | None, started: int
+    ) -> NameStats | None:
         lo = MIN_BUCKET if since_us is None else bucket_of(since_us)
         hi = SUMMARY_BUCKET - 1 if until_us is None else bucket_of(until_us - 1)
         summary = next((r for r in rows if r.bucket == SUMMARY_BUCKET), None)
@@ -1568,8 +1790,9 @@ class CassandraStore(Store):
                 self._write_back(pk, SUMMARY_BUCKET, n, started)
         if not n:
             return None
-        last, first = await self._gather([self._end_ts(pk, days, "select_last_by_name"),
-                                          self._end_ts(pk, days[::-1], "select_first_by_name")])
+        last, first = await self._gather(
+            [self._end_ts(pk, days, "select_last_by_name"), self._end_ts(pk, days[::-1], "select_first_by_name")]
+        )
         if first is None or last is None:  # rows of a failed write counted, then gone: count again later
             return None
         return NameStats(pk[2], n, first, last)
@@ -1585,8 +1808,9 @@ class CassandraStore(Store):
                 return rows[0].ts
         return None
 
-    async def event_counts(self, workspace_id: str, event: str | None, interval_us: int, start_us: int,
-                           end_us: int) -> list[CountBucket]:
+    async def event_counts(
+        self, workspace_id: str, event: str | None, interval_us: int, start_us: int, end_us: int
+    ) -> list[CountBucket]:
         self._require_session()
         key = event or ALL_EVENTS
         started = now_us()
@@ -1601,25 +1825,36 @@ class CassandraStore(Store):
         lo = MIN_BUCKET if since_us is None else since_us
         hi = SUMMARY_BUCKET if until_us is None else until_us
         day_lo, day_hi = -(-lo // BUCKET_US) * BUCKET_US, hi // BUCKET_US * BUCKET_US
-        ranges = [(BUCKET_US, day_lo, day_hi), (HOUR_US, lo, day_lo), (HOUR_US, day_hi, hi)] if day_lo < day_hi \
+        ranges = (
+            [(BUCKET_US, day_lo, day_hi), (HOUR_US, lo, day_lo), (HOUR_US, day_hi, hi)]
+            if day_lo < day_hi
             else [(HOUR_US, lo, hi)]
+        )
         ranges = [(grain, a, b) for grain, a, b in ranges if a < b]
         row_lists = await self._gather(self._ws_buckets(workspace_id, grain, a, b) for grain, a, b in ranges)
-        named = [(grain, r) for (grain, _, _), rows in zip(ranges, row_lists, strict=True)
-                 for r in rows if r.event_key != ALL_EVENTS]
+        named = [
+            (grain, r)
+            for (grain, _, _), rows in zip(ranges, row_lists, strict=True)
+            for r in rows
+            if r.event_key != ALL_EVENTS
+        ]
         counts = await self._gather(self._ws_count(workspace_id, grain, r, started) for grain, r in named)
         stats: dict[str, NameStats] = {}
         for (_, r), (n, _, first, last) in zip(named, counts, strict=True):
             if not n:
                 continue
             have = stats.get(r.event_key)
-            stats[r.event_key] = NameStats(r.event_key, n, first, last) if have is None else NameStats(
-                r.event_key, have.count + n, min(have.first_us, first), max(have.last_us, last))
+            stats[r.event_key] = (
+                NameStats(r.event_key, n, first, last)
+                if have is None
+                else NameStats(r.event_key, have.count + n, min(have.first_us, first), max(have.last_us, last))
+            )
         return list(stats.values())
 
     async def _ws_buckets(self, workspace_id: str, grain: int, start_us: int, end_us: int) -> list[Any]:
-        rows = await self._all(self._ps["select_ws_buckets"], (workspace_id, grain, start_us, end_us),
-                               fetch_size=INDEX_PAGE)
+        rows = await self._all(
+            self._ps["select_ws_buckets"], (workspace_id, grain, start_us, end_us), fetch_size=INDEX_PAGE
+        )
         self.stats.index_rows += len(rows)
         return rows
 
@@ -1635,29 +1870,37 @@ class CassandraStore(Store):
         if grain == HOUR_US:
             self.stats.counts += 1
             if key == ALL_EVENTS:  # first and last are kept for event names only
-                n_rows, u_rows = await self._gather([self._execute("count_ws_events", (workspace_id, bucket)),
-                                                     persons])
+                n_rows, u_rows = await self._gather([self._execute("count_ws_events", (workspace_id, bucket)), persons])
                 first = last = 0
             else:
-                n_rows, u_rows, first_rows, last_rows = await self._gather([
-                    self._execute("count_ws_events_by_name", (workspace_id, bucket, key)), persons,
-                    self._execute("select_ws_first", (workspace_id, bucket, key)),
-                    self._execute("select_ws_last", (workspace_id, bucket, key))])
+                n_rows, u_rows, first_rows, last_rows = await self._gather(
+                    [
+                        self._execute("count_ws_events_by_name", (workspace_id, bucket, key)),
+                        persons,
+                        self._execute("select_ws_first", (workspace_id, bucket, key)),
+                        self._execute("select_ws_last", (workspace_id, bucket, key)),
+                    ]
+                )
                 first = first_rows[0].ts if first_rows else 0
                 last = last_rows[0].ts if last_rows else 0
             n, u = n_rows[0][0], u_rows[0][0]
         else:
-            hour_rows, u_rows = await self._gather([self._ws_buckets(workspace_id, HOUR_US, bucket, bucket + grain),
-                                                    persons])
+            hour_rows, u_rows = await self._gather(
+                [self._ws_buckets(workspace_id, HOUR_US, bucket, bucket + grain), persons]
+            )
             hours = [r for r in hour_rows if r.event_key == key]
-            counted = [c for c in await self._gather(self._ws_count(workspace_id, HOUR_US, r, started) for r in hours)
-                       if c[0]]
+            counted = [
+                c for c in await self._gather(self._ws_count(workspace_id, HOUR_US, r, started) for r in hours) if c[0]
+            ]
             n, u = sum(c[0] for c in counted), u_rows[0][0]
             first = min((c[2] for c in counted), default=0)
             last = max((c[3] for c in counted), default=0)
         if started >= (row.written_at or 0):
-            self._save_count((workspace_id, grain, bucket, key), "save_ws_count",
-                             (started, n, u, first, last, started, workspace_id, grain, bucket, key))
+            self._save_count(
+                (workspace_id, grain, bucket, key),
+                "save_ws_count",
+                (started, n, u, first, last, started, workspace_id, grain, bucket, key),
+            )
         return n, u, first, last
 
     # Workspaces and keys --------------------------------------------------------
@@ -1696,19 +1939,30 @@ class CassandraStore(Store):
         days = sorted({bucket for key, bucket in keys if key == ALL_EVENTS})
         # The rows of each day: their count is the answer, and the feed's outbox rows of
         # those still in it (written in the last OUTBOX_TTL_S) go before they are published.
-        rows = [r for day_rows in await self._gather(
-            self._all(self._ps["select_day_rows"], (*person, day), fetch_size=INDEX_PAGE) for day in days)
-            for r in day_rows]
+        rows = [
+            r
+            for day_rows in await self._gather(
+                self._all(self._ps["select_day_rows"], (*person, day), fetch_size=INDEX_PAGE) for day in days
+            )
+            for r in day_rows
+        ]
         shard, in_outbox = outbox_shard(workspace_id, person_id), stamp - OUTBOX_TTL_S * 1_000_000
         await self._gather(
             self._execute("drop_outbox_row", (stamp, shard, r.created_at // OUTBOX_MINUTE_US, r.event_id))
-            for r in rows if r.created_at >= in_outbox)
-        await self._gather([
-            *(self._execute("delete_day", (stamp, *person, day)) for day in days),
-            *(self._execute("delete_day_by_name", (stamp, *person, key, day))
-              for key, day in keys if key != ALL_EVENTS),
-            *(self._execute("delete_hours", (stamp, *person, key, day)) for key, day in keys),
-        ])
+            for r in rows
+            if r.created_at >= in_outbox
+        )
+        await self._gather(
+            [
+                *(self._execute("delete_day", (stamp, *person, day)) for day in days),
+                *(
+                    self._execute("delete_day_by_name", (stamp, *person, key, day))
+                    for key, day in keys
+                    if key != ALL_EVENTS
+                ),
+                *(self._execute("delete_hours", (stamp, *person, key, day)) for key, day in keys),
+            ]
+        )
         if index:
             await self._execute("delete_index", (stamp, *person))
         return len(rows)
@@ -1732,12 +1986,14 @@ class CassandraStore(Store):
         scopes = " ".join(sorted(key.scopes))
         # The insert by id claims the key id (a lightweight transaction); only then
         # is the key made usable by its hash. A retried put_key finds its own row.
-        rows = await self._execute("insert_key",
-                                   (key.key_id, key.key_hash, key.workspace_id, scopes, key.created_at_us))
+        rows = await self._execute(
+            "insert_key", (key.key_id, key.key_hash, key.workspace_id, scopes, key.created_at_us)
+        )
         if not rows[0][0] and rows[0].key_hash != key.key_hash:
             raise ValueError(f"key id {key.key_id!r} is taken")
-        await self._execute("insert_key_by_hash",
-                            (key.key_hash, key.key_id, key.workspace_id, scopes, key.created_at_us))
+        await self._execute(
+            "insert_key_by_hash", (key.key_hash, key.key_id, key.workspace_id, scopes, key.created_at_us)
+        )
         if key.revoked_at_us is not None:
             await self.revoke_key(key.key_id, key.revoked_at_us)
 
@@ -1757,10 +2013,12 @@ class CassandraStore(Store):
         row = rows[0]
         if row.revoked_at is not None:
             return True  # the first revocation time stays
-        await self._gather([
-            self._execute("revoke_key_by_hash", (revoked_at_us, row.key_hash)),
-            self._execute("revoke_key", (revoked_at_us, key_id)),
-        ])
+        await self._gather(
+            [
+                self._execute("revoke_key_by_hash", (revoked_at_us, row.key_hash)),
+                self._execute("revoke_key", (revoked_at_us, key_id)),
+            ]
+        )
         return True
 
 
@@ -1794,13 +2052,27 @@ def _chunks(items: list[tuple[BoundStatement, _Write]]) -> Iterable[list[tuple[B
 
 
 def _events(q: EventQuery, rows: list) -> list[StoredEvent]:
-    return [StoredEvent(event_id=r.event_id, workspace_id=q.workspace_id, person_id=q.person_id,
-                        external_id=r.external_id, event=r.event, parameters=r.parameters,
-                        timestamp_us=r.ts, created_at_us=r.created_at)
-            for r in rows]
+    return [
+        StoredEvent(
+            event_id=r.event_id,
+            workspace_id=q.workspace_id,
+            person_id=q.person_id,
+            external_id=r.external_id,
+            event=r.event,
+            parameters=r.parameters,
+            timestamp_us=r.ts,
+            created_at_us=r.created_at,
+        )
+        for r in rows
+    ]
 
 
 def _key(row: Any) -> ApiKeyRecord:
-    return ApiKeyRecord(row.key_id, row.key_hash, row.workspace_id, frozenset((row.scopes or "").split()),
-                        row.created_at, row.revoked_at)
-
+    return ApiKeyRecord(
+        row.key_id,
+        row.key_hash,
+        row.workspace_id,
+        frozenset((row.scopes or "").split()),
+        row.created_at,
+        row.revoked_at,
+    )

@@ -88,14 +88,17 @@ class _SqliteReads(Store):
     async def list_events(self, query: EventQuery) -> EventPage:
         return await self._run(lambda conn: engine.list_events(conn, query))
 
-    async def person_summary(self, workspace_id: str, person_id: str, since_us: int | None,
-                             until_us: int | None) -> list[NameStats]:
+    async def person_summary(
+        self, workspace_id: str, person_id: str, since_us: int | None, until_us: int | None
+    ) -> list[NameStats]:
         return await self._run(lambda conn: engine.person_summary(conn, workspace_id, person_id, since_us, until_us))
 
-    async def event_counts(self, workspace_id: str, event: str | None, interval_us: int, start_us: int,
-                           end_us: int) -> list[CountBucket]:
+    async def event_counts(
+        self, workspace_id: str, event: str | None, interval_us: int, start_us: int, end_us: int
+    ) -> list[CountBucket]:
         return await self._run(
-            lambda conn: engine.event_counts(conn, workspace_id, event, interval_us, start_us, end_us))
+            lambda conn: engine.event_counts(conn, workspace_id, event, interval_us, start_us, end_us)
+        )
 
     async def event_names(self, workspace_id: str, since_us: int | None, until_us: int | None) -> list[NameStats]:
         return await self._run(lambda conn: engine.event_names(conn, workspace_id, since_us, until_us))
@@ -103,8 +106,9 @@ class _SqliteReads(Store):
     async def delete_person(self, workspace_id: str, person_id: str) -> int:
         if self._removals is None:
             raise StoreUnavailable("the store is closed")
-        return await self._run(lambda conn: engine.delete_person(conn, workspace_id, person_id, self.db.tuning),
-                               self._removals)
+        return await self._run(
+            lambda conn: engine.delete_person(conn, workspace_id, person_id, self.db.tuning), self._removals
+        )
 
     async def ensure_workspace(self, workspace_id: str, created_at_us: int) -> bool:
         return await self._run(lambda conn: engine.ensure_workspace(conn, workspace_id, created_at_us))
@@ -139,9 +143,16 @@ def _settle_all(waiters: list[tuple[asyncio.Future, list[Original | None]]], err
 class SqliteStore(_SqliteReads):
     """The embedded store: appends are committed on this store's own writer thread."""
 
-    def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000,
-                 tuning: Tuning | None = None, dedup_window_s: int = dedup_window_seconds(None),
-                 retention_days: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout_ms: int = 10_000,
+        tuning: Tuning | None = None,
+        dedup_window_s: int = dedup_window_seconds(None),
+        retention_days: int | None = None,
+    ) -> None:
         super().__init__(SqliteFile(path, synchronous, busy_timeout_ms, tuning or Tuning(), dedup_window_s))
         self.retention_days = retention_days
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
@@ -151,8 +162,14 @@ class SqliteStore(_SqliteReads):
     @classmethod
     def from_url(cls, url: str, tuning: Tuning | None = None, retention_days: int | None = None) -> SqliteStore:
         db = SqliteFile.from_url(url, tuning)
-        return cls(db.path, synchronous=db.synchronous, busy_timeout_ms=db.busy_timeout_ms, tuning=db.tuning,
-                   dedup_window_s=db.dedup_window_s, retention_days=retention_days)
+        return cls(
+            db.path,
+            synchronous=db.synchronous,
+            busy_timeout_ms=db.busy_timeout_ms,
+            tuning=db.tuning,
+            dedup_window_s=db.dedup_window_s,
+            retention_days=retention_days,
+        )
 
     async def open(self) -> None:
         """Create or migrate the schema, then start the writer and checkpointer threads."""
@@ -160,8 +177,9 @@ class SqliteStore(_SqliteReads):
         self._committer = GroupCommitter(self.db, self.retention_days)
         await asyncio.to_thread(self._committer.open)
         self._writes = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, args=(self._committer,), name="sqlite-writer",
-                                        daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(self._committer,), name="sqlite-writer", daemon=True
+        )
         self._writer.start()
 
     async def close(self) -> None:
@@ -230,8 +248,9 @@ class SqliteStore(_SqliteReads):
 class SqliteClientStore(_SqliteReads):
     """A worker's store: appends go to the writer process on ``writer_socket``; reads stay here."""
 
-    def __init__(self, path: str, writer_socket: str, *, synchronous: str = "NORMAL",
-                 busy_timeout_ms: int = 10_000) -> None:
+    def __init__(
+        self, path: str, writer_socket: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 10_000
+    ) -> None:
         super().__init__(SqliteFile(path, synchronous, busy_timeout_ms))
         self.writer_socket = writer_socket
         self._client: WriterClient | None = None

@@ -165,14 +165,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             FROM events ORDER BY rowid""",
         "DROP TABLE events",
         "ALTER TABLE events_v3 RENAME TO events",
-        *(f"""CREATE TABLE {table} (
+        *(
+            f"""CREATE TABLE {table} (
             person_key   INTEGER NOT NULL,
             ts           INTEGER NOT NULL,
             event_id     TEXT NOT NULL,
             event        TEXT NOT NULL,
             seq          INTEGER NOT NULL,
             PRIMARY KEY (person_key, ts, event_id)
-        ) WITHOUT ROWID""" for table in ("timeline", "recent")),
+        ) WITHOUT ROWID"""
+            for table in ("timeline", "recent")
+        ),
         """INSERT INTO timeline (person_key, ts, event_id, event, seq)
             SELECT person_key, ts, event_id, event, seq FROM events ORDER BY person_key, ts, event_id""",
     ),
@@ -198,11 +201,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # migrating connection (see migrate).
     5: (
         "ALTER TABLE events ADD COLUMN message_id TEXT",  # the client's id; NULL: none
-        *(f"""CREATE TABLE {table} (
+        *(
+            f"""CREATE TABLE {table} (
             claim_key    INTEGER PRIMARY KEY,  -- claim_key(workspace_id, message_id)
             seq          INTEGER NOT NULL,     -- the original's row in events
             created_at   INTEGER NOT NULL      -- when the original was received
-        )""" for table in CLAIM_TABLES),
+        )"""
+            for table in CLAIM_TABLES
+        ),
         "CREATE INDEX dedup_by_event ON dedup (event_id)",
         """UPDATE events SET message_id = d.message_id FROM dedup AS d WHERE d.event_id = events.event_id""",
         # Two ids of one hash (never seen): the first keeps the claim, the other's row is a stored event.
@@ -266,19 +272,25 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             SELECT DISTINCT p.workspace_id, k.event_key FROM persons AS p
             JOIN (SELECT DISTINCT person_key, event AS event_key FROM events
                   UNION SELECT DISTINCT person_key, '' FROM events) AS k ON k.person_key = p.person_key""",
-        *(f"""INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key)
+        *(
+            f"""INSERT OR IGNORE INTO series_persons (series_key, grain, bucket, person_key)
             SELECT s.series_key, {grain}, e.ts - ((e.ts % {grain}) + {grain}) % {grain}, e.person_key
             FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
             JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)"""
-          for grain in (HOUR_US, BUCKET_US)),
-        *(f"""INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts)
+            for grain in (HOUR_US, BUCKET_US)
+        ),
+        *(
+            f"""INSERT INTO series_counts (series_key, grain, bucket, n, u, first_ts, last_ts)
             SELECT s.series_key, {grain}, {bucket}, count(*), 0, min(e.ts), max(e.ts)
             FROM events AS e JOIN persons AS p ON p.person_key = e.person_key
             JOIN series AS s ON s.workspace_id = p.workspace_id AND s.event_key IN ('', e.event)
-            GROUP BY 1, 2, 3""" for grain, bucket in (
-              (HOUR_US, f"e.ts - ((e.ts % {HOUR_US}) + {HOUR_US}) % {HOUR_US}"),
-              (BUCKET_US, f"e.ts - ((e.ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}"),
-              (0, "0"))),
+            GROUP BY 1, 2, 3"""
+            for grain, bucket in (
+                (HOUR_US, f"e.ts - ((e.ts % {HOUR_US}) + {HOUR_US}) % {HOUR_US}"),
+                (BUCKET_US, f"e.ts - ((e.ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}"),
+                (0, "0"),
+            )
+        ),
         """UPDATE series_counts SET u = (
             SELECT count(*) FROM series_persons AS sp WHERE sp.series_key = series_counts.series_key
               AND sp.grain = series_counts.grain AND sp.bucket = series_counts.bucket)
@@ -319,8 +331,9 @@ COUNT_RECENT = "SELECT count(*) FROM recent"
 # also when a later row took its seq (its created_at differs).
 SELECT_CLAIMS = (
     "SELECT c.claim_key, c.created_at, p.workspace_id, e.message_id, e.event_id, p.person_id FROM ("
-    + " UNION ALL ".join(f"SELECT claim_key, seq, created_at FROM {t} WHERE claim_key IN ({{marks}})"
-                         for t in CLAIM_TABLES)
+    + " UNION ALL ".join(
+        f"SELECT claim_key, seq, created_at FROM {t} WHERE claim_key IN ({{marks}})" for t in CLAIM_TABLES
+    )
     + ") AS c JOIN events AS e ON e.seq = c.seq AND e.created_at = c.created_at"
     " JOIN persons AS p ON p.person_key = e.person_key"
 )
@@ -357,8 +370,11 @@ _BUCKET_SQL = f"(ts - ((ts % {BUCKET_US}) + {BUCKET_US}) % {BUCKET_US}) / {BUCKE
 MERGE_COUNTS = (
     "INSERT INTO bucket_counts (person_key, event_key, bucket, n, first_ts, last_ts)"
     " SELECT person_key, event_key, bucket, count(*), min(ts), max(ts) FROM ("
-    + " UNION ALL ".join(f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket, ts FROM recent"
-                         " WHERE person_key > ? AND person_key <= ?" for key in ("event", "''"))
+    + " UNION ALL ".join(
+        f"SELECT person_key, {key} AS event_key, {_BUCKET_SQL} AS bucket, ts FROM recent"
+        " WHERE person_key > ? AND person_key <= ?"
+        for key in ("event", "''")
+    )
     + ") WHERE true GROUP BY person_key, event_key, bucket"
     " ON CONFLICT (person_key, event_key, bucket) DO UPDATE SET n = n + excluded.n,"
     " first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)"
@@ -378,8 +394,9 @@ DROP_MERGED = "DELETE FROM recent WHERE person_key > ? AND person_key <= ?"
 TIMELINE_TABLES = ("timeline", "recent")
 SELECT_EVENTS = (
     "SELECT e.event_id, e.external_id, e.event, e.parameters, e.ts, e.created_at FROM ("
-    + " UNION ALL ".join(f"SELECT ts, event_id, seq FROM {t} WHERE person_key = :person{{filters}}"
-                         for t in TIMELINE_TABLES)
+    + " UNION ALL ".join(
+        f"SELECT ts, event_id, seq FROM {t} WHERE person_key = :person{{filters}}" for t in TIMELINE_TABLES
+    )
     + " ORDER BY ts DESC, event_id DESC LIMIT :limit OFFSET :offset) AS page"
     " JOIN events AS e ON e.seq = page.seq ORDER BY page.ts DESC, page.event_id DESC"
 )
@@ -424,8 +441,7 @@ SELECT_DAY_STATS = (
     " WHERE person_key = ? AND event_key != '' AND bucket >= ? AND bucket <= ?"
 )
 ENTRY_STATS = (
-    "SELECT event, count(*), min(ts), max(ts) FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ?"
-    " GROUP BY event"
+    "SELECT event, count(*), min(ts), max(ts) FROM {table} WHERE person_key = ? AND ts >= ? AND ts < ? GROUP BY event"
 )
 
 # Removals (a person's deletion, retention): a chunk of entries, then their counts, entries and rows.
@@ -458,8 +474,7 @@ SELECT_WORKSPACES = "SELECT workspace_id FROM workspaces ORDER BY workspace_id"
 SET_RATE_LIMIT = "UPDATE workspaces SET events_per_second = ?, burst = ? WHERE workspace_id = ?"
 SELECT_RATE_LIMIT = "SELECT events_per_second, burst FROM workspaces WHERE workspace_id = ?"
 INSERT_KEY = (
-    "INSERT INTO api_keys (key_id, key_hash, workspace_id, scopes, created_at, revoked_at)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO api_keys (key_id, key_hash, workspace_id, scopes, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)"
 )
 KEY_COLUMNS = "key_id, key_hash, workspace_id, scopes, created_at, revoked_at"
 SELECT_KEY_BY_HASH = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
@@ -554,17 +569,21 @@ class SqliteFile:
         params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         known = ("synchronous", "busy_timeout_ms", "dedup_window_days")
         if unknown := sorted(set(params) - set(known)):
-            raise ValueError(f"sqlite URL {url!r}: unknown parameter {', '.join(unknown)}"
-                             f" (known: {', '.join(known)})")
-        return cls(path, synchronous=params.get("synchronous", "NORMAL"),
-                   busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)), tuning=tuning or Tuning(),
-                   dedup_window_s=dedup_window_seconds(params.get("dedup_window_days")))
+            raise ValueError(f"sqlite URL {url!r}: unknown parameter {', '.join(unknown)} (known: {', '.join(known)})")
+        return cls(
+            path,
+            synchronous=params.get("synchronous", "NORMAL"),
+            busy_timeout_ms=int(params.get("busy_timeout_ms", 10_000)),
+            tuning=tuning or Tuning(),
+            dedup_window_s=dedup_window_seconds(params.get("dedup_window_days")),
+        )
 
     def connect(self) -> sqlite3.Connection:
         """A new connection (autocommit: every transaction is begun explicitly), usable from any thread."""
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
         # Only a new, empty file takes a page size (before WAL mode is set); an existing
         # database keeps its own. 16 KiB pages: a commit's scattered index inserts dirty
         # fewer pages, and the WAL takes fewer, larger writes.
@@ -667,7 +686,7 @@ def _values(rows: int, columns: int) -> str:
 
 def _chunks(items: list, size: int = ROWS_PER_STATEMENT):
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 class GroupCommitter:
@@ -780,8 +799,9 @@ class GroupCommitter:
             self.forget_persons()
         cached, series_cached = self._person_keys, self._series_keys
         missing = {p for e in events if (p := (e.workspace_id, e.person_id)) not in cached}
-        missing_series = {k for e in events for k in ((e.workspace_id, e.event), (e.workspace_id, ""))
-                          if k not in series_cached}
+        missing_series = {
+            k for e in events for k in ((e.workspace_id, e.event), (e.workspace_id, "")) if k not in series_cached
+        }
         statements = None if missing else self._statements(events, cached)
         aggregates = None if missing or missing_series else _aggregates(events, cached, series_cached)
         claims = any(e.message_id is not None for e in events)
@@ -804,12 +824,15 @@ class GroupCommitter:
             if claimed:
                 self._insert_claims(conn, claimed, last_seq)
                 claims_merge = self._merge_claims_if_due(conn, len(claimed))
-            conn.execute(EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000,
-                                         self._tuning.dedup_cleanup_rows))
+            conn.execute(
+                EXPIRE_CLAIMS, (now_us() - self.db.dedup_window_s * 1_000_000, self._tuning.dedup_cleanup_rows)
+            )
             conn.execute(STAGE_ENTRIES, (last_seq,))
-            written = _store_aggregates(conn, aggregates or _aggregates(events, {**cached, **new_keys},
-                                                                        {**series_cached, **new_series}),
-                                        self._known_persons)
+            written = _store_aggregates(
+                conn,
+                aggregates or _aggregates(events, {**cached, **new_keys}, {**series_cached, **new_series}),
+                self._known_persons,
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -827,21 +850,26 @@ class GroupCommitter:
             self._new_claims, self._claims_merge_from = claims_merge
         return results
 
-    def _claim_messages(self, conn: sqlite3.Connection,
-                        events: list[StoredEvent]) -> tuple[list[Original | None], dict[str, int]]:
+    def _claim_messages(
+        self, conn: sqlite3.Connection, events: list[StoredEvent]
+    ) -> tuple[list[Original | None], dict[str, int]]:
         """Per event, None when it is stored (it has no message_id, claims it, or
         its key is held by another message's live claim), else the original it
         duplicates: a live claim from before this group, or an earlier event of
         this group; and the claim keys of the claiming events, by event_id. Runs
         inside the commit's transaction."""
         window_us = self.db.dedup_window_s * 1_000_000
-        keys = {(e.workspace_id, e.message_id): claim_key(e.workspace_id, e.message_id)
-                for e in events if e.message_id is not None}
+        keys = {
+            (e.workspace_id, e.message_id): claim_key(e.workspace_id, e.message_id)
+            for e in events
+            if e.message_id is not None
+        }
         # claim key -> (workspace_id, message_id, event_id, person_id, created_at) of its original
         held: dict[int, tuple[str, str, str, str, int]] = {}
         for chunk in _chunks(sorted(set(keys.values()))):
             for key, created_at, workspace_id, message_id, event_id, person_id in conn.execute(
-                    SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), chunk * len(CLAIM_TABLES)):
+                SELECT_CLAIMS.format(marks=", ".join("?" * len(chunk))), chunk * len(CLAIM_TABLES)
+            ):
                 if key not in held or held[key][4] < created_at:  # staged: replaced an expired one
                     held[key] = (workspace_id, message_id, event_id, person_id, created_at)
         results: list[Original | None] = []
@@ -871,13 +899,14 @@ class GroupCommitter:
     @staticmethod
     def _insert_claims(conn: sqlite3.Connection, claimed: dict[str, int], last_seq: int) -> None:
         """The claims of this commit's claiming rows (seq above last_seq), in key order."""
-        rows = sorted((claimed[event_id], seq, created_at)
-                      for seq, event_id, created_at in conn.execute(SELECT_CLAIMING_ROWS, (last_seq,))
-                      if event_id in claimed)
+        rows = sorted(
+            (claimed[event_id], seq, created_at)
+            for seq, event_id, created_at in conn.execute(SELECT_CLAIMING_ROWS, (last_seq,))
+            if event_id in claimed
+        )
         flat = [v for row in rows for v in row]
         for chunk in _chunks(flat, ROWS_PER_STATEMENT * CLAIM_COLUMNS):
-            conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END,
-                         chunk)
+            conn.execute(INSERT_CLAIMS + _values(len(chunk) // CLAIM_COLUMNS, CLAIM_COLUMNS) + INSERT_CLAIMS_END, chunk)
 
     def _merge_claims_if_due(self, conn: sqlite3.Connection, added: int) -> tuple[int | None, int]:
         """One claims merge step inside the commit when ``new_claims`` has grown past
@@ -971,8 +1000,7 @@ class GroupCommitter:
         if self._expired_through == -1:
             self._sweep_started = now
         try:
-            cursor, removed = expire_step(conn, retention_cutoff(now_us(), days), self._expired_through,
-                                          self._tuning)
+            cursor, removed = expire_step(conn, retention_cutoff(now_us(), days), self._expired_through, self._tuning)
             if removed:
                 self.forget_persons()
         except sqlite3.Error as exc:
@@ -996,8 +1024,9 @@ class GroupCommitter:
         keyed = sorted(((keys[(e.workspace_id, e.person_id)], e.timestamp_us, i) for i, e in enumerate(events)))
         for key, _, i in keyed:
             e = events[i]
-            rows.extend((e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us,
-                         e.message_id))
+            rows.extend(
+                (e.event_id, key, e.timestamp_us, e.external_id, e.event, e.parameters, e.created_at_us, e.message_id)
+            )
         return [
             (INSERT_EVENTS + _values(len(chunk) // EVENT_COLUMNS, EVENT_COLUMNS), chunk)
             for chunk in _chunks(rows, ROWS_PER_STATEMENT * EVENT_COLUMNS)
@@ -1012,7 +1041,8 @@ class GroupCommitter:
             flat = [v for p in chunk for v in p]
             conn.execute(INSERT_PERSONS + _values(len(chunk), 2), flat)
             for workspace_id, person_id, key in conn.execute(
-                    SELECT_PERSON_KEYS.format(values=_values(len(chunk), 2)), flat):
+                SELECT_PERSON_KEYS.format(values=_values(len(chunk), 2)), flat
+            ):
                 found[(workspace_id, person_id)] = key
         return found
 
@@ -1023,8 +1053,9 @@ def _assign_series_keys(conn: sqlite3.Connection, series: set[tuple[str, str]]) 
     for chunk in _chunks(sorted(series)):
         flat = [v for k in chunk for v in k]
         conn.execute(INSERT_SERIES + _values(len(chunk), 2), flat)
-        for workspace_id, event_key, key in conn.execute(SELECT_SERIES_KEYS.format(values=_values(len(chunk), 2)),
-                                                         flat):
+        for workspace_id, event_key, key in conn.execute(
+            SELECT_SERIES_KEYS.format(values=_values(len(chunk), 2)), flat
+        ):
             found[(workspace_id, event_key)] = key
     return found
 
@@ -1033,8 +1064,9 @@ def _assign_series_keys(conn: sqlite3.Connection, series: set[tuple[str, str]]) 
 _Buckets = dict[tuple[int, int, int], list]
 
 
-def _aggregates(events: list[StoredEvent], person_keys: dict[tuple[str, str], int],
-                series_keys: dict[tuple[str, str], int]) -> _Buckets:
+def _aggregates(
+    events: list[StoredEvent], person_keys: dict[tuple[str, str], int], series_keys: dict[tuple[str, str], int]
+) -> _Buckets:
     """What one group commit adds to its workspaces' series. One dictionary step
     per event (its workspace, name and hour); the rest per group, with set
     operations: a group commit's events share few hours."""
@@ -1062,8 +1094,9 @@ def _aggregates(events: list[StoredEvent], person_keys: dict[tuple[str, str], in
     return buckets
 
 
-def _store_aggregates(conn: sqlite3.Connection, buckets: _Buckets,
-                      known: dict[tuple[int, int, int], set[int]]) -> dict[tuple[int, int, int], set[int]]:
+def _store_aggregates(
+    conn: sqlite3.Connection, buckets: _Buckets, known: dict[tuple[int, int, int], set[int]]
+) -> dict[tuple[int, int, int], set[int]]:
     """Insert the commit's person rows, then add its counts: ``u`` grows by the
     person rows really inserted (a person already counted in a bucket is not
     returned by the insert), inside the commit's transaction. ``known``: rows
@@ -1072,8 +1105,9 @@ def _store_aggregates(conn: sqlite3.Connection, buckets: _Buckets,
     rows = sorted((*key, person) for key, fresh in written.items() for person in fresh)
     new_persons: dict[tuple[int, int, int], int] = {}
     for chunk in _chunks(rows):
-        for key in conn.execute(INSERT_SERIES_PERSONS.format(values=_values(len(chunk), 4)),
-                                [v for row in chunk for v in row]):
+        for key in conn.execute(
+            INSERT_SERIES_PERSONS.format(values=_values(len(chunk), 4)), [v for row in chunk for v in row]
+        ):
             new_persons[key] = new_persons.get(key, 0) + 1
     counts = sorted((*key, n, new_persons.get(key, 0), first, last) for key, (n, first, last, _) in buckets.items())
     for chunk in _chunks(counts):
@@ -1083,6 +1117,7 @@ def _store_aggregates(conn: sqlite3.Connection, buckets: _Buckets,
 
 # Reads and small writes, on any connection ------------------------------------
 
+
 def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
     """A page of a person's timeline, newest first, and the exact total, from one snapshot."""
     conn.execute("BEGIN")
@@ -1090,13 +1125,20 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
         row = conn.execute(SELECT_PERSON_KEY, (q.workspace_id, q.person_id)).fetchone()
         if row is None:
             return EventPage([], 0)
-        args = {"person": row[0], "event": q.event, "since": q.since_us, "until": q.until_us,
-                "limit": q.limit, "offset": q.offset}
+        args = {
+            "person": row[0],
+            "event": q.event,
+            "since": q.since_us,
+            "until": q.until_us,
+            "limit": q.limit,
+            "offset": q.offset,
+        }
         if q.after is not None:  # keyset paging: one row more tells whether more follow
             args.update(after_ts=q.after[0], after_id=q.after[1], limit=q.limit + 1)
         filters = "" if q.event is None else " AND event = :event"
         range_filters = ("" if q.since_us is None else " AND ts >= :since") + (
-            "" if q.until_us is None else " AND ts < :until")
+            "" if q.until_us is None else " AND ts < :until"
+        )
         # The total: day counts of timeline's whole days, timeline's entries in the
         # partial days at the window's edges, and the person's entries in recent.
         first, last, edges = split_window(q.since_us, q.until_us)
@@ -1104,14 +1146,12 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
         if (first is None or last is None) or first <= last:
             total += conn.execute(
                 SUM_BUCKETS,
-                (row[0], q.event or "", _MIN_BUCKET if first is None else first,
-                 _MAX_BUCKET if last is None else last),
+                (row[0], q.event or "", _MIN_BUCKET if first is None else first, _MAX_BUCKET if last is None else last),
             ).fetchone()[0]
         edge_sql = COUNT_ENTRIES.format(table="timeline", filters=filters + " AND ts >= :start AND ts < :end")
         for start, end in edges:
             total += conn.execute(edge_sql, {**args, "start": start, "end": end}).fetchone()[0]
-        total += conn.execute(COUNT_ENTRIES.format(table="recent", filters=filters + range_filters),
-                              args).fetchone()[0]
+        total += conn.execute(COUNT_ENTRIES.format(table="recent", filters=filters + range_filters), args).fetchone()[0]
         # The total is exact, so an offset past it (or an event that never occurred)
         # needs no walk of the timeline.
         page_filters = filters + range_filters
@@ -1119,14 +1159,17 @@ def list_events(conn: sqlite3.Connection, q: EventQuery) -> EventPage:
             # The cursor lies inside the window (the token is bound to it), so it replaces
             # ``until`` as the upper bound: SQLite then seeks to it in the key, and the
             # lower bound stays ``since``.
-            page_filters = filters + ("" if q.since_us is None else " AND ts >= :since") + (
-                " AND (ts, event_id) < (:after_ts, :after_id)")
+            page_filters = (
+                filters
+                + ("" if q.since_us is None else " AND ts >= :since")
+                + (" AND (ts, event_id) < (:after_ts, :after_id)")
+            )
         rows = [] if q.offset >= total else conn.execute(SELECT_EVENTS.format(filters=page_filters), args).fetchall()
     finally:
         conn.execute("COMMIT")
     events = [
         StoredEvent(event_id, q.workspace_id, q.person_id, external_id, event, parameters, ts, created_at)
-        for event_id, external_id, event, parameters, ts, created_at in rows[:q.limit]
+        for event_id, external_id, event, parameters, ts, created_at in rows[: q.limit]
     ]
     return EventPage(events, total, more=len(rows) > q.limit)
 
@@ -1149,8 +1192,9 @@ def _name_stats(stats: dict[str, list[int]]) -> list[NameStats]:
     return [NameStats(event, n, first, last) for event, (n, first, last) in stats.items()]
 
 
-def person_summary(conn: sqlite3.Connection, workspace_id: str, person_id: str, since_us: int | None,
-                   until_us: int | None) -> list[NameStats]:
+def person_summary(
+    conn: sqlite3.Connection, workspace_id: str, person_id: str, since_us: int | None, until_us: int | None
+) -> list[NameStats]:
     """Per event name: person_events (no window) or the window's whole days'
     counts and its edges' entries, for timeline; the person's entries in recent
     added; from one snapshot."""
@@ -1168,8 +1212,13 @@ def person_summary(conn: sqlite3.Connection, workspace_id: str, person_id: str, 
         else:
             first, last, edges = split_window(since_us, until_us)
             if (first is None or last is None) or first <= last:
-                _add_stats(stats, conn.execute(SELECT_DAY_STATS, (
-                    person, _MIN_BUCKET if first is None else first, _MAX_BUCKET if last is None else last)))
+                _add_stats(
+                    stats,
+                    conn.execute(
+                        SELECT_DAY_STATS,
+                        (person, _MIN_BUCKET if first is None else first, _MAX_BUCKET if last is None else last),
+                    ),
+                )
             for start, end in edges:
                 _add_stats(stats, conn.execute(ENTRY_STATS.format(table="timeline"), (person, start, end)))
         _add_stats(stats, conn.execute(ENTRY_STATS.format(table="recent"), (person, lo, hi)))
@@ -1178,17 +1227,21 @@ def person_summary(conn: sqlite3.Connection, workspace_id: str, person_id: str, 
     return _name_stats(stats)
 
 
-def event_counts(conn: sqlite3.Connection, workspace_id: str, event: str | None, interval_us: int, start_us: int,
-                 end_us: int) -> list[CountBucket]:
+def event_counts(
+    conn: sqlite3.Connection, workspace_id: str, event: str | None, interval_us: int, start_us: int, end_us: int
+) -> list[CountBucket]:
     row = conn.execute(SELECT_SERIES_KEY, (workspace_id, event or "")).fetchone()
     if row is None:
         return []
-    return [CountBucket(bucket, n, u)
-            for bucket, n, u in conn.execute(SELECT_SERIES_BUCKETS, (row[0], interval_us, start_us, end_us))]
+    return [
+        CountBucket(bucket, n, u)
+        for bucket, n, u in conn.execute(SELECT_SERIES_BUCKETS, (row[0], interval_us, start_us, end_us))
+    ]
 
 
-def event_names(conn: sqlite3.Connection, workspace_id: str, since_us: int | None,
-                until_us: int | None) -> list[NameStats]:
+def event_names(
+    conn: sqlite3.Connection, workspace_id: str, since_us: int | None, until_us: int | None
+) -> list[NameStats]:
     """The whole-history rows, or the window's whole days plus the hours of its
     partial edge days (the window is in whole hours)."""
     stats: dict[str, list[int]] = {}
@@ -1233,8 +1286,9 @@ def delete_person(conn: sqlite3.Connection, workspace_id: str, person_id: str, t
         while True:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                entries = conn.execute(PERSON_ENTRIES.format(table=table),
-                                       (person_key, through, tuning.removal_chunk_rows)).fetchall()
+                entries = conn.execute(
+                    PERSON_ENTRIES.format(table=table), (person_key, through, tuning.removal_chunk_rows)
+                ).fetchall()
                 _remove(conn, table, person_key, workspace_id, entries)
                 conn.execute("COMMIT")
             except BaseException:
@@ -1260,8 +1314,9 @@ def expire_step(conn: sqlite3.Connection, cutoff_us: int, after: int, tuning: Tu
         cursor = persons[-1][0] if len(persons) == tuning.retention_step_persons else -1
         for person_key, workspace_id in persons:
             for table in ("recent", "timeline"):
-                entries = conn.execute(EXPIRED_ENTRIES.format(table=table),
-                                       (person_key, cutoff_us, budget - removed)).fetchall()
+                entries = conn.execute(
+                    EXPIRED_ENTRIES.format(table=table), (person_key, cutoff_us, budget - removed)
+                ).fetchall()
                 _remove(conn, table, person_key, workspace_id, entries)
                 removed += len(entries)
             if removed >= budget:
@@ -1326,8 +1381,9 @@ def _uncount_series(conn: sqlite3.Connection, person_key: int, workspace_id: str
     conn.executemany(UNCOUNT_SERIES, [(n, key, grain, bucket) for (key, _, grain, bucket), n in counts.items()])
     for key, event_key, grain, bucket in counts:
         if grain == WHOLE_HISTORY or any(
-                conn.execute(HAS_ENTRY.format(table=t), (person_key, bucket, bucket + grain, event_key)).fetchone()
-                for t in TIMELINE_TABLES):
+            conn.execute(HAS_ENTRY.format(table=t), (person_key, bucket, bucket + grain, event_key)).fetchone()
+            for t in TIMELINE_TABLES
+        ):
             continue
         if conn.execute(DROP_SERIES_PERSON, (key, grain, bucket, person_key)).rowcount:
             conn.execute(UNCOUNT_SERIES_PERSON, (key, grain, bucket))
@@ -1353,8 +1409,17 @@ def rate_limit(conn: sqlite3.Connection, workspace_id: str) -> RateLimit | None:
 
 
 def put_key(conn: sqlite3.Connection, key: ApiKeyRecord) -> None:
-    conn.execute(INSERT_KEY, (key.key_id, key.key_hash, key.workspace_id, " ".join(sorted(key.scopes)),
-                              key.created_at_us, key.revoked_at_us))
+    conn.execute(
+        INSERT_KEY,
+        (
+            key.key_id,
+            key.key_hash,
+            key.workspace_id,
+            " ".join(sorted(key.scopes)),
+            key.created_at_us,
+            key.revoked_at_us,
+        ),
+    )
 
 
 def key_by_hash(conn: sqlite3.Connection, key_hash: str) -> ApiKeyRecord | None:

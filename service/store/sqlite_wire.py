@@ -43,17 +43,30 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
 
 
 def event_row(e: StoredEvent) -> tuple:
-    return (e.workspace_id, e.person_id, e.event_id, e.external_id, e.event, e.parameters, e.timestamp_us,
-            e.created_at_us, e.message_id)
+    return (
+        e.workspace_id,
+        e.person_id,
+        e.event_id,
+        e.external_id,
+        e.event,
+        e.parameters,
+        e.timestamp_us,
+        e.created_at_us,
+        e.message_id,
+    )
 
 
 def row_event(row: Sequence) -> StoredEvent:
     workspace_id, person_id, event_id, external_id, event, parameters, ts_us, created_at_us, message_id = row
-    if not (all(isinstance(v, str) for v in row[:6]) and all(type(v) is int for v in row[6:8])
-            and (message_id is None or isinstance(message_id, str))):
+    if not (
+        all(isinstance(v, str) for v in row[:6])
+        and all(type(v) is int for v in row[6:8])
+        and (message_id is None or isinstance(message_id, str))
+    ):
         raise ValueError("a row is not six strings, two integers and a message_id (a string or null)")
-    return StoredEvent(event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us,
-                       message_id)
+    return StoredEvent(
+        event_id, workspace_id, person_id, external_id, event, parameters, ts_us, created_at_us, message_id
+    )
 
 
 def duplicates(results: Sequence[Original | None]) -> list[list]:

@@ -36,9 +36,14 @@ from service.store.sqlite_wire import Frames, duplicates, read_frame, row_event
 log = logging.getLogger(__name__)
 
 
-async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | None = None,
-                       on_ready: Callable[[], None] | None = None, tuning: Tuning | None = None,
-                       retention_days: int | None = None) -> None:
+async def serve_writer(
+    store_url: str,
+    socket_path: str,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
+    tuning: Tuning | None = None,
+    retention_days: int | None = None,
+) -> None:
     """Take appends on ``socket_path`` until ``stop`` is set (without one: SIGTERM/SIGINT).
 
     With ``retention_days`` it also removes expired events, a step at a time
@@ -88,7 +93,7 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
             error = f"{type(exc).__name__}: {exc}"
         start = 0
         for answers, request_id, events in group:
-            mine = results[start:start + len(events)]
+            mine = results[start : start + len(events)]
             start += len(events)
             answers.send([request_id, error, [] if error is not None else duplicates(mine)])
         loop.call_soon(after_group)  # after the answers' writes, which are queued before it
@@ -137,6 +142,7 @@ async def serve_writer(store_url: str, socket_path: str, stop: asyncio.Event | N
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
     async def expire() -> None:
         """Retention steps on this loop: never while a commit runs (commits are callbacks)."""
         while True:
