@@ -65,6 +65,20 @@ class RunningService:
         return [("authorization", f"Bearer {key or self.key}")]
 
 
+# Every path the REST gateway serves: the routes of the protos' google.api.http
+# options, which the gateway and its OpenAPI document must both cover.
+REST_PATHS = frozenset({
+    "/api/v1/track",
+    "/api/v1/track/batch",
+    "/api/v1/people/{person_id}/events",
+    "/api/v1/people/{person_id}/summary",
+    "/api/v1/events/counts",
+    "/api/v1/events/names",
+    "/api/v1/events/stream",
+    "/api/v1/people/{person_id}",
+})
+
+
 def start_service(store_url: str, *, workers: int = 1, gateway_workers: int = 1,
                   extra_env: dict[str, str] | None = None, grpc_port: int = 0, http_port: int = 0,
                   extra_args: tuple[str, ...] = ()) -> RunningService:

@@ -22,7 +22,6 @@ from concurrent import futures
 import grpc
 import orjson
 import pytest
-from flameup.events.v1 import events_pb2
 from google.api import annotations_pb2  # noqa: F401  (registers google.api.http for text_format)
 from google.protobuf import (
     any_pb2,
@@ -36,8 +35,10 @@ from google.protobuf import (
 )
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from service_support import REST_PATHS
 from starlette.testclient import TestClient
 
+from flameup.events.v1 import events_pb2
 from gateway import transcode
 from gateway.app import HTTP_STATUS_BY_CODE, create_app, http_status_from_code, status_from_rpc_error
 from gateway.rules import TemplateError, bindings_for, parse_template
@@ -821,16 +822,7 @@ def test_app_limits_the_body_to_one_mebibyte(client, stand_in):
 
 def test_app_serves_openapi(client):
     doc = client.get("/openapi.json").json()
-    assert set(doc["paths"]) == {
-        "/api/v1/track",
-        "/api/v1/track/batch",
-        "/api/v1/people/{person_id}/events",
-        "/api/v1/people/{person_id}/summary",
-        "/api/v1/events/counts",
-        "/api/v1/events/names",
-        "/api/v1/events/stream",
-        "/api/v1/people/{person_id}",
-    }
+    assert set(doc["paths"]) == REST_PATHS
 
 
 def test_app_without_a_grpc_server():
